@@ -1,0 +1,308 @@
+"""The engine: runs explainers batched, on one device, isolating plugin faults.
+
+It owns everything the explainers share: device placement, target selection (the predicted class
+by default), batching, one shared forward/backward for the methods that can use it, upsampling and
+normalization of maps, per-method wall time, and restoring the model afterwards, even on error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.errors import ModelError, PluginError, XAIError
+from core.hooks import preserved_model
+from core.isolation import call_with_timeout, check_tensor
+from core.layers import default_layer
+from core.passes import run_gradient_pass
+from core.plugin_api import Explainer
+from core.plugins import PluginHost, get_host
+from core.tensors import as_target_tensor, batch_slices, normalize_maps, upsample
+from core.types import Explanation, Failure
+
+
+@dataclass
+class MethodRequest:
+    """One method to run: its registered name, parameters, and the label results are keyed by."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.method
+
+
+def parse_requests(methods: Any) -> list[MethodRequest]:
+    """Accept ``"a,b"``, ``["a", "b"]``, ``{"a": {params}}`` or ``[{"method": .., "params": ..}]``."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if isinstance(methods, dict):
+        methods = [{"method": k, "params": v or {}} for k, v in methods.items()]
+    out: list[MethodRequest] = []
+    for item in methods:
+        if isinstance(item, MethodRequest):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(MethodRequest(item))
+        elif isinstance(item, dict):
+            params = dict(item.get("params") or {})
+            out.append(MethodRequest(item["method"], params, item.get("label", "")))
+        else:
+            name, params = item
+            out.append(MethodRequest(name, dict(params or {})))
+    labels = [r.label for r in out]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise XAIError(f"method label(s) {', '.join(sorted(dup))} requested twice: give each a distinct label")
+    return out
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``None``/"auto": the model's device if it has parameters on one, else CUDA when present."""
+    if device is None or str(device) == "auto":
+        env = os.environ.get("XAI_DEVICE")
+        if env and env != "auto":
+            return torch.device(env)
+        if model is not None:
+            p = next(iter(model.parameters()), None)
+            if p is not None and (device is None):
+                return p.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """Logits of ``inputs`` in batches, checking the model behaves like a classifier."""
+    outs = []
+    with torch.no_grad():
+        for sl in batch_slices(inputs.shape[0], batch_size):
+            try:
+                out = model(inputs[sl])
+            except Exception as exc:
+                raise ModelError(f"the model failed on the inputs: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != inputs[sl].shape[0]:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ModelError(f"the model's output has shape {shape}; expected batch x classes")
+            outs.append(out.float())
+    return torch.cat(outs)
+
+
+@dataclass
+class EngineOutput:
+    explanations: dict[str, Explanation]
+    failures: list[Failure]
+    targets: torch.Tensor
+    logits: torch.Tensor
+
+
+class Engine:
+    """Batched, device-aware, fault-isolating execution of explainer plugins."""
+
+    def __init__(self, host: PluginHost | None = None, device: str | torch.device | None = None,
+                 batch_size: int | None = 32, timeout: float | None = None, progress: bool = True):
+        self.host = host or get_host()
+        self.device, self.batch_size, self.timeout, self.progress = device, batch_size, timeout, progress
+
+    def make_explainer(self, request: MethodRequest) -> Explainer:
+        cls = self.host.get("explainer", request.method)
+        params = dict(request.params)
+        if "batch_size" in params and "batch_size" not in cls.params:
+            params.pop("batch_size")
+        return cls(**params)
+
+    def run(self, model: nn.Module, inputs: torch.Tensor, methods: Any, targets: Any = None,
+            isolate: bool = True) -> EngineOutput:
+        """Explain ``inputs`` with every requested method. With ``isolate`` a failing method is
+        recorded in ``failures``; without it the first failure is raised."""
+        requests = parse_requests(methods)
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise XAIError(f"inputs must be a B x C x H x W tensor, got {shape}")
+        original_device = model_device(model)
+        device = resolve_device(self.device, model)
+        failures: list[Failure] = []
+        explainers: dict[str, Explainer] = {}
+        for req in requests:
+            try:
+                explainers[req.label] = self.make_explainer(req)
+            except XAIError as exc:
+                if not isolate:
+                    raise
+                failures.append(Failure(req.method, req.label, "config", str(exc)))
+        moved = device != original_device
+        try:
+            if moved:
+                model.to(device)
+            with preserved_model(model):
+                x = inputs.detach().to(device=device, dtype=torch.float32)
+                logits = forward_logits(model, x, self.batch_size)
+                if targets is None:
+                    t = logits.argmax(1).cpu()
+                else:
+                    t = as_target_tensor(targets, x.shape[0], logits.shape[1])
+                td = t.to(device)
+                self._set_default_layers(model, x, explainers, failures, isolate, requests)
+                explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate)
+        finally:
+            if moved:
+                model.to(original_device)
+        return EngineOutput(explanations, failures, t, logits.cpu())
+
+    # -- internals -------------------------------------------------------------------------------
+    def _provider(self, req: MethodRequest) -> str:
+        try:
+            return self.host.provider("explainer", req.method)
+        except KeyError:
+            return req.method
+
+    def _set_default_layers(self, model, x, explainers, failures, isolate, requests) -> None:
+        for req in requests:
+            e = explainers.get(req.label)
+            if e is None or "layer" not in e.config:
+                continue
+            if e.config["layer"] is None:
+                try:
+                    e.config["layer"] = default_layer(model, x[:1])
+                except XAIError as exc:
+                    if not isolate:
+                        raise
+                    failures.append(Failure(self._provider(req), req.label, "config", str(exc)))
+                    explainers.pop(req.label)
+            elif isinstance(e.config["layer"], nn.Module):
+                from core.layers import resolve_layer
+
+                e.config["layer"] = resolve_layer(model, e.config["layer"])[0]
+
+    def _run_batches(self, model, x, targets, requests, explainers, failures, isolate):
+        parts: dict[str, list[Any]] = {r.label: [] for r in requests if r.label in explainers}
+        seconds: dict[str, float] = dict.fromkeys(parts, 0.0)
+        failed: set[str] = set()
+        slices = list(batch_slices(x.shape[0], self.batch_size))
+        by_label = {r.label: r for r in requests}
+        bar = tqdm(total=len(slices) * len(parts), desc="explaining", unit="step", delay=2.0,
+                   disable=not self.progress or os.environ.get("XAI_NO_PROGRESS") == "1", leave=False)
+
+        def fail(label: str, exc: BaseException) -> None:
+            req = by_label[label]
+            plugin = self._provider(req)
+            if not isolate:
+                if isinstance(exc, XAIError):
+                    raise exc
+                raise PluginError(req.method, "exception", f"{type(exc).__name__}: {exc}") from exc
+            kind = exc.kind if isinstance(exc, PluginError) else "exception"
+            msg = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
+            failures.append(Failure(plugin, label, kind, msg))
+            failed.add(label)
+
+        try:
+            for sl in slices:
+                xb, tb = x[sl], targets[sl]
+                shared = [lab for lab in parts if explainers[lab].shared_pass and lab not in failed]
+                if shared:
+                    self._run_shared(model, xb, tb, shared, explainers, parts, seconds, fail, bar)
+                for lab in parts:
+                    if lab in failed or explainers[lab].shared_pass:
+                        continue
+                    e = explainers[lab]
+                    start = time.perf_counter()
+                    try:
+                        out = call_with_timeout(lambda e=e: e.explain(model, xb, tb), self.timeout, lab)
+                        parts[lab].append(self._validated(lab, e, out, xb))
+                    except Exception as exc:
+                        fail(lab, exc)
+                    seconds[lab] += time.perf_counter() - start
+                    bar.update(1)
+        finally:
+            bar.close()
+        result: dict[str, Explanation] = {}
+        for lab, chunks in parts.items():
+            if lab in failed or not chunks:
+                continue
+            e = explainers[lab]
+            try:
+                result[lab] = self._assemble(lab, e, chunks, x, targets, seconds[lab])
+            except Exception as exc:
+                fail(lab, exc)
+        return result
+
+    def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar) -> None:
+        layers = sorted({explainers[lab].config["layer"] for lab in labels if explainers[lab].needs_layer})
+        input_grad = any(explainers[lab].needs_input_grad for lab in labels)
+        start = time.perf_counter()
+        try:
+            gp = call_with_timeout(lambda: run_gradient_pass(model, xb, tb, layers, input_grad),
+                                   self.timeout, "gradient-pass")
+        except Exception as exc:
+            for lab in labels:
+                fail(lab, exc)
+            return
+        share = (time.perf_counter() - start) / len(labels)
+        for lab in labels:
+            e = explainers[lab]
+            t0 = time.perf_counter()
+            try:
+                out = call_with_timeout(lambda e=e: e.from_pass(gp), self.timeout, lab)
+                parts[lab].append(self._validated(lab, e, out, xb))
+            except Exception as exc:
+                fail(lab, exc)
+            seconds[lab] += share + time.perf_counter() - t0
+            bar.update(1)
+
+    @staticmethod
+    def _validated(label: str, e: Explainer, out: Any, xb: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        attr, extras = (out if isinstance(out, tuple) else (out, {}))
+        attr = check_tensor(label, attr, xb.shape[0])
+        if e.space == "input" and tuple(attr.shape) != tuple(xb.shape):
+            raise PluginError(label, "shape", f"attributions have shape {tuple(attr.shape)}, expected {tuple(xb.shape)}")
+        if e.space != "input":
+            if attr.dim() == 3:
+                attr = attr.unsqueeze(1)
+            if attr.dim() != 4 or attr.shape[1] != 1:
+                raise PluginError(label, "shape", f"map attributions have shape {tuple(attr.shape)}, expected B x 1 x h x w")
+            attr = upsample(attr, tuple(xb.shape[-2:]))
+        return attr.detach().float().cpu(), dict(extras or {})
+
+    @staticmethod
+    def _assemble(label: str, e: Explainer, chunks, x, targets, seconds) -> Explanation:
+        attrs = torch.cat([c[0] for c in chunks])
+        extras = merge_extras([c[1] for c in chunks], x.shape[0])
+        maps = e.to_map(attrs)
+        if maps.dim() == 4:
+            maps = maps.squeeze(1)
+        maps = normalize_maps(upsample(maps, tuple(x.shape[-2:])))
+        check_tensor(label, maps, x.shape[0], "maps")
+        return Explanation(method=e.name, attributions=attrs.contiguous(), maps=maps.contiguous(),
+                           targets=targets.cpu(), extras=extras, params=dict(e.config), seconds=seconds)
+
+
+def merge_extras(chunks: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    """Concatenate per-batch extras: batch-first tensors are joined, per-image lists extended,
+    dicts merged key by key, anything else (global results) kept from the last batch."""
+    if len(chunks) == 1:
+        return chunks[0]
+    merged: dict[str, Any] = {}
+    for key in chunks[0]:
+        values = [c.get(key) for c in chunks]
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and \
+                sum(v.shape[0] for v in values if isinstance(v, torch.Tensor)) == total:
+            merged[key] = torch.cat([v.detach().cpu() for v in values])
+        elif isinstance(first, list) and sum(len(v) for v in values if isinstance(v, list)) == total:
+            merged[key] = [item for v in values for item in v]
+        elif isinstance(first, dict):
+            merged[key] = merge_extras([v for v in values if isinstance(v, dict)], total)
+        else:
+            merged[key] = values[-1]
+    return merged

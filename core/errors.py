@@ -1,0 +1,37 @@
+"""Errors that the command line turns into one clear line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class XAIError(Exception):
+    """A user-facing error: its message is shown as is, without a traceback."""
+
+    exit_code = 2
+
+
+class UnknownNameError(XAIError):
+    """An unknown method, metric, reporter, describer or parameter name."""
+
+    def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...]):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}")
+
+
+class InputError(XAIError):
+    """Bad input data: an image that cannot be read, a target out of range, ..."""
+
+
+class ModelError(XAIError):
+    """A model that does not load or does not behave like a classifier (B x classes output)."""
+
+
+class PluginError(XAIError):
+    """A plugin broke its contract (raised, timed out, wrong shape, NaN)."""
+
+    def __init__(self, plugin: str, kind: str, message: str):
+        self.plugin, self.kind = plugin, kind
+        super().__init__(f"plugin {plugin!r} failed ({kind}): {message}")
+
+
+class PluginTimeout(BaseException):
+    """Raised asynchronously inside a plugin thread that ran past its time limit."""

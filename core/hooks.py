@@ -1,0 +1,147 @@
+"""Hook and patch helpers that always clean up: model preservation, layer capture, ReLU override.
+
+Every method that hooks or patches a model goes through these context managers, so hooks are
+removed and the model is restored even when the method raises (DESIGN.md: ``explain`` leaves the
+model exactly as it found it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = True,
+                    restore_values: bool = True) -> Iterator[nn.Module]:
+    """Run a block on ``model`` and give it back exactly as found.
+
+    Restores: training flags of every module, ``requires_grad`` of every parameter, every
+    module-level and global hook dict, and (``restore_values``) the values of parameters and
+    buffers when a method changed them in place (detected by tensor version counters).
+    """
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    hooks = [{name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)} for m in modules]
+    import torch.nn.modules.module as module_mod
+
+    global_hooks = {n: dict(getattr(module_mod, n)) for n in _GLOBAL_HOOKS if hasattr(module_mod, n)}
+    params = list(model.named_parameters(remove_duplicate=False))
+    requires = [p.requires_grad for _, p in params]
+    tensors = list(model.state_dict(keep_vars=True).items())
+    versions = [t._version for _, t in tensors]
+    values = [t.detach().clone() for _, t in tensors] if restore_values else None
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for _, p in params:
+                p.requires_grad_(False)
+        yield model
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for m, saved in zip(modules, hooks):
+            for name, content in saved.items():
+                current = getattr(m, name)
+                current.clear()
+                current.update(content)
+        for n, content in global_hooks.items():
+            current = getattr(module_mod, n)
+            current.clear()
+            current.update(content)
+        for (_, p), flag in zip(params, requires):
+            p.requires_grad_(flag)
+        if values is not None:
+            with torch.no_grad():
+                for (_, t), v, old in zip(tensors, values, versions):
+                    if t._version != old:
+                        t.copy_(v)
+
+
+class LayerCapture:
+    """Forward hook that keeps a layer's output (last call wins, for reused modules).
+
+    The hook hands a clone downstream so that an in-place operation after the layer (ResNet's
+    ``relu(inplace=True)``) cannot overwrite the captured activation; gradients flow through the
+    clone back to the captured tensor, so ``torch.autograd.grad(score, capture.output)`` works.
+    """
+
+    def __init__(self, module: nn.Module, clone: bool = True, track_grad: bool = True):
+        self.module, self.clone, self.track_grad = module, clone, track_grad
+        self.output: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor] = []
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        if self.track_grad and not output.requires_grad and torch.is_grad_enabled():
+            # nothing upstream needs grad (frozen parameters): start the graph here, so the
+            # backward pass stops at this layer instead of reaching the input.
+            output = output.detach().requires_grad_()
+            self.output = output
+            self.outputs.append(output)
+            return output.clone()
+        self.output = output
+        self.outputs.append(output)
+        return output.clone() if self.clone else None
+
+    def __enter__(self) -> LayerCapture:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+@contextlib.contextmanager
+def capture_layers(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerCapture]]:
+    """Capture several layers at once; all hooks removed on exit."""
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(LayerCapture(m)) for name, m in modules.items()}
+
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
+
+
+class _ReLUOverride(TorchFunctionMode):
+    def __init__(self, replacement: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.replacement = replacement
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCS:
+            return self.replacement(args[0] if args else kwargs["input"])
+        if func is F.threshold and len(args) >= 3 and args[1] == 0 and args[2] == 0:
+            return self.replacement(args[0])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def relu_override(replacement: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Route every ReLU of the forward pass through ``replacement``.
+
+    Catches ``nn.ReLU`` modules (reused or in place), ``F.relu``/``F.relu_``, ``torch.relu`` and
+    ``Tensor.relu`` inside ``forward``, using a ``TorchFunctionMode``: no model surgery, nothing to
+    forget to undo. In-place ReLUs become out-of-place (callers use the returned tensor).
+    ``replacement`` is usually a custom ``autograd.Function.apply`` defining a modified backward
+    (guided backpropagation, deconvnet, DeepLIFT multipliers).
+    """
+    with _ReLUOverride(replacement):
+        yield
