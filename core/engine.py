@@ -111,9 +111,12 @@ class Engine:
     """Batched, device-aware, fault-isolating execution of explainer plugins."""
 
     def __init__(self, host: PluginHost | None = None, device: str | torch.device | None = None,
-                 batch_size: int | None = 32, timeout: float | None = None, progress: bool = True):
+                 batch_size: int | None = 32, timeout: float | None = None, progress: bool = True,
+                 fit_data: Any = None, fit_root: Any = None):
         self.host = host or get_host()
         self.device, self.batch_size, self.timeout, self.progress = device, batch_size, timeout, progress
+        self.fit_data, self.fit_root = fit_data, fit_root
+        self.fit_info: dict[str, dict[str, Any]] = {}
 
     def make_explainer(self, request: MethodRequest) -> Explainer:
         cls = self.host.get("explainer", request.method)
@@ -154,6 +157,7 @@ class Engine:
                     t = as_target_tensor(targets, x.shape[0], logits.shape[1])
                 td = t.to(device)
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
+                self._fit_trainable(model, x, explainers, failures, isolate, requests)
                 explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate)
         finally:
             if moved:
@@ -184,6 +188,25 @@ class Engine:
                 from core.layers import resolve_layer
 
                 e.config["layer"] = resolve_layer(model, e.config["layer"])[0]
+
+    def _fit_trainable(self, model, x, explainers, failures, isolate, requests) -> None:
+        """Fit (or load the stored state of) every trainable explainer before explaining."""
+        from core.fitting import FitData, ensure_fitted
+
+        for req in requests:
+            e = explainers.get(req.label)
+            if e is None or not e.trainable:
+                continue
+            try:
+                data = self.fit_data if self.fit_data is not None else FitData(x)
+                with torch.enable_grad():
+                    self.fit_info[req.label] = call_with_timeout(
+                        lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root), self.timeout, req.label)
+            except Exception as exc:
+                if not isolate:
+                    raise
+                failures.append(Failure(self._provider(req), req.label, "fit", f"{type(exc).__name__}: {exc}"))
+                explainers.pop(req.label)
 
     def _run_batches(self, model, x, targets, requests, explainers, failures, isolate):
         parts: dict[str, list[Any]] = {r.label: [] for r in requests if r.label in explainers}

@@ -49,3 +49,9 @@ def xai_report_ready(results: Any, out_dir: Any) -> None:
 @hookspec
 def xai_gate_decided(verdict: dict) -> None:
     """Broadcast: a gate verdict (``{"passed": bool, "checks": [...], ...}``) was decided."""
+
+
+@hookspec(firstresult=True)
+def xai_load_model(uri: str, unsafe: bool) -> Any:
+    """Load a model from a URI this plugin understands (e.g. ``models:/name/version``) and return
+    a ``core.models.LoadedModel``; return None to let other plugins (or the file loader) try."""

@@ -84,7 +84,8 @@ class PluginHost:
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
-                if exc.name == module_name:  # a family not built yet: nothing to register
+                if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                    # a family not built yet: nothing to register
                     continue
                 self.load_errors[module_name] = f"{type(exc).__name__}: {exc}"
                 continue

@@ -1,0 +1,137 @@
+"""Reference models and safe model loading.
+
+- ``deconvolve_cnn``: the DeConvolve paper's CNN (3 conv layers 32/3x3, 64/5x5, 128/3x3, 2 max-pools,
+  global average pooling, linear classifier) - also a valid CAM (Zhou et al.) architecture.
+- ``resnet18``: torchvision's ResNet-18 with our class count and a small-image stem (3x3 stride-1
+  conv, no max-pool), keeping BatchNorm, residual adds and the reused in-place ReLU.
+
+Checkpoints are plain dicts of tensors and primitives, loaded with ``weights_only=True``: loading a
+pickled module (which can run arbitrary code) needs an explicit ``unsafe=True``.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from core.errors import ModelError
+from core.preprocess import Preprocess
+
+CHECKPOINT_FORMAT = "xai-checkpoint/1"
+ARCHITECTURES = ("deconvolve_cnn", "resnet18")
+
+
+class DeConvolveCNN(nn.Module):
+    """The reference CNN of the DeConvolve paper (section 4.1), ending in GAP + linear."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def resnet18_small(num_classes: int = 4) -> nn.Module:
+    """torchvision ResNet-18 with a stem for 32-64 px images."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    if arch == "deconvolve_cnn":
+        return DeConvolveCNN(num_classes)
+    if arch == "resnet18":
+        return resnet18_small(num_classes)
+    raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, arch: str, preprocess: Preprocess,
+                    class_names: list[str], meta: dict[str, Any] | None = None) -> Path:
+    """Write a weights-only checkpoint holding everything needed to rebuild and feed the model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(class_names),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "preprocess": preprocess.as_dict(), "class_names": list(class_names), "meta": dict(meta or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+class LoadedModel:
+    """A model with what is known about feeding and reading it."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess | None, class_names: list[str] | None,
+                 meta: dict[str, Any] | None = None, arch: str | None = None):
+        self.model, self.preprocess, self.class_names = model, preprocess, class_names
+        self.meta, self.arch = meta or {}, arch
+
+
+def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") -> LoadedModel:
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{source}: not an xai checkpoint (a bare state_dict has no architecture); "
+                         "save with `xai train`, core.models.save_checkpoint, or TorchScript")
+    model = build_model(payload["arch"], int(payload["num_classes"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ModelError(f"{source}: weights do not fit architecture {payload['arch']}: {exc}") from exc
+    pre = Preprocess.from_dict(payload["preprocess"]) if payload.get("preprocess") else None
+    return LoadedModel(model.eval(), pre, payload.get("class_names"), payload.get("meta"), payload["arch"])
+
+
+def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
+    """Load an xai checkpoint, a TorchScript file, or (``unsafe=True`` only) a pickled module."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {str(path)!r} is empty")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names) and \
+                not any(n.endswith("data.pkl") and "/code/" not in n and n.count("/") == 1 for n in names[:0]):
+            if any("/constants.pkl" in n for n in names):
+                try:
+                    model = torch.jit.load(str(path), map_location="cpu")
+                except Exception as exc:
+                    raise ModelError(f"cannot load TorchScript model {str(path)!r}: {exc}") from exc
+                return LoadedModel(model.eval(), None, None)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text:
+            if not unsafe:
+                raise ModelError(f"model file {str(path)!r} contains pickled Python objects, which can run "
+                                 "arbitrary code when loaded; pass --unsafe-load only if you trust it") from None
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc2:
+                raise ModelError(f"cannot load model file {str(path)!r}: {type(exc2).__name__}: {exc2}") from None
+            if isinstance(obj, nn.Module):
+                return LoadedModel(obj.eval(), None, None)
+            if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+                return from_checkpoint_dict(obj, str(path))
+            raise ModelError(f"model file {str(path)!r} holds a {type(obj).__name__}, not a model") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ModelError(f"cannot load model file {str(path)!r}: {first}") from None
+    if isinstance(payload, dict):
+        return from_checkpoint_dict(payload, str(path))
+    raise ModelError(f"model file {str(path)!r} holds a {type(payload).__name__}, not a model")

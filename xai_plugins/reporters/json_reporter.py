@@ -1,0 +1,94 @@
+"""The `json` reporter: every figure of a run, machine-readable (results.json + maps.npz)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xai_plugins import Reporter, RunResults, hookimpl
+
+
+def jsonable(value: Any) -> Any:
+    """Convert tensors, numpy values and paths to JSON types; NaN/inf become null."""
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist()) if value.size <= 4096 else f"<array {value.shape}>"
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def results_dict(results: RunResults) -> dict[str, Any]:
+    """The JSON document of a run."""
+    names = results.class_names
+    images = []
+    for i, name in enumerate(results.image_names):
+        t, p = int(results.targets[i]), int(results.predictions[i])
+        row = {"name": name, "target": t, "prediction": p,
+               "probability": float(results.probabilities[i, p])}
+        if names:
+            row["target_name"], row["prediction_name"] = names[t], names[p]
+        if results.labels is not None:
+            row["label"] = int(results.labels[i])
+            row["correct"] = row["label"] == p
+        images.append(row)
+    methods = {}
+    for label, exp in results.explanations.items():
+        extras = {k: v for k, v in exp.extras.items() if k != "images"}
+        methods[label] = {"method": exp.method, "params": jsonable(exp.params), "seconds": exp.seconds,
+                          "seconds_per_image": exp.seconds / max(1, len(results.image_names)),
+                          "attribution_shape": list(exp.attributions.shape), "extras": jsonable(extras)}
+    return {
+        "meta": jsonable(results.meta),
+        "images": images,
+        "methods": methods,
+        "metrics": jsonable(results.metrics),
+        "global_metrics": jsonable(results.global_metrics),
+        "failures": [f.as_dict() for f in results.failures],
+        "skipped_inputs": results.skipped_inputs,
+        "timings": jsonable(results.timings),
+        "figures": sorted(results.figures),
+    }
+
+
+class JSONReporter(Reporter):
+    """Writes results.json (all figures, failures, skipped inputs) and maps.npz (every map)."""
+
+    name = "json"
+    params = {"filename": "results.json", "save_maps": True}
+
+    def write(self, results: RunResults, out_dir: Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / self.config["filename"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results_dict(results), indent=2, allow_nan=False))
+        tmp.replace(path)
+        if self.config["save_maps"] and results.explanations:
+            np.savez_compressed(out_dir / "maps.npz", **{
+                label.replace("/", "_"): exp.maps.numpy() for label, exp in results.explanations.items()})
+        return path
+
+
+@hookimpl
+def xai_reporters():
+    return [JSONReporter]
