@@ -241,7 +241,7 @@ class Engine:
                     e = explainers[lab]
                     start = time.perf_counter()
                     try:
-                        out = call_with_timeout(lambda e=e: e.explain(model, xb, tb), self.timeout, lab)
+                        out = call_with_timeout(lambda e=e, xb=xb, tb=tb: e.explain(model, xb, tb), self.timeout, lab)
                         parts[lab].append(self._validated(lab, e, out, xb))
                     except Exception as exc:
                         fail(lab, exc)

@@ -81,7 +81,7 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
             start = time.perf_counter()
             key = label or "_model"
             try:
-                values = call_with_timeout(lambda: metric.compute(ctx), engine.timeout, name)
+                values = call_with_timeout(lambda metric=metric, ctx=ctx: metric.compute(ctx), engine.timeout, name)
                 if not isinstance(values, dict):
                     raise PluginError(name, "shape", f"returned {type(values).__name__}, expected a dict")
                 if not _finite(values):
