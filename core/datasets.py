@@ -112,7 +112,7 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, watermark: str = "none",
         kind = int(label)
         if watermark == "shortcut" and rng.uniform() > agreement:
             kind = int(rng.integers(k))
-        r = rng.uniform(0.16, 0.26) * size
+        r = rng.uniform(0.2, 0.3) * size
         lo, hi = margin_box + r * 0.6, size - margin_box - r * 0.6
         if hi <= lo:
             lo, hi = r, size - r

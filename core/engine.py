@@ -150,15 +150,26 @@ class Engine:
                 model.to(device)
             with preserved_model(model):
                 x = inputs.detach().to(device=device, dtype=torch.float32)
-                logits = forward_logits(model, x, self.batch_size)
-                if targets is None:
-                    t = logits.argmax(1).cpu()
+                # With shared-pass methods, their one forward/backward per batch also yields the
+                # logits and the predicted classes: no separate forward just for the logits.
+                fused = any(e.shared_pass for e in explainers.values())
+                if fused:
+                    logits = None
+                    t = None if targets is None else as_target_tensor(targets, x.shape[0])
                 else:
-                    t = as_target_tensor(targets, x.shape[0], logits.shape[1])
-                td = t.to(device)
+                    logits = forward_logits(model, x, self.batch_size)
+                    if targets is None:
+                        t = logits.argmax(1).cpu()
+                    else:
+                        t = as_target_tensor(targets, x.shape[0], logits.shape[1])
+                td = t.to(device) if t is not None else None
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
                 self._fit_trainable(model, x, explainers, failures, isolate, requests)
-                explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate)
+                record: dict[str, torch.Tensor] = {}
+                explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate,
+                                                 record)
+                if fused:
+                    logits, t = record["logits"], record["targets"].cpu()
         finally:
             if moved:
                 model.to(original_device)
@@ -208,7 +219,9 @@ class Engine:
                 failures.append(Failure(self._provider(req), req.label, "fit", f"{type(exc).__name__}: {exc}"))
                 explainers.pop(req.label)
 
-    def _run_batches(self, model, x, targets, requests, explainers, failures, isolate):
+    def _run_batches(self, model, x, targets, requests, explainers, failures, isolate, record=None):
+        """Run every method slice by slice. ``targets`` None: each slice's shared pass picks the
+        predicted classes; the logits and targets actually used are put in ``record``."""
         parts: dict[str, list[Any]] = {r.label: [] for r in requests if r.label in explainers}
         seconds: dict[str, float] = dict.fromkeys(parts, 0.0)
         failed: set[str] = set()
@@ -229,12 +242,18 @@ class Engine:
             failures.append(Failure(plugin, label, kind, msg))
             failed.add(label)
 
+        fused = targets is None or any(e.shared_pass for e in explainers.values())
+        slice_logits: list[torch.Tensor] = []
+        slice_targets: list[torch.Tensor] = []
         try:
             for sl in slices:
-                xb, tb = x[sl], targets[sl]
+                xb, tb = x[sl], (targets[sl] if targets is not None else None)
                 shared = [lab for lab in parts if explainers[lab].shared_pass and lab not in failed]
-                if shared:
-                    self._run_shared(model, xb, tb, shared, explainers, parts, seconds, fail, bar)
+                if fused:
+                    logits_b, tb = self._run_shared(model, xb, tb, shared, explainers, parts, seconds,
+                                                    fail, bar)
+                    slice_logits.append(logits_b.float())
+                slice_targets.append(tb)
                 for lab in parts:
                     if lab in failed or explainers[lab].shared_pass:
                         continue
@@ -249,6 +268,9 @@ class Engine:
                     bar.update(1)
         finally:
             bar.close()
+        targets = torch.cat(slice_targets) if slice_targets else targets
+        if record is not None and fused and slice_logits:
+            record["logits"], record["targets"] = torch.cat(slice_logits).cpu(), targets
         result: dict[str, Explanation] = {}
         for lab, chunks in parts.items():
             if lab in failed or not chunks:
@@ -260,17 +282,30 @@ class Engine:
                 fail(lab, exc)
         return result
 
-    def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar) -> None:
+    def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar):
+        """One forward/backward for every shared method of the slice (one extra backward per ReLU
+        rule); returns the slice's logits and targets (``tb`` None: the predicted classes)."""
         layers = sorted({explainers[lab].config["layer"] for lab in labels if explainers[lab].needs_layer})
         input_grad = any(explainers[lab].needs_input_grad for lab in labels)
+        rules = dict(explainers[lab].relu_rule for lab in labels if explainers[lab].relu_rule)
         start = time.perf_counter()
         try:
-            gp = call_with_timeout(lambda: run_gradient_pass(model, xb, tb, layers, input_grad),
+            if not labels:
+                raise LookupError("no shared method left")
+            gp = call_with_timeout(lambda: run_gradient_pass(model, xb, tb, layers, input_grad,
+                                                             relu_rules=rules),
                                    self.timeout, "gradient-pass")
         except Exception as exc:
+            # Tell a broken model or bad targets (raised, as without shared methods) from a
+            # failed pass (recorded against the methods that needed it).
+            logits = forward_logits(model, xb, None)
+            if tb is None:
+                tb = logits.argmax(1)
+            else:
+                as_target_tensor(tb.cpu(), xb.shape[0], logits.shape[1])
             for lab in labels:
                 fail(lab, exc)
-            return
+            return logits, tb
         share = (time.perf_counter() - start) / len(labels)
         for lab in labels:
             e = explainers[lab]
@@ -282,6 +317,7 @@ class Engine:
                 fail(lab, exc)
             seconds[lab] += share + time.perf_counter() - t0
             bar.update(1)
+        return gp.logits, gp.targets
 
     @staticmethod
     def _validated(label: str, e: Explainer, out: Any, xb: torch.Tensor) -> tuple[torch.Tensor, dict]:

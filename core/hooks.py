@@ -145,3 +145,45 @@ def relu_override(replacement: Callable[[torch.Tensor], torch.Tensor]) -> Iterat
     """
     with _ReLUOverride(replacement):
         yield
+
+
+ReLURule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A modified ReLU backward: ``rule(grad_output, relu_output) -> grad_input``."""
+
+
+class ReLUSwitch:
+    """Which backward rule the ReLUs of a ``switchable_relu`` forward use; None: the true gradient."""
+
+    def __init__(self) -> None:
+        self.rule: ReLURule | None = None
+
+
+class _SwitchableReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, switch: ReLUSwitch) -> torch.Tensor:
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        ctx.switch = switch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        rule = ctx.switch.rule
+        if rule is None:
+            return grad * (out > 0), None
+        return rule(grad, out), None
+
+
+@contextlib.contextmanager
+def switchable_relu() -> Iterator[ReLUSwitch]:
+    """Run a forward pass whose ReLUs can be backpropagated through several rules.
+
+    Every ReLU (modules, reused or in place, and functional calls, via ``relu_override``) records
+    its output; set ``switch.rule`` before each ``torch.autograd.grad(..., retain_graph=True)`` to
+    choose the backward (None: the true ReLU gradient; guided backpropagation, deconvnet, ...).
+    One forward then serves the plain gradient and every modified-backward method.
+    """
+    switch = ReLUSwitch()
+    with relu_override(lambda x: _SwitchableReLU.apply(x, switch)):
+        yield switch

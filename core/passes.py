@@ -2,16 +2,19 @@
 
 Saliency needs the input gradient, Grad-CAM / Grad-CAM++ / FEM need a layer's activations and
 gradients: one ``GradientPass`` computes all of them with a single ``torch.autograd.grad`` call.
+Methods that only change the ReLU backward (guided backpropagation, deconvnet) share the same
+forward: each such rule costs one more backward (``relu_rules``), not another forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from core.hooks import capture_layers
+from core.hooks import ReLURule, capture_layers, switchable_relu
 from core.layers import resolve_layer
 from core.tensors import select_targets
 
@@ -27,20 +30,30 @@ class GradientPass:
     input_grad: torch.Tensor | None = None
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    rule_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # input grads per ReLU rule
 
 
-def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None,
                       layers: list[str] | tuple[str, ...] = (), input_grad: bool = False,
-                      score_fn=None) -> GradientPass:
+                      score_fn=None, relu_rules: dict[str, ReLURule] | None = None) -> GradientPass:
     """Forward ``inputs``, backpropagate the sum of target logits once.
 
-    ``score_fn(logits, targets) -> scalar`` overrides the objective (default: the sum over the
-    batch of each sample's target logit, as Captum and pytorch-grad-cam use).
+    ``targets`` None explains the predicted class (argmax of this very forward; the pass then
+    holds the targets it used). ``score_fn(logits, targets) -> scalar`` overrides the objective
+    (default: the sum over the batch of each sample's target logit, as Captum and
+    pytorch-grad-cam use). ``relu_rules`` (name -> ``rule(grad_out, relu_out)``): the same
+    forward also yields the input gradient under each modified ReLU backward, in ``rule_grads``.
     """
     modules = dict(resolve_layer(model, name) for name in layers)
-    x = inputs.detach().clone().requires_grad_(input_grad)
-    with torch.enable_grad(), capture_layers(modules) as caps:
+    rules = dict(relu_rules or {})
+    x = inputs.detach().clone().requires_grad_(input_grad or bool(rules))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        caps = stack.enter_context(capture_layers(modules))
+        switch = stack.enter_context(switchable_relu()) if rules else None
         logits = model(x)
+        if targets is None:
+            targets = logits.detach().argmax(1)
         score = score_fn(logits, targets) if score_fn else select_targets(logits, targets).sum()
         wrt: list[torch.Tensor] = []
         if input_grad:
@@ -50,8 +63,13 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             if caps[name].output is None:
                 raise RuntimeError(f"layer {name!r} was not called in the forward pass")
             wrt.append(caps[name].output)
-        grads = torch.autograd.grad(score, wrt, allow_unused=True) if wrt else ()
-    result = GradientPass(model, inputs, targets, logits.detach())
+        grads = torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=bool(rules)) if wrt else ()
+        rule_grads: dict[str, torch.Tensor] = {}
+        for i, (name, rule) in enumerate(rules.items()):
+            switch.rule = rule
+            (g,) = torch.autograd.grad(score, x, allow_unused=True, retain_graph=i < len(rules) - 1)
+            rule_grads[name] = g if g is not None else torch.zeros_like(x)
+    result = GradientPass(model, inputs, targets, logits.detach(), rule_grads=rule_grads)
     offset = 0
     if input_grad:
         result.input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)

@@ -58,6 +58,9 @@ class Explainer(Configurable):
 
     Methods that can share one forward/backward set ``shared_pass = True`` and implement
     ``from_pass(gradient_pass)``; the engine then serves all of them from one ``GradientPass``.
+    A shared method that only changes the ReLU backward (guided backpropagation, deconvnet) sets
+    ``relu_rule = (name, rule)`` with ``rule(grad_output, relu_output) -> grad_input``: the same
+    forward then also yields ``gradient_pass.rule_grads[name]``, one extra backward per rule.
     """
 
     kind_label = "explainer"
@@ -65,6 +68,7 @@ class Explainer(Configurable):
     shared_pass: ClassVar[bool] = False
     needs_layer: ClassVar[bool] = False  # the pass must capture the activations of config["layer"]
     needs_input_grad: ClassVar[bool] = False
+    relu_rule: ClassVar[tuple[str, Any] | None] = None  # (name, rule) for a modified ReLU backward
     trainable: ClassVar[bool] = False
     # optional: a describer of what the method needs, for `xai plugins`
     family: ClassVar[str] = ""

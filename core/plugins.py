@@ -42,6 +42,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "xai_plugins.metrics.perception_metrics",
     "xai_plugins.reporters.json_reporter",
     "xai_plugins.reporters.html",
+    "xai_plugins.reporters.mlflow_reporter",
+    "xai_plugins.metrics.drift",
     "xai_plugins.describers.template",
     "xai_plugins.describers.openai_compatible",
     "xai_plugins.bridges.captum_bridge",

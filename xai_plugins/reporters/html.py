@@ -135,9 +135,24 @@ class HTMLReporter(Reporter):
         return f"<h2>Figures</h2><div class=figs>{items}</div>"
 
     def _grid(self, r: RunResults) -> str:
-        n = min(len(r.image_names), int(self.config["max_images"]))
+        total = len(r.image_names)
+        n = min(total, int(self.config["max_images"]))
         if not n:
             return "<h2>Images</h2><p>No image was explained.</p>"
+        indices = list(range(n))
+        more = f"<p class=meta>showing {n} of {total} images</p>" if n < total else ""
+        if r.labels is None:
+            return f"<h2>Images</h2>{more}{self._table(r, indices)}"
+        wrong = [i for i in indices if int(r.labels[i]) != int(r.predictions[i])]
+        right = [i for i in indices if i not in wrong]
+        out = [f"<h2>Images</h2>{more}"]
+        if right:
+            out.append(f"<h2>Correctly classified ({len(right)})</h2>{self._table(r, right)}")
+        if wrong:
+            out.append(f"<h2>Misclassified ({len(wrong)})</h2>{self._table(r, wrong)}")
+        return "".join(out)
+
+    def _table(self, r: RunResults, indices: list[int]) -> str:
         labels = list(r.explanations)
         extra_cols: list[tuple[str, str]] = []
         for label in labels:
@@ -150,7 +165,7 @@ class HTMLReporter(Reporter):
         names = r.class_names
         alpha = float(self.config["alpha"])
         rows = []
-        for i in range(n):
+        for i in indices:
             image = r.images[i]
             t, p = int(r.targets[i]), int(r.predictions[i])
             tname = names[t] if names and t < len(names) else t
@@ -174,8 +189,7 @@ class HTMLReporter(Reporter):
                 tensor = extra_image(r.explanations[label].extras["images"][name], i)
                 cells.append(f"<td>{img_tag(png_bytes(tensor, scale), f'{label} {name}') if tensor is not None else ''}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
-        more = f"<p class=meta>showing {n} of {len(r.image_names)} images</p>" if n < len(r.image_names) else ""
-        return f"<h2>Images</h2>{more}<table class=grid><tr>{head}</tr>{''.join(rows)}</table>"
+        return f"<table class=grid><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 @hookimpl

@@ -1,0 +1,37 @@
+# The two commands: `make demo` (the whole story on an embedded MLflow) and `make test`.
+# Both create .venv on first use: Python 3.11, torch/torchvision pinned in constraints.txt,
+# the project installed editable with its test extras.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.xai-installed
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: demo test lint bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,text]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m registry.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	XAI_NO_PROGRESS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .xai tests/.cache demo-workspace
