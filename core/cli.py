@@ -187,7 +187,7 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
               help="'shortcut' trains the Clever Hans model on watermarked `shapes`.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side in pixels.")
 @click.option("--n-train", default=3000, show_default=True, type=int)
-@click.option("--epochs", default=12, show_default=True, type=int)
+@click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--explainability-loss", is_flag=True, help="Add DeConvolve's explainability loss (Eq. 1).")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="Weight of the active-area term.")

@@ -43,8 +43,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prepr
     return correct / max(1, labels.numel())
 
 
-def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epochs: int = 6,
-                lr: float = 3e-3, batch_size: int = 64, seed: int = 0, extra_loss: ExtraLoss | None = None,
+def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epochs: int = 10,
+                lr: float = 2e-3, batch_size: int = 32, seed: int = 0, extra_loss: ExtraLoss | None = None,
                 progress: bool = True, test: ShapesData | None = None) -> TrainResult:
     """Adam + cross-entropy (+ ``extra_loss(model, inputs, labels, logits)``), seeded."""
     torch.manual_seed(seed)
@@ -78,7 +78,7 @@ def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epo
 
 
 def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None, size: int = 32,
-                    n_train: int = 2400, n_test: int = 400, epochs: int = 6, seed: int = 0,
+                    n_train: int = 3000, n_test: int = 400, epochs: int = 10, seed: int = 0,
                     watermark: str = "none", extra_loss: ExtraLoss | None = None,
                     progress: bool = True, meta: dict | None = None) -> TrainResult:
     """Generate `shapes` (clean or Clever Hans), train ``arch``, evaluate on a held-out split,
