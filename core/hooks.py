@@ -8,6 +8,7 @@ model exactly as it found it).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,23 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
                "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+
+
+_SNAPSHOTS: dict[int, tuple[Any, tuple, torch.Tensor]] = {}  # id(tensor) -> (weakref, key, copy)
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t``'s values, reused while ``t`` is unchanged (same storage, version, shape,
+    dtype): cloning every parameter on every call cost as much as a forward pass on large models
+    (VGG). Costs one CPU copy of the model's tensors while the model lives."""
+    key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+    hit = _SNAPSHOTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == key:
+        return hit[2]
+    copy = t.detach().to("cpu", copy=True)
+    ref = weakref.ref(t, lambda _ref, i=id(t): _SNAPSHOTS.pop(i, None))
+    _SNAPSHOTS[id(t)] = (ref, key, copy)
+    return copy
 
 
 @contextlib.contextmanager
@@ -42,7 +60,7 @@ def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
     requires = [p.requires_grad for _, p in params]
     tensors = list(model.state_dict(keep_vars=True).items())
     versions = [t._version for _, t in tensors]
-    values = [t.detach().clone() for _, t in tensors] if restore_values else None
+    values = [_snapshot(t) for _, t in tensors] if restore_values else None
     try:
         if eval_mode:
             model.eval()
@@ -149,6 +167,18 @@ def relu_override(replacement: Callable[[torch.Tensor], torch.Tensor]) -> Iterat
 
 ReLURule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A modified ReLU backward: ``rule(grad_output, relu_output) -> grad_input``."""
+
+
+def guided_relu_rule(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al.): only positive gradients, only through units
+    active in the forward pass (the review's Fig. 6d)."""
+    return grad.clamp(min=0) * (out > 0)
+
+
+def deconvnet_relu_rule(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """DeconvNet rectification (Zeiler & Fergus): ReLU of the backward signal, whatever the forward
+    activation (the review's Fig. 6c)."""
+    return grad.clamp(min=0)
 
 
 class ReLUSwitch:

@@ -1,11 +1,21 @@
 """Helpers for plugin authors: hooks that clean up, layer lookup, the shared gradient pass,
 map normalization and upsampling. Built-in plugins use exactly these."""
 
-from core.hooks import LayerCapture, capture_layers, preserved_model, relu_override
+from core.hooks import (
+    LayerCapture,
+    ReLURule,
+    capture_layers,
+    deconvnet_relu_rule,
+    guided_relu_rule,
+    preserved_model,
+    relu_override,
+    switchable_relu,
+)
 from core.layers import conv_layers, default_layer, resolve_layer
 from core.passes import GradientPass, run_gradient_pass
 from core.tensors import batch_slices, normalize_maps, select_targets, upsample
 
-__all__ = ["LayerCapture", "capture_layers", "preserved_model", "relu_override", "conv_layers",
+__all__ = ["LayerCapture", "capture_layers", "preserved_model", "relu_override", "switchable_relu",
+           "ReLURule", "guided_relu_rule", "deconvnet_relu_rule", "conv_layers",
            "default_layer", "resolve_layer", "GradientPass", "run_gradient_pass", "batch_slices",
            "normalize_maps", "select_targets", "upsample"]

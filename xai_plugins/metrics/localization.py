@@ -1,12 +1,21 @@
-"""Localization against ground-truth masks (the review's section 7; Table 1 of the review uses
-SIM and PCC against gaze maps): pointing game and relevance mass accuracy, with the random
-baselines that make them readable."""
+"""Localization against ground-truth masks (the review's section 7.2 and Table 1) and the share of
+relevance on a known shortcut.
+
+- ``localization``: pointing game and relevance mass accuracy, with the random baselines that
+  make them readable, and the saliency-benchmark measures of the review's Table 1 computed against
+  the object mask (read as a fixation density map): SIM (histogram intersection), PCC (Pearson),
+  AUC (ROC of the map as a detector of mask pixels) and KL(mask || map).
+- ``shortcut``: the share of the relevance that falls on a known spurious region, e.g. the
+  Clever Hans watermark of `shapes` (``context.spurious_masks``); ``shortcut.area`` is what a
+  uniform map would score and ``shortcut.ratio`` = share / area.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from xai_plugins import Metric, MetricContext, hookimpl
+from xai_plugins.similarity import auc_vs_mask, kl_divergence, pearson, sim
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
@@ -29,8 +38,18 @@ def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return inside / m.sum(1).clamp_min(1e-12)
 
 
+def fit_masks(masks: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Boolean masks at the maps' resolution (nearest neighbour), on the CPU."""
+    masks = masks.bool().cpu()
+    if masks.shape[-2:] != maps.shape[-2:]:
+        masks = torch.nn.functional.interpolate(masks.float().unsqueeze(1), size=maps.shape[-2:],
+                                                mode="nearest").squeeze(1) > 0.5
+    return masks
+
+
 class Localization(Metric):
-    """Pointing game and relevance mass against ground-truth object masks.
+    """Pointing game and relevance mass against ground-truth object masks, and the review's
+    Table 1 measures (SIM, PCC, AUC, KL) against the same masks.
 
     ``random_pointing`` and ``mask_fraction`` are what a map with no information scores: the
     expected pointing game of a uniformly random point and the relevance mass of a uniform map.
@@ -43,19 +62,40 @@ class Localization(Metric):
 
     def compute(self, context: MetricContext) -> dict[str, float]:
         maps = context.explanation.maps.float().cpu()
-        masks = context.masks.bool().cpu()
-        if masks.shape[-2:] != maps.shape[-2:]:
-            masks = torch.nn.functional.interpolate(masks.float().unsqueeze(1), size=maps.shape[-2:],
-                                                    mode="nearest").squeeze(1) > 0.5
+        masks = fit_masks(context.masks, maps)
         frac = masks.reshape(masks.shape[0], -1).float().mean(1)
+        target = masks.float()
         return {
             "pointing_game": float(pointing_game(maps, masks, int(self.config["tolerance"])).mean()),
             "relevance_mass": float(relevance_mass(maps, masks).mean()),
             "random_pointing": float(frac.mean()),
             "mask_fraction": float(frac.mean()),
+            "sim": float(sim(maps, target).mean()),
+            "pcc": float(pearson(maps, target).mean()),
+            "auc": float(auc_vs_mask(maps, masks).mean()),
+            "kl": float(kl_divergence(target, maps).mean()),
         }
+
+
+class Shortcut(Metric):
+    """Share of the relevance on the known spurious region (the Clever Hans watermark): a model
+    that looks at the shortcut gets a high ``shortcut.share`` (lower is better)."""
+
+    name = "shortcut"
+    requires = ("spurious_masks",)
+    higher_is_better = False
+    params = {}
+
+    def compute(self, context: MetricContext) -> dict[str, float]:
+        maps = context.explanation.maps.float().cpu()
+        regions = fit_masks(context.spurious_masks, maps)
+        share = relevance_mass(maps, regions)
+        area = regions.reshape(regions.shape[0], -1).float().mean(1)
+        return {"share": float(share.mean()), "share_max": float(share.max()), "area": float(area.mean()),
+                "ratio": float((share / area.clamp_min(1e-12)).mean()),
+                "pointing": float(pointing_game(maps, regions).mean())}
 
 
 @hookimpl
 def xai_metrics():
-    return [Localization]
+    return [Localization, Shortcut]

@@ -1,0 +1,146 @@
+"""Similar and adversarial generators (Charachon et al. 2022; the review's Eq. 27): the map is
+|g_s(x) - g_a(x)|, the difference between an image the model still classifies as x and one it does not,
+both produced from the same latent ("adversarial") space. Trainable and stored per model version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xai_plugins import Explainer, XAIError
+from xai_plugins.toolkit import preserved_model
+
+from .examples import display
+
+
+class TwoGenerators(nn.Module):
+    """A shared encoder E and two decoders; g_s(x) = x + D_s(E(x)), g_a(x) = x + D_a(E(x)).
+
+    Residual outputs: both start at the identity, and since the map is their difference, the
+    reconstruction error they share cancels (the point of subtracting two generated images)."""
+
+    def __init__(self, channels: int = 3, width: int = 32):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.LeakyReLU(0.2))
+        self.similar = self._decoder(channels, width)
+        self.adversarial = self._decoder(channels, width)
+
+    @staticmethod
+    def _decoder(channels: int, width: int) -> nn.Sequential:
+        last = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return nn.Sequential(nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+                             nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), last)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")
+        code = self.encoder(padded)
+        similar = self.similar(code)[..., :height, :width]
+        adversarial = self.adversarial(code)[..., :height, :width]
+        return x + similar, x + adversarial
+
+
+def runner_up(logits: torch.Tensor) -> torch.Tensor:
+    """The second most likely class: the adversarial generator's target (the opposite class when
+    there are two)."""
+    return logits.topk(2, dim=1).indices[:, 1]
+
+
+class AdversarialGenerators(Explainer):
+    """Two-generator explanation of Charachon et al. (2022; review Eq. 27): map = |g_s(x) - g_a(x)|.
+
+    ``fit`` trains, with the model frozen, a shared encoder and two decoders on the fit data:
+    L_s = CE(f(g_s(x)), y) + rec * |g_s(x) - x|_1 keeps the model's prediction y = argmax f(x);
+    L_a = CE(f(g_a(x)), y') + rec * |g_a(x) - x|_1 moves it to y', the runner-up class (the paper's
+    binary setting flips to the other class); both generators share the latent space of E (our
+    reading of "trained from the same adversarial space"). Adam (``lr``) for ``fit_steps`` batches of
+    ``fit_batch``; checkpoints to ``checkpoint_path`` every 50 steps and resumes from it.
+    ``attributions`` are g_s(x) - g_a(x); extras hold both generated images and their predictions.
+    """
+
+    name = "adversarial_generators"
+    family = "adversarial"
+    space = "input"
+    trainable = True
+    params = {"fit_steps": 300, "fit_batch": 64, "lr": 2e-3, "rec": 1.0, "width": 32, "seed": 0}
+    fit_params = ("fit_steps", "fit_batch", "lr", "rec", "width", "seed")
+
+    net: TwoGenerators | None = None
+    checkpoint_path: Any = None
+
+    def losses(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            logits = model(x)
+        keep, move = logits.argmax(1), runner_up(logits)
+        similar, adversarial = self.net(x)
+        out_s, out_a = model(similar), model(adversarial)
+        rec = self.config["rec"]
+        loss = F.cross_entropy(out_s, keep) + rec * (similar - x).abs().mean() + \
+            F.cross_entropy(out_a, move) + rec * (adversarial - x).abs().mean()
+        stats = {"keep_rate": float((out_s.argmax(1) == keep).float().mean()),
+                 "change_rate": float((out_a.argmax(1) != keep).float().mean())}
+        return loss, stats
+
+    def fit(self, model: nn.Module, data: Any) -> dict[str, Any]:
+        cfg = self.config
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        torch.manual_seed(cfg["seed"])
+        self.net = TwoGenerators(data.inputs.shape[1], cfg["width"]).to(device)
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        step, stats = self._resume(opt), {}
+        with preserved_model(model, restore_values=False), torch.enable_grad():
+            while step < cfg["fit_steps"]:
+                for xb, _ in data.batches(cfg["fit_batch"], shuffle=True, seed=cfg["seed"] + step):
+                    loss, stats = self.losses(model, xb.to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    if step % 50 == 0:
+                        self._checkpoint(opt, step)
+                    if step >= cfg["fit_steps"]:
+                        break
+        return {"generators": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "channels": int(data.inputs.shape[1]), "width": int(cfg["width"]), "steps": step,
+                **{f"train_{k}": v for k, v in stats.items()}}
+
+    def _resume(self, opt: torch.optim.Optimizer) -> int:
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return 0
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(saved["generators"])
+        opt.load_state_dict(saved["optimizer"])
+        return int(saved["step"])
+
+    def _checkpoint(self, opt: torch.optim.Optimizer, step: int) -> None:
+        if self.checkpoint_path is not None:
+            torch.save({"generators": self.net.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                       self.checkpoint_path)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.net = TwoGenerators(state["channels"], state["width"])
+        self.net.load_state_dict(state["generators"])
+        self.net.eval()
+        self.fit_stats = {k: v for k, v in state.items() if k.startswith("train_")}
+
+    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.net is None:
+            raise XAIError("adversarial_generators is not fitted: pass fit_data (or fit it first)")
+        self.net.to(inputs.device)
+        with torch.no_grad():
+            similar, adversarial = self.net(inputs)
+            pred_s, pred_a = model(similar).argmax(1), model(adversarial).argmax(1)
+        extras = {"similar_prediction": pred_s.cpu(), "adversarial_prediction": pred_a.cpu(),
+                  "images": {"similar": display(similar, inputs).cpu(),
+                             "adversarial": display(adversarial, inputs).cpu()},
+                  "fit": dict(getattr(self, "fit_stats", {}))}
+        return similar - adversarial, extras

@@ -1,0 +1,201 @@
+"""DeConvolve (Meeradevi et al.): filter scores, filter maps and textual explanations.
+
+Image-agnostic part, fitted once per model version (``core.fitting``, stored with the model's
+fingerprint): the filter scores of Algorithm 1 (``scoring``) and the filters' gradient-ascent
+patterns of section 3.3 (``filter_maps``). Per image (section 3.4):
+
+- the layer's feature maps A_k; each filter's evidence for the explained class c is its score
+  S[k, c] times its mean activation on the image (``rank="evidence"``; ``rank="score"`` ranks by the
+  image-agnostic score alone, as the paper does - a filter silent on the image can then be chosen);
+- ``maps``: the aggregated filter evidence sum_k S[k, c] * ReLU(A_k) (a CAM whose channel weights
+  are Algorithm 1's scores), upsampled; the drawn map is its positive part;
+- the ``top_k`` most influential positive and negative filters, their feature maps superimposed on
+  the image as the proportionate and the encircled threshold heat maps (``superimpose``). The paper
+  superimposes the stored image-agnostic map; an image-agnostic pattern carries no location in the
+  image, so we superimpose the filter's feature map on this image and show the stored pattern of the
+  top filter next to it (``images["top_filter_pattern"]``);
+- every chosen filter's map is described by a describer plugin (``template`` by default,
+  ``openai_compatible`` for a multimodal LLM) and the sentences are aggregated by score buckets with
+  weighted semantic averaging (``text``).
+
+extras: ``filter_scores`` / ``filter_evidence`` (B x K: each image's class), ``filters`` (per image:
+the chosen filters with score, evidence, sign and sentence), ``text`` and ``summary`` (one string per
+image), ``images`` (proportionate, encircled, negative_proportionate, negative_encircled,
+top_filter_pattern), ``layer_scores`` (with ``score_layers="all"``: every conv layer's B x K scores).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from xai_plugins import Describer, Explainer, XAIError, hookimpl
+from xai_plugins.explainers.deconvolve import filter_maps, superimpose
+from xai_plugins.explainers.deconvolve.scoring import filter_scores
+from xai_plugins.explainers.deconvolve.selection import Evidence, layer_evidence
+from xai_plugins.explainers.deconvolve.text import semantic_average
+from xai_plugins.toolkit import conv_layers, upsample
+
+
+def get_describer(spec: Any, params: dict[str, Any] | None) -> Describer:
+    """A describer instance from a registered name (or an instance, used as is)."""
+    if isinstance(spec, Describer):
+        return spec
+    from core.plugins import get_host  # the host's registry of describer plugins
+
+    return get_host().get("describer", str(spec))(**(params or {}))
+
+
+class DeConvolve(Explainer):
+    """DeConvolve: Algorithm 1 filter scores, gradient-ascent filter maps, superimposed heat maps
+    and their textual explanation (see the module docstring)."""
+
+    name = "deconvolve"
+    family = "deconvolve"
+    space = "map"
+    trainable = True
+    fit_params = ("layer", "steps", "score_layers", "ascent_steps", "ascent_lr", "seed")
+    params = {"layer": None, "steps": 5, "score_layers": "explained", "ascent_steps": 50, "ascent_lr": 0.05,
+              "top_k": 3, "rank": "evidence", "threshold": 0.5, "sigma": 1.0, "text": True,
+              "describer": "template", "describer_params": None, "buckets": 2, "class_names": None,
+              "mean": None, "std": None, "seed": 0, "batch_size": 64}
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        if self.config["rank"] not in ("evidence", "score"):
+            raise XAIError(f"deconvolve: rank must be 'evidence' or 'score', not {self.config['rank']!r}")
+        if self.config["score_layers"] not in ("explained", "all"):
+            raise XAIError("deconvolve: score_layers must be 'explained' or 'all'")
+        self.state: dict[str, Any] | None = None
+
+    # -- fitted, image-agnostic part ------------------------------------------------------------
+    def fit(self, model: torch.nn.Module, data: Any) -> dict[str, Any]:
+        shape = tuple(int(s) for s in data.inputs.shape[1:])
+        layer = str(self.config["layer"])
+        bs = int(self.config["batch_size"]) * 4
+        main = filter_scores(model, layer, shape, int(self.config["steps"]), bs)
+        state: dict[str, Any] = {"layer": layer, "input_shape": list(shape), "scores": main.scores,
+                                 "curve": main.curve, "values": main.values, "baseline": main.baseline}
+        if self.config["score_layers"] == "all":
+            state["layer_scores"] = {n: filter_scores(model, n, shape, 2, bs).scores for n, _ in conv_layers(model)}
+        filters = list(range(main.scores.shape[0]))
+        patterns = filter_maps.ascend_filters(model, layer, shape, filters, int(self.config["ascent_steps"]),
+                                              float(self.config["ascent_lr"]), seed=int(self.config["seed"]),
+                                              batch_size=int(self.config["batch_size"]))
+        state["patterns"] = filter_maps.shrink(patterns)
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    # -- per image ------------------------------------------------------------------------------
+    def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+        if self.state is None:
+            raise XAIError("deconvolve: not fitted (the engine fits it; call fit/load_state when using it directly)")
+        state = self.state
+        ev = layer_evidence(model, inputs, targets, state["layer"], state["scores"], self.config["rank"])
+        images = self.display_images(inputs)
+        size = tuple(inputs.shape[-2:])
+        k = int(self.config["top_k"])
+        pos, neg = ev.top(k, positive=True), ev.top(k, positive=False)
+        pos_heat, neg_heat = ev.group_heat(pos, size), ev.group_heat(neg, size)
+        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
+        extra_images = {
+            "proportionate": superimpose.proportionate(images, pos_heat),
+            "encircled": superimpose.encircled(images, pos_heat, th, sg),
+            "negative_proportionate": superimpose.proportionate(images, neg_heat),
+            "negative_encircled": superimpose.encircled(images, neg_heat, th, sg, colour=(0.1, 0.3, 1.0)),
+        }
+        patterns = state.get("patterns")
+        if patterns is not None and len(pos[0]):
+            best = torch.tensor([row[0] if row else 0 for row in pos])
+            shown = filter_maps.display(patterns[best], size)
+            has = torch.tensor([bool(row) for row in pos]).view(-1, 1, 1, 1)
+            extra_images["top_filter_pattern"] = torch.where(has, shown, torch.zeros_like(shown))
+        extras: dict[str, Any] = {"filter_scores": ev.scores.cpu(), "filter_evidence": ev.evidence.cpu(),
+                                  "images": extra_images, "layer": state["layer"]}
+        if "layer_scores" in state:
+            t = targets.cpu()
+            extras["layer_scores"] = {n: s[:, t].T.contiguous() for n, s in state["layer_scores"].items()}
+        extras.update(self.describe(images, ev, pos, neg, targets, size))
+        return ev.aggregate_map(), extras
+
+    def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
+        """The drawn map: the positive part of the aggregated filter evidence."""
+        return attributions.clamp(min=0).reshape(attributions.shape[0], *attributions.shape[-2:])
+
+    def display_images(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs as images in [0, 1]: the model's preprocessing undone when ``mean``/``std`` are
+        given, else a per-image min-max over all channels (keeps hues roughly)."""
+        x = inputs.detach().float()
+        mean, std = self.config["mean"], self.config["std"]
+        if mean is not None and std is not None:
+            m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x * s + m
+        else:
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-12)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x[:, :3].clamp(0, 1)
+
+    def class_name(self, c: int) -> str:
+        names = self.config["class_names"]
+        return str(names[c]) if names and 0 <= c < len(names) else f"class {c}"
+
+    def describe(self, images: torch.Tensor, ev: Evidence, pos: list[list[int]], neg: list[list[int]],
+                 targets: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+        """Describe every chosen filter's superimposed map; aggregate the sentences per image."""
+        b = images.shape[0]
+        if not self.config["text"]:
+            return {"filters": [self.chosen(ev, i, pos[i], neg[i], None) for i in range(b)]}
+        from xai_plugins.describers import semantic
+
+        describer = get_describer(self.config["describer"], self.config["describer_params"])
+        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
+        texts, summaries, rows, errors = [], [], [], []
+        for i in range(b):
+            chosen = pos[i] + neg[i]
+            sentences: dict[int, str] = {}
+            if chosen:
+                heat = ev.filter_heat(i, chosen, size)
+                img = images[i:i + 1].expand(len(chosen), -1, -1, -1)
+                views = {"proportionate": superimpose.proportionate(img, heat),
+                         "encircled": superimpose.encircled(img, heat, th, sg)}
+                for j, f in enumerate(chosen):
+                    context = {"filter": f, "layer": ev.layer, "score": float(ev.scores[i, f]),
+                               "evidence": float(ev.evidence[i, f]), "class_name": self.class_name(int(targets[i])),
+                               "sign": "positive" if f in pos[i] else "negative",
+                               "views": {k: v[j] for k, v in views.items()}}
+                    sentences[f] = describer.describe(images[i], heat[j], context)
+                    if getattr(describer, "last_error", None):
+                        errors.append(describer.last_error)
+            agg = semantic_average([sentences[f] for f in chosen], [float(ev.scores[i, f]) for f in chosen],
+                                   semantic.embed, int(self.config["buckets"]))
+            texts.append(agg.text)
+            summaries.append(agg.summary)
+            rows.append(self.chosen(ev, i, pos[i], neg[i], sentences))
+        out: dict[str, Any] = {"text": texts, "summary": summaries, "filters": rows,
+                               "text_embedding": semantic.embedder_name(), "describer": describer.name}
+        if errors:
+            out["describer_errors"] = sorted(set(errors))
+        return out
+
+    @staticmethod
+    def chosen(ev: Evidence, i: int, pos: list[int], neg: list[int], sentences: dict[int, str] | None) -> list[dict]:
+        rows = []
+        for sign, group in (("positive", pos), ("negative", neg)):
+            for f in group:
+                row = {"filter": f, "sign": sign, "score": float(ev.scores[i, f]), "evidence": float(ev.evidence[i, f])}
+                if sentences is not None:
+                    row["sentence"] = sentences.get(f, "")
+                rows.append(row)
+        return rows
+
+
+@hookimpl
+def xai_explainers():
+    return [DeConvolve]

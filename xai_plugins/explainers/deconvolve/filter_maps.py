@@ -1,0 +1,105 @@
+"""Filter activation maps (DeConvolve, section 3.3): image-agnostic, per filter, by gradient ascent.
+
+"Performing gradient ascent on the inputs to the filter, using the corresponding class activation as
+the objective": for filter k of the layer, starting from a small seeded noise input, Adam ascends
+
+    mean over positions of A_k(x)  -  decay * mean(x^2)
+
+where A_k is the filter's channel of the layer's activation (its share of the class activation map;
+the class enters through the filter's score, which says whether the pattern speaks for or against
+it). Optimizing in the model's input space lets the result be drawn next to, and compared with, the
+image. All filters ascend together (one input per filter, batched); the forward stops at the layer.
+The result is stored with the fitted state (``core.fitting``: once per model version), downsampled
+to at most ``max_side`` pixels to keep the artifact small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xai_plugins.toolkit import batch_slices, resolve_layer
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _UpTo:
+    """Run a model only up to a layer: a forward hook stores the output and stops the pass."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.output, self.handle = module, None, None
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.output = output
+        raise _StopForward
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self.output = None
+        try:
+            model(x)
+        except _StopForward:
+            pass
+        if self.output is None:
+            raise RuntimeError("the layer was not called in the forward pass")
+        return self.output
+
+    def __enter__(self) -> _UpTo:
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
+                   steps: int = 50, lr: float = 0.05, decay: float = 1e-2, seed: int = 0,
+                   batch_size: int = 128) -> torch.Tensor:
+    """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(int(seed))
+    module = resolve_layer(model, layer)[1]
+    out = []
+    with torch.enable_grad(), _UpTo(module) as upto:
+        for sl in batch_slices(len(filters), batch_size):
+            idx = torch.tensor(filters[sl], device=device)
+            x = (0.1 * torch.randn(len(idx), *input_shape, generator=gen)).to(device).requires_grad_()
+            opt = torch.optim.Adam([x], lr=lr)
+            for _ in range(int(steps)):
+                act = upto(model, x)
+                objective = act[torch.arange(len(idx), device=device), idx].mean(dim=(1, 2)) \
+                    - decay * x.pow(2).mean(dim=(1, 2, 3))
+                opt.zero_grad(set_to_none=True)
+                (-objective.sum()).backward()
+                opt.step()
+            out.append(x.detach())
+    return torch.cat(out) if out else torch.zeros(0, *input_shape)
+
+
+def shrink(patterns: torch.Tensor, max_side: int = 64) -> torch.Tensor:
+    """Downsample stored patterns so their longer side is at most ``max_side`` (float16)."""
+    h, w = patterns.shape[-2:]
+    if max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        patterns = F.interpolate(patterns.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                 mode="bilinear", align_corners=False, antialias=True)
+    return patterns.to(torch.float16).cpu()
+
+
+def display(patterns: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Stored patterns as N x 3 x H x W images in [0, 1] (per-pattern min-max, resized to ``size``)."""
+    p = patterns.float()
+    if p.shape[1] == 1:
+        p = p.expand(-1, 3, -1, -1)
+    p = p[:, :3]
+    lo = p.amin(dim=(1, 2, 3), keepdim=True)
+    hi = p.amax(dim=(1, 2, 3), keepdim=True)
+    p = (p - lo) / (hi - lo).clamp_min(1e-12)
+    if tuple(p.shape[-2:]) != tuple(size):
+        p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+    return p.clamp(0, 1)

@@ -1,0 +1,121 @@
+"""Filter scores (DeConvolve, section 3.2 and Algorithm 1), batched: all filters of a layer at once.
+
+Algorithm 1: for a layer, the sub-model from that layer to the output is fed an all-zero tensor of
+the layer's output shape (``baseline_prob``), then the same tensor with one filter's map set to a
+constant (``activated_prob``); Score[layer][filter] = activated_prob - baseline_prob, the change in
+the class probability (softmax of the logits). Section 3.2 sweeps the constant from 0 to 1 and
+assigns the increase in probability as the score: we record the whole sweep (``steps`` values,
+``curve``) and the score is its value at 1, exactly Algorithm 1.
+
+Any model, without slicing it: the layer's output is replaced through a forward hook while the
+model runs on an all-zero input, so "the model sliced from the layer" is everything downstream of
+the layer. In a network with skip connections around the layer (ResNets), the paths that bypass
+the layer carry what an all-zero input produces there; for sequential models this is exactly the
+sliced sub-model (``reference_scores`` is the literal loop, used by the tests). A module called
+several times in one forward has its first call replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from xai_plugins.toolkit import batch_slices, resolve_layer
+
+
+@dataclass
+class FilterScores:
+    """Scores of one layer: ``scores`` K x classes (at constant 1), ``curve`` steps x K x classes
+    (probability change at each swept constant, ``values``), ``baseline`` the all-zero probabilities."""
+
+    layer: str
+    scores: torch.Tensor
+    curve: torch.Tensor
+    values: torch.Tensor
+    baseline: torch.Tensor
+
+
+class _Replace:
+    """Forward hook: the first call of the module returns ``self.value`` instead of its output."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.value, self.calls = module, None, 0
+        self.handle: Any = None
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.calls += 1
+        return self.value if self.calls == 1 else None
+
+    def run(self, model: nn.Module, inputs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        self.value, self.calls = value, 0
+        return model(inputs)
+
+    def __enter__(self) -> _Replace:
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def layer_output_shape(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """C x h x w of ``layer``'s output for one input of ``input_shape`` (C x H x W)."""
+    module = resolve_layer(model, layer)[1]
+    seen: list[tuple[int, ...]] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[1:])) if not seen else None)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"layer {layer!r} was not called in the forward pass")
+    if len(seen[0]) != 3:
+        raise ValueError(f"layer {layer!r} returns shape {seen[0]}, not C x h x w feature maps")
+    return seen[0]
+
+
+def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], steps: int = 5,
+                  batch_size: int = 256) -> FilterScores:
+    """Algorithm 1 for every filter of ``layer`` in batched passes (model in eval mode, no grad)."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    k, h, w = layer_output_shape(model, layer, input_shape, device, dtype)
+    values = torch.linspace(0, 1, max(2, int(steps)), dtype=dtype)
+    module = resolve_layer(model, layer)[1]
+    with torch.no_grad(), _Replace(module) as replace:
+        zero_in = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+        baseline = torch.softmax(replace.run(model, zero_in, torch.zeros(1, k, h, w, device=device, dtype=dtype)), 1)[0]
+        pairs = [(float(v), f) for v in values[1:] for f in range(k)]  # (constant, filter), v > 0
+        probs = []
+        for sl in batch_slices(len(pairs), batch_size):
+            chunk = pairs[sl]
+            z = torch.zeros(len(chunk), k, h, w, device=device, dtype=dtype)
+            for i, (v, f) in enumerate(chunk):
+                z[i, f] = v
+            x = zero_in.expand(len(chunk), *input_shape)
+            probs.append(torch.softmax(replace.run(model, x, z), 1))
+    change = torch.cat(probs).view(len(values) - 1, k, -1) - baseline
+    curve = torch.cat([torch.zeros(1, k, change.shape[-1], device=device, dtype=dtype), change])
+    return FilterScores(layer, curve[-1].cpu(), curve.cpu(), values, baseline.cpu())
+
+
+def reference_scores(sub_model: Callable[[torch.Tensor], torch.Tensor], layer_shape: tuple[int, ...],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Algorithm 1 as written, one filter at a time: ``sub_model`` is the model sliced from the layer
+    to the output, ``layer_shape`` its input shape (K x h x w). Returns K x classes."""
+    rows = []
+    with torch.no_grad():
+        for f in range(layer_shape[0]):
+            one_hot_input = torch.zeros(1, *layer_shape, dtype=dtype)
+            baseline_prob = torch.softmax(sub_model(one_hot_input), 1)[0]
+            one_hot_input[0, f] = 1.0
+            activated_prob = torch.softmax(sub_model(one_hot_input), 1)[0]
+            rows.append(activated_prob - baseline_prob)
+    return torch.stack(rows)

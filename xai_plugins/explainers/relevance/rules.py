@@ -1,0 +1,347 @@
+"""LRP rules for linear layers (review Eq. 12-15) and the deep Taylor rules (Montavon et al. 2017).
+
+Every rule has the form of Zennit's ``BasicHook``: a list of *terms*, each a forward of the layer
+with a modified input and modified parameters, ``z_k = L(in_k; W_k, b_k)``; the terms are summed
+(with signs) into one or more denominators ``z``, and the relevance R of the layer's output is
+redistributed to its input as
+
+    R_in = sum_k coef_k * in_k * W_k^T (R / stab(z_group(k)))                     (generic form)
+
+which is the modified-gradient form of the review's rules: for LRP-0 (Eq. 12) there is one term
+(in = a, W, b) and ``R_in = a * W^T (R / z)``; epsilon (Eq. 13) adds epsilon * sign(z) to z; gamma
+(Eq. 14) uses W + gamma W^+; alpha-beta (Eq. 15) splits the products (a w)^+ and (a w)^- into two
+denominators weighted alpha and -beta.
+
+Unlike Zennit, a rule is not a module hook re-running the layer in the backward pass: the layer's
+custom autograd function (``lrp.py``) calls ``relevance`` once with the saved input/output, and
+terms that read the same input are stacked along the output channels so one convolution computes
+them all and one transposed convolution (``LinearOp.vjp``) sends them all back. Terms whose input
+is identically zero (``a^-`` after a ReLU) are skipped; the unmodified term ``L(a; W, b)`` is the
+layer's own output and is not recomputed.
+
+Definitions follow Zennit 0.5 exactly (stabilizer ``z + eps * sign(z)`` with sign(0) = +1, bias
+handling of each term), so results agree with it to float precision. Where the review's equations
+differ: Eq. 13 adds epsilon (not epsilon * sign(z)) -- the signed form keeps the denominator away
+from zero for negative z too; the gamma rule is Zennit's generalized form (Andeol et al. 2021),
+identical to Eq. 14 on the non-negative inputs that follow a ReLU, and for negative outputs it uses
+W + gamma W^- symmetrically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .ops import LinearOp
+
+
+def stabilize(z: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """Zennit's stabilizer: ``z + eps * sign(z)`` with sign(0) = +1. ``eps=None`` (LRP-0): exact
+    division, where z == 0 the quotient is 0 (the denominator becomes infinite)."""
+    if eps is None:
+        return torch.where(z == 0, torch.full_like(z, float("inf")), z)
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+_MODIFIERS = {
+    "id": lambda p, g: p,
+    "pos": lambda p, g: p.clamp(min=0),
+    "neg": lambda p, g: p.clamp(max=0),
+    "gamma_pos": lambda p, g: p + g * p.clamp(min=0),
+    "gamma_neg": lambda p, g: p + g * p.clamp(max=0),
+    "ones": lambda p, g: torch.ones_like(p),
+    "square": lambda p, g: p * p,
+}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One modified forward ``z_k = L(input; weight(W), bias(b))`` of a rule.
+
+    ``input``: "x" (the activations a), "pos" (a^+), "neg" (a^-), "ones", "low"/"high" (z^B bounds).
+    ``weight``/``bias``: a name in ``_MODIFIERS``; ``bias=None`` leaves the bias out of this term.
+    ``group``: which denominator the term belongs to; ``sign``: its sign in that denominator;
+    ``coef``: its factor in the redistribution (alpha, -beta, or the sign for z^B).
+    """
+
+    input: str
+    weight: str
+    bias: str | None
+    group: int = 0
+    sign: float = 1.0
+    coef: float = 1.0
+
+
+@dataclass(frozen=True)
+class Group:
+    """A denominator: the stabilizer (None: exact, LRP-0) and an optional mask on the sign of the
+    layer's real output (the generalized gamma rule treats positive and negative outputs apart)."""
+
+    stabilizer: float | None
+    mask: str | None = None
+
+
+@dataclass
+class _Chunk:
+    key: str
+    terms: list[int]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    sizes: list[int]
+    biases: list[torch.Tensor | None]
+
+
+@dataclass
+class Prepared:
+    """A rule's modified parameters for one layer, stacked per input (cached per model)."""
+
+    forward: list[_Chunk]
+    backward: list[_Chunk]
+    identity: list[int]
+
+
+class Rule:
+    """Base class: ``relevance(op, x, y, prepared, R)`` returns the relevance of the layer input."""
+
+    name: str = ""
+    input_layer_only: bool = False
+
+    def key(self) -> tuple:
+        raise NotImplementedError
+
+    def prepare(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        return None
+
+    def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Any,
+                  relevance: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class BasicRule(Rule):
+    """A rule given by its terms and denominators (see the module docstring)."""
+
+    def __init__(self, name: str, terms: list[Term], groups: list[Group], gamma: float = 0.0,
+                 low: Any = None, high: Any = None, input_layer_only: bool = False):
+        self.name, self.terms, self.groups, self.gamma = name, tuple(terms), tuple(groups), float(gamma)
+        self.low, self.high = low, high
+        self.input_layer_only = input_layer_only
+        self._signed = any(t.input in ("pos", "neg") for t in self.terms)
+
+    def key(self) -> tuple:
+        return (self.name, self.terms, self.groups, self.gamma)
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _is_identity(self, term: Term, bias: torch.Tensor | None) -> bool:
+        return term.input == "x" and term.weight == "id" and (term.bias == "id" or bias is None)
+
+    def prepare(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> Prepared:
+        weight = weight.detach()
+        bias = bias.detach() if bias is not None else None
+        mod_w = [_MODIFIERS[t.weight](weight, self.gamma) for t in self.terms]
+        mod_b = [_MODIFIERS[t.bias](bias, self.gamma) if (t.bias is not None and bias is not None) else None
+                 for t in self.terms]
+        by_key: dict[str, list[int]] = {}
+        for i, t in enumerate(self.terms):
+            by_key.setdefault(t.input, []).append(i)
+        identity = [i for i, t in enumerate(self.terms) if self._is_identity(t, bias)]
+        stack = op.groups == 1  # stacking along output channels breaks grouped convolutions
+
+        def chunks(indices: list[int], key: str, with_bias: bool) -> list[_Chunk]:
+            parts = [indices] if stack else [[i] for i in indices]
+            out = []
+            for part in parts:
+                if not part:
+                    continue
+                w = torch.cat([mod_w[i] for i in part]) if len(part) > 1 else mod_w[part[0]]
+                b = None
+                if with_bias and any(mod_b[i] is not None for i in part):
+                    bs = [mod_b[i] if mod_b[i] is not None else weight.new_zeros(weight.shape[0]) for i in part]
+                    b = torch.cat(bs) if len(bs) > 1 else bs[0]
+                out.append(_Chunk(key, part, w, b, [weight.shape[0]] * len(part), [mod_b[i] for i in part]))
+            return out
+
+        forward, backward = [], []
+        for key, indices in by_key.items():
+            forward += chunks([i for i in indices if i not in identity], key, True)
+            backward += chunks(indices, key, False)
+        return Prepared(forward, backward, identity)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _bound(self, value: Any, x: torch.Tensor, low: bool) -> torch.Tensor:
+        if value is None:  # per sample and channel: the smallest box holding the input
+            dims = tuple(range(2, x.dim())) if x.dim() > 2 else (1,)
+            return x.detach().amin(dims, keepdim=True) if low else x.detach().amax(dims, keepdim=True)
+        t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+        if t.dim() == 1 and x.dim() > 2 and t.numel() == x.shape[1]:
+            t = t.view(1, -1, *([1] * (x.dim() - 2)))
+        while t.dim() < x.dim():
+            t = t.unsqueeze(0)
+        return t
+
+    def _inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        nonneg = nonpos = False
+        if self._signed:
+            nonneg = not bool((x < 0).any())
+            nonpos = not nonneg and not bool((x > 0).any())
+        inputs: dict[str, torch.Tensor | None] = {"x": x}
+        for t in self.terms:
+            if t.input == "pos":
+                inputs["pos"] = None if nonpos else (x if nonneg else x.clamp(min=0))
+            elif t.input == "neg":
+                inputs["neg"] = None if nonneg else (x if nonpos else x.clamp(max=0))
+            elif t.input == "ones":
+                inputs["ones"] = x.new_ones((1, *x.shape[1:]))
+            elif t.input in ("low", "high"):
+                bound = self._bound(self.low if t.input == "low" else self.high, x, t.input == "low")
+                inputs[t.input] = bound.expand(bound.shape[0], *x.shape[1:]).contiguous()
+        return inputs
+
+    # -- relevance -------------------------------------------------------------------------------
+    def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Prepared,
+                  relevance: torch.Tensor) -> torch.Tensor:
+        inputs = self._inputs(x)
+        outs: list[torch.Tensor | None] = [None] * len(self.terms)
+        for i in prepared.identity:
+            outs[i] = y
+        for chunk in prepared.forward:
+            inp = inputs[chunk.key]
+            if inp is None:  # identically zero input: the term is its bias alone
+                for i, b in zip(chunk.terms, chunk.biases):
+                    outs[i] = op.bias_view(b, y.dim()) if b is not None else None
+                continue
+            z = op(inp, chunk.weight, chunk.bias)
+            for i, zi in zip(chunk.terms, op.split(z, chunk.sizes)):
+                outs[i] = zi
+        grads: list[torch.Tensor | None] = []
+        for gi, group in enumerate(self.groups):
+            den = None
+            for i, t in enumerate(self.terms):
+                if t.group == gi and outs[i] is not None:
+                    part = outs[i] if t.sign == 1 else t.sign * outs[i]
+                    den = part if den is None else den + part
+            if den is None:
+                grads.append(None)
+                continue
+            g = relevance / stabilize(den.expand_as(relevance), group.stabilizer)
+            if group.mask == "pos":
+                g = g * (y > 0)
+            elif group.mask == "neg":
+                g = g * (y < 0)
+            grads.append(g)
+        result = None
+        for chunk in prepared.backward:
+            inp = inputs[chunk.key]
+            if inp is None:
+                continue
+            parts = []
+            for i in chunk.terms:
+                t = self.terms[i]
+                g = grads[t.group]
+                if g is None:
+                    g = torch.zeros_like(relevance)
+                parts.append(g if t.coef == 1 else t.coef * g)
+            back = op.vjp(op.cat(parts), chunk.weight, x.shape)
+            contribution = back if chunk.key == "ones" else inp * back
+            result = contribution if result is None else result + contribution
+        return result if result is not None else torch.zeros_like(x)
+
+
+# -- the rules ---------------------------------------------------------------------------------------
+def zero(zero_bias: bool = False) -> BasicRule:
+    """LRP-0 (review Eq. 12): R_i = sum_j a_i w_ij / (sum_q a_q w_qj + b_j) R_j."""
+    return BasicRule("zero", [Term("x", "id", None if zero_bias else "id")], [Group(None)])
+
+
+def epsilon(eps: float = 1e-6, zero_bias: bool = False) -> BasicRule:
+    """LRP-epsilon (review Eq. 13), with the denominator z + eps * sign(z) (Zennit ``Epsilon``)."""
+    return BasicRule("epsilon", [Term("x", "id", None if zero_bias else "id")], [Group(float(eps))])
+
+
+def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
+    """LRP-gamma (review Eq. 14): weights W + gamma W^+ for positive outputs (and W + gamma W^- for
+    negative ones, Zennit's generalized ``Gamma``); the bias likewise (b + gamma b^+)."""
+    nb = None if zero_bias else "gamma_pos"
+    nbn = None if zero_bias else "gamma_neg"
+    terms = [Term("pos", "gamma_pos", nb, 0), Term("neg", "gamma_neg", None, 0),
+             Term("pos", "gamma_neg", nbn, 1), Term("neg", "gamma_pos", None, 1)]
+    return BasicRule("gamma", terms, [Group(float(stabilizer), "pos"), Group(float(stabilizer), "neg")],
+                     gamma=gamma)
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
+               zero_bias: bool = False) -> BasicRule:
+    """LRP-alpha-beta (review Eq. 15), alpha = beta + 1, on the products: (a w)^+ = a^+ w^+ + a^- w^-
+    with the positive bias in the positive denominator, (a w)^- = a^+ w^- + a^- w^+ likewise."""
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
+        raise ValueError(f"alpha-beta needs alpha = beta + 1 >= 1, got alpha={alpha}, beta={beta}")
+    terms = [Term("pos", "pos", None if zero_bias else "pos", 0, 1.0, float(alpha)),
+             Term("neg", "neg", None, 0, 1.0, float(alpha))]
+    groups = [Group(float(stabilizer))]
+    if beta:
+        terms += [Term("pos", "neg", None if zero_bias else "neg", 1, 1.0, -float(beta)),
+                  Term("neg", "pos", None, 1, 1.0, -float(beta))]
+        groups.append(Group(float(stabilizer)))
+    rule = BasicRule("alpha_beta", terms, groups)
+    return rule
+
+
+def z_plus(stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
+    """Deep Taylor z+ rule (Montavon et al. 2017), = alpha1-beta0: only the positive products."""
+    rule = alpha_beta(1.0, 0.0, stabilizer, zero_bias)
+    rule.name = "z_plus"
+    return rule
+
+
+def z_box(low: Any = None, high: Any = None, stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
+    """Deep Taylor z^B rule for a bounded input l <= x <= h (Montavon et al. 2017):
+    z = x w - l w^+ - h w^-, R_in = x W^T s - l W+^T s - h W-^T s with s = R / z. ``low``/``high``:
+    numbers, per-channel sequences or tensors; None takes each image's per-channel min/max."""
+    nb = None if zero_bias else "id"
+    terms = [Term("x", "id", nb, 0, 1.0, 1.0),
+             Term("low", "pos", None if zero_bias else "pos", 0, -1.0, -1.0),
+             Term("high", "neg", None if zero_bias else "neg", 0, -1.0, -1.0)]
+    return BasicRule("z_box", terms, [Group(float(stabilizer))], low=low, high=high, input_layer_only=True)
+
+
+def flat(stabilizer: float = 1e-6) -> BasicRule:
+    """Flat rule (Lapuschkin et al. 2019): relevance spread uniformly over the receptive field
+    (all weights and inputs set to one, no bias)."""
+    return BasicRule("flat", [Term("ones", "ones", None)], [Group(float(stabilizer))], input_layer_only=True)
+
+
+def w_square(stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
+    """w^2 rule (Montavon et al. 2017) for an unbounded input layer: R_i = sum_j w_ij^2 / sum_q w_qj^2 R_j
+    (Zennit ``WSquare``: the bias, squared, joins the denominator unless ``zero_bias``)."""
+    return BasicRule("w_square", [Term("ones", "square", None if zero_bias else "square")],
+                     [Group(float(stabilizer))], input_layer_only=True)
+
+
+RULES = ("zero", "epsilon", "gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square")
+
+
+def make_rule(name: str, config: dict[str, Any]) -> Rule:
+    """A rule by name, parameterized from the explainer's configuration."""
+    zb = bool(config.get("zero_bias", False))
+    stab = config.get("stabilizer", 1e-6)
+    if name in ("zero", "lrp_0", "0"):
+        return zero(zb)
+    if name == "epsilon":
+        return epsilon(config.get("epsilon", 1e-6), zb)
+    if name == "gamma":
+        return gamma(config.get("gamma", 0.25), stab, zb)
+    if name == "alpha_beta":
+        return alpha_beta(config.get("alpha", 2.0), config.get("beta", 1.0), stab, zb)
+    if name == "z_plus":
+        return z_plus(stab, zb)
+    if name == "z_box":
+        return z_box(config.get("low"), config.get("high"), stab, zb)
+    if name == "flat":
+        return flat(stab)
+    if name == "w_square":
+        return w_square(stab, zb)
+    raise KeyError(name)

@@ -1,0 +1,89 @@
+"""DeConvolve's succinct-learning ratio (sections 4.2 and 4.4), a model-level metric, per layer.
+
+Section 4.4: "thresholding each feature map from a CNN layer to create binary heat maps ...
+identifying high-count positions in the combined matrix ... the calculated ratio, which indicates
+the proportion of significant activations relative to the less significant ones" (0.85 before the
+explainability loss, 1.00 after it, on CIFAR-10). The paper's supplementary algorithm is not public;
+this is the reading we implement, per image and layer:
+
+1. heat maps M_k = |w_k| * ReLU(A_k) (w_k: the Grad-CAM weight of filter k for the explained class,
+   i.e. its impact on the prediction), scaled by the image's largest value; binary maps
+   B_k = M_k > ``threshold`` (the same cut as the explainability loss, Eq. 1);
+2. the combined matrix C = sum_k B_k counts the filters active at each position; the high-count
+   positions are those with C >= ``high_count`` * max C;
+3. ratio = (sum of M_k over active entries at high-count positions) / (sum over all active
+   entries): the share of the weighted activation that agrees with the layer's main focus, in
+   [0, 1] (1: no scattered, less significant activation; a layer with no activation counts as 1).
+
+Also reported per layer: ``active_area``, the share of non-black entries (the area term of Eq. 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from xai_plugins import Metric, MetricContext, hookimpl
+from xai_plugins.toolkit import batch_slices, conv_layers, preserved_model, resolve_layer, run_gradient_pass
+
+
+def succinct_ratio(activations: torch.Tensor, gradients: torch.Tensor, threshold: float = 0.1,
+                   high_count: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio, active area) per image (B each) of one layer's B x K x h x w activations."""
+    heat = gradients.mean(dim=(2, 3), keepdim=True).abs() * activations.clamp(min=0)
+    heat = heat / heat.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    active = heat > threshold
+    counts = active.sum(dim=1)  # B x h x w: the combined matrix
+    top = counts.flatten(1).amax(dim=1).view(-1, 1, 1)
+    high = (counts >= high_count * top) & (counts > 0)
+    mass = heat * active
+    total = mass.sum(dim=(1, 2, 3))
+    significant = (mass * high.unsqueeze(1)).sum(dim=(1, 2, 3))
+    ratio = torch.where(total > 0, significant / total.clamp_min(1e-12), torch.ones_like(total))
+    return ratio, active.float().mean(dim=(1, 2, 3))
+
+
+class SuccinctLearning(Metric):
+    """Succinct-learning ratio and active area per layer (DeConvolve, sections 4.2 / 4.4).
+
+    ``layers``: dotted names (default: every Conv2d, read after a ReLU, as the next layer sees it).
+    Keys: ``<layer>.ratio``, ``<layer>.active_area`` and their means over layers, ``ratio`` and
+    ``active_area``.
+    """
+
+    name = "succinct_learning"
+    per_method = False
+    higher_is_better = True
+    params = {"layers": None, "threshold": 0.1, "high_count": 0.5, "batch_size": 64}
+
+    def compute(self, context: MetricContext) -> dict[str, Any]:
+        model = context.model
+        if self.config["layers"]:
+            names = [resolve_layer(model, n)[0] for n in self.config["layers"]]
+        else:
+            names = [n for n, _ in conv_layers(model)]
+        if not names:
+            raise ValueError("the model has no Conv2d layer; pass layers=")
+        sums = {n: torch.zeros(2) for n in names}
+        x, t = context.inputs, context.targets
+        with preserved_model(model):
+            for sl in batch_slices(x.shape[0], int(self.config["batch_size"])):
+                gp = run_gradient_pass(model, x[sl], t[sl], names)
+                for n in names:
+                    ratio, area = succinct_ratio(gp.activations[n], gp.gradients[n],
+                                                 float(self.config["threshold"]), float(self.config["high_count"]))
+                    sums[n] += torch.stack([ratio.sum(), area.sum()]).cpu()
+        count = max(1, x.shape[0])
+        out: dict[str, Any] = {}
+        for n in names:
+            out[f"{n}.ratio"] = float(sums[n][0]) / count
+            out[f"{n}.active_area"] = float(sums[n][1]) / count
+        out["ratio"] = sum(out[f"{n}.ratio"] for n in names) / len(names)
+        out["active_area"] = sum(out[f"{n}.active_area"] for n in names) / len(names)
+        return out
+
+
+@hookimpl
+def xai_metrics():
+    return [SuccinctLearning]
