@@ -23,7 +23,6 @@ import base64
 import ipaddress
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -179,12 +178,12 @@ class OpenAICompatibleDescriber(Describer):
                 if exc.code not in RETRY_STATUS:
                     break
                 continue
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 last = f"no answer from {url} within {float(self.config['timeout']):g} s"
                 continue
             except urllib.error.URLError as exc:
                 reason = exc.reason
-                if isinstance(reason, (TimeoutError, socket.timeout)):
+                if isinstance(reason, TimeoutError):
                     last = f"no answer from {url} within {float(self.config['timeout']):g} s"
                 else:
                     last = f"cannot reach {url}: {one_line(getattr(reason, 'strerror', None) or reason, 120)}"

@@ -75,12 +75,14 @@ def size_name(area: float) -> str:
     return next(word for limit, word in SIZE_WORDS if area < limit)
 
 
-def shape_phrase(facts: RegionFacts) -> str:
+def region_phrase(facts: RegionFacts) -> str:
+    """"one compact, small region", "3 separate regions, large in all", ..."""
+    size = size_name(facts.area)
     if facts.components == 1:
-        return "one compact" if facts.fill >= 0.45 else "one elongated, irregular"
-    if facts.components <= 3:
-        return f"{facts.components} separate"
-    return f"{facts.components} scattered"
+        shape = "compact" if facts.fill >= 0.45 else "elongated or irregular"
+        return f"one {shape}, {size} region"
+    kind = "separate" if facts.components <= 3 else "scattered"
+    return f"{facts.components} {kind} regions, {size} in all,"
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -120,8 +122,8 @@ class TemplateDescriber(Describer):
         if facts is None:
             tail = f"; it {score_phrase(float(score), class_name)} when active" if score is not None else ""
             return f"{who} is silent on this image{tail}."
-        first = (f"{who} highlights {shape_phrase(facts)}, {size_name(facts.area)} region (about "
-                 f"{facts.area:.0%} of the image) in the {position_name(facts.cy, facts.cx)} of the image")
+        first = (f"{who} highlights {region_phrase(facts)} (about {facts.area:.0%} of the image) "
+                 f"in the {position_name(facts.cy, facts.cx)} of the image")
         if image is not None:
             img = as_array(image)
             if img.ndim == 3 and img.shape[0] in (1, 3):

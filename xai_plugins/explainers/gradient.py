@@ -184,7 +184,7 @@ class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al. 2017; review Eq. 8): the mean of a gradient method's attributions
     over ``samples`` noisy copies x + N(0, sigma^2) of each input.
 
-    ``method`` picks the wrapped method (saliency, guided_backprop, deconvnet,
+    ``inner`` names the wrapped method (saliency, guided_backprop, deconvnet,
     integrated_gradients); its parameters (``abs``, ``baseline``, ``steps``, ``quadrature``) pass
     through. ``noise`` is sigma as a fraction of each image's value range, sigma = noise *
     (x_max - x_min) (the paper's 10-20 %); Captum's ``NoiseTunnel`` takes an absolute ``stdevs``.
@@ -199,11 +199,11 @@ class SmoothGrad(Explainer):
     name = "smoothgrad"
     family = "gradient"
     space = "input"
-    params = {"method": "saliency", "samples": 16, "noise": 0.15, "seed": 0, "aggregate": "mean",
+    params = {"inner": "saliency", "samples": 16, "noise": 0.15, "seed": 0, "aggregate": "mean",
               "batch_size": None, **dict.fromkeys(_INNER_PARAMS)}
 
     def inner(self) -> Explainer:
-        method = self.config["method"]
+        method = self.config["inner"]
         if method not in SMOOTHABLE:
             raise InputError(f"smoothgrad cannot wrap {method!r}; known: {', '.join(sorted(SMOOTHABLE))}")
         cls = SMOOTHABLE[method]

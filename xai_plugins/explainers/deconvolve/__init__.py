@@ -34,8 +34,8 @@ from xai_plugins import Describer, Explainer, XAIError, hookimpl
 from xai_plugins.explainers.deconvolve import filter_maps, superimpose
 from xai_plugins.explainers.deconvolve.scoring import filter_scores
 from xai_plugins.explainers.deconvolve.selection import Evidence, layer_evidence
-from xai_plugins.explainers.deconvolve.text import semantic_average
-from xai_plugins.toolkit import conv_layers, upsample
+from xai_plugins.explainers.deconvolve.text import CachedEmbedder, semantic_average
+from xai_plugins.toolkit import conv_layers
 
 
 def get_describer(spec: Any, params: dict[str, Any] | None) -> Describer:
@@ -155,33 +155,37 @@ class DeConvolve(Explainer):
         from xai_plugins.describers import semantic
 
         describer = get_describer(self.config["describer"], self.config["describer_params"])
-        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
-        texts, summaries, rows, errors = [], [], [], []
+        per_image, errors = [], []
         for i in range(b):
-            chosen = pos[i] + neg[i]
-            sentences: dict[int, str] = {}
-            if chosen:
-                heat = ev.filter_heat(i, chosen, size)
-                img = images[i:i + 1].expand(len(chosen), -1, -1, -1)
-                views = {"proportionate": superimpose.proportionate(img, heat),
-                         "encircled": superimpose.encircled(img, heat, th, sg)}
-                for j, f in enumerate(chosen):
-                    context = {"filter": f, "layer": ev.layer, "score": float(ev.scores[i, f]),
-                               "evidence": float(ev.evidence[i, f]), "class_name": self.class_name(int(targets[i])),
-                               "sign": "positive" if f in pos[i] else "negative",
-                               "views": {k: v[j] for k, v in views.items()}}
-                    sentences[f] = describer.describe(images[i], heat[j], context)
-                    if getattr(describer, "last_error", None):
-                        errors.append(describer.last_error)
-            agg = semantic_average([sentences[f] for f in chosen], [float(ev.scores[i, f]) for f in chosen],
-                                   semantic.embed, int(self.config["buckets"]))
-            texts.append(agg.text)
-            summaries.append(agg.summary)
-            rows.append(self.chosen(ev, i, pos[i], neg[i], sentences))
-        out: dict[str, Any] = {"text": texts, "summary": summaries, "filters": rows,
+            per_image.append(self.sentences(describer, images[i], ev, i, pos[i], neg[i], int(targets[i]), size, errors))
+        embed = CachedEmbedder(semantic.embed, [s for sentences in per_image for s in sentences.values()])
+        aggregates = [semantic_average(list(sentences.values()), [float(ev.scores[i, f]) for f in sentences],
+                                       embed, int(self.config["buckets"])) for i, sentences in enumerate(per_image)]
+        out: dict[str, Any] = {"text": [a.text for a in aggregates], "summary": [a.summary for a in aggregates],
+                               "filters": [self.chosen(ev, i, pos[i], neg[i], per_image[i]) for i in range(b)],
                                "text_embedding": semantic.embedder_name(), "describer": describer.name}
         if errors:
             out["describer_errors"] = sorted(set(errors))
+        return out
+
+    def sentences(self, describer: Describer, image: torch.Tensor, ev: Evidence, i: int, pos: list[int],
+                  neg: list[int], target: int, size: tuple[int, int], errors: list[str]) -> dict[int, str]:
+        """One sentence per chosen filter of image ``i``: its map superimposed both ways, described."""
+        chosen = pos + neg
+        if not chosen:
+            return {}
+        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
+        heat = ev.filter_heat(i, chosen, size)
+        img = image.unsqueeze(0).expand(len(chosen), -1, -1, -1)
+        views = {"proportionate": superimpose.proportionate(img, heat), "encircled": superimpose.encircled(img, heat, th, sg)}
+        out = {}
+        for j, f in enumerate(chosen):
+            context = {"filter": f, "layer": ev.layer, "score": float(ev.scores[i, f]), "evidence": float(ev.evidence[i, f]),
+                       "class_name": self.class_name(target), "sign": "positive" if f in pos else "negative",
+                       "views": {k: v[j] for k, v in views.items()}}
+            out[f] = describer.describe(image, heat[j], context)
+            if getattr(describer, "last_error", None):
+                errors.append(describer.last_error)
         return out
 
     @staticmethod

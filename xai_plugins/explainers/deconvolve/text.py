@@ -27,6 +27,21 @@ import torch
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
+class CachedEmbedder:
+    """Embeds every sentence of a batch in one call, then answers per image from the cache."""
+
+    def __init__(self, embed: Embedder, sentences: Sequence[str]):
+        self.embed = embed
+        unique = sorted(set(sentences))
+        self.cache = dict(zip(unique, embed(unique))) if unique else {}
+
+    def __call__(self, sentences: Sequence[str]) -> torch.Tensor:
+        missing = sorted({s for s in sentences if s not in self.cache})
+        if missing:
+            self.cache.update(zip(missing, self.embed(missing)))
+        return torch.stack([self.cache[s] for s in sentences]) if sentences else torch.zeros(0, 1)
+
+
 @dataclass
 class Bucket:
     sign: int  # +1 / -1

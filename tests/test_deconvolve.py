@@ -1,0 +1,186 @@
+"""DeConvolve: Algorithm 1 filter scores (batched == the literal loop), filter maps stored once per
+model version, superimposed heat maps, per-image explanations on any CNN, the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from core.api import explain
+from core.fitting import FitData, fit_path
+from xai_plugins.explainers.deconvolve import DeConvolve, superimpose
+from xai_plugins.explainers.deconvolve.scoring import filter_scores, reference_scores
+from xai_plugins.explainers.deconvolve.selection import layer_evidence
+
+FAST = {"ascent_steps": 3, "top_k": 2}
+
+
+@pytest.fixture(autouse=True)
+def fit_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path / "fitted"))
+    return tmp_path / "fitted"
+
+
+class SmallSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(5, 7, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_batched_scores_equal_the_algorithm_1_loop(index):
+    torch.manual_seed(0)
+    model = SmallSequential().double().eval()
+    with torch.no_grad():  # make the filters matter: spread the classifier weights
+        model.classifier.weight.mul_(20)
+
+    def sub_model(z):  # the model sliced from layer features[index] to the output
+        return model.classifier(torch.flatten(model.pool(model.features[index + 1:](z)), 1))
+
+    shape = (5, 16, 16) if index == 0 else (7, 8, 8)
+    fast = filter_scores(model, f"features.{index}", (3, 16, 16), steps=4, batch_size=3)
+    slow = reference_scores(sub_model, shape, dtype=torch.float64)
+    assert fast.scores.shape == slow.shape == (shape[0], 3)
+    assert (fast.scores - slow).abs().max() < 1e-12
+    assert fast.scores.abs().max() > 1e-3  # not trivially zero
+    assert torch.equal(fast.curve[-1], fast.scores) and torch.equal(fast.curve[0], torch.zeros_like(fast.scores))
+    assert torch.allclose(fast.values, torch.linspace(0, 1, 4, dtype=torch.float64))
+    # the probabilities of all classes move together: each row sums to zero
+    assert fast.curve.sum(-1).abs().max() < 1e-12
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
+            [p.requires_grad for p in model.parameters()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+
+
+def _same(model, before):
+    params, training, grads, hooks = before
+    after = _state(model)
+    assert all(torch.equal(params[k], after[0][k]) for k in params)
+    assert (training, grads, hooks) == after[1:]
+
+
+@pytest.mark.parametrize("fixture", ["functional_relu_cnn", "residual_net"])
+def test_any_cnn_and_model_left_unchanged(fixture, request, images32):
+    model = request.getfixturevalue(fixture)
+    model.train()  # explain must evaluate in eval mode and give back a training model
+    before = _state(model)
+    exp = explain(model, images32, method="deconvolve", text=False, **FAST)
+    _same(model, before)
+    b = images32.shape[0]
+    assert exp.maps.shape == (b, 32, 32) and exp.attributions.shape == (b, 1, 32, 32)
+    assert exp.maps.min() >= 0 and exp.maps.max() <= 1
+    k = exp.extras["filter_scores"].shape[1]
+    assert exp.extras["filter_scores"].shape == exp.extras["filter_evidence"].shape == (b, k)
+    for name, img in exp.extras["images"].items():
+        assert img.shape == (b, 3, 32, 32), name
+        assert img.min() >= 0 and img.max() <= 1
+
+
+def test_scores_all_layers_cover_every_conv(residual_net, images32):
+    exp = explain(residual_net, images32, method="deconvolve", text=False, score_layers="all", steps=2, **FAST)
+    scores = exp.extras["layer_scores"]
+    convs = {n: m for n, m in residual_net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert set(scores) == set(convs) and len(convs) >= 2
+    for name, conv in convs.items():
+        assert scores[name].shape == (2, conv.out_channels)
+
+
+def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fit_dir):
+    model = trained_cnn.model
+    x = trained_cnn.preprocess.normalize(shapes_probe.images[:4])
+    e = DeConvolve(layer="features", **FAST)
+    path = fit_path(e, model)
+    assert not path.exists()
+    explain(model, x, method="deconvolve", layer="features", text=False, **FAST)
+    assert path.is_file()
+    stored = torch.load(path, weights_only=True)
+    assert stored["patterns"].shape == (128, 3, 32, 32) and stored["scores"].shape == (128, 4)
+    # the pattern of a filter excites that filter more than the other filters' patterns do
+    e.load_state(stored)
+    acts = layer_evidence(model, stored["patterns"].float(), torch.zeros(128, dtype=torch.long), "features",
+                          stored["scores"]).activations.mean(dim=(2, 3))
+    own = acts.diagonal()
+    assert (own >= acts.max(dim=0).values - 1e-6).float().mean() > 0.5
+    mtime = path.stat().st_mtime_ns
+    explain(model, x, method="deconvolve", layer="features", text=False, top_k=1, ascent_steps=3)  # reused
+    assert path.stat().st_mtime_ns == mtime
+    # a different model version gets its own fit
+    other = DeConvolve(layer="features", **FAST)
+    changed = type(model)(len(trained_cnn.class_names))
+    assert fit_path(other, changed) != path
+
+
+def test_trained_cnn_explanation(trained_cnn, shapes_probe):
+    model, pre = trained_cnn.model, trained_cnn.preprocess
+    x = pre.normalize(shapes_probe.images[:6])
+    exp = explain(model, x, method="deconvolve", class_names=trained_cnn.class_names,
+                  mean=pre.mean, std=pre.std, **FAST)
+    e = DeConvolve(layer="features", **FAST)
+    e.load_state(torch.load(fit_path(e, model), weights_only=True))
+    scores = e.state["scores"]
+    t = exp.targets
+    assert torch.allclose(exp.extras["filter_scores"], scores[:, t].T)
+    # maps: the aggregated filter evidence sum_k S[k, c] ReLU(A_k)
+    ev = layer_evidence(model.eval(), x, t, "features", scores)
+    manual = (scores[:, t].T[:, :, None, None] * ev.activations).sum(1, keepdim=True)
+    manual = torch.nn.functional.interpolate(manual, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(exp.attributions, manual, atol=1e-5)
+    for i, rows in enumerate(exp.extras["filters"]):
+        pos = [r for r in rows if r["sign"] == "positive"]
+        neg = [r for r in rows if r["sign"] == "negative"]
+        assert all(r["evidence"] > 0 for r in pos) and all(r["evidence"] < 0 for r in neg)
+        assert pos and pos[0]["evidence"] == pytest.approx(float(exp.extras["filter_evidence"][i].max()))
+        name = trained_cnn.class_names[int(t[i])]
+        assert f"'{name}'" in exp.extras["text"][i] and exp.extras["summary"][i] in [r["sentence"] for r in rows]
+    # the positive evidence sits on the object more than a uniform map would
+    masks = shapes_probe.masks[:6].float()
+    inside = (exp.maps * masks).sum((1, 2)) / exp.maps.sum((1, 2))
+    assert float(inside.mean()) > float(masks.mean((1, 2)).mean())
+
+
+def test_superimposed_heat_maps():
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    heat = torch.zeros(1, 32, 32)
+    heat[0, 8:20, 10:24] = 1.0
+    assert torch.allclose(superimpose.proportionate(image, heat), image * heat)
+    region = superimpose.focus_region(heat, 0.5, sigma=0.0)
+    assert torch.equal(region, heat > 0)
+    out = superimpose.encircled(image, heat, threshold=0.5, sigma=0.0)
+    edge = superimpose.boundary(region)
+    assert int(edge.sum()) == 2 * 12 + 2 * 14 - 4  # the rectangle's outline
+    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1)
+    assert torch.allclose(out[0][:, edge[0]], red.expand(3, int(edge.sum())))
+    inner = region[0] & ~edge[0]
+    assert torch.allclose(out[0][:, inner], image[0][:, inner])  # full intensity inside
+    assert torch.allclose(out[0][:, ~region[0]], 0.55 * image[0][:, ~region[0]])  # dimmed outside
+    smoothed = superimpose.focus_region(heat, 0.5, sigma=1.5)
+    assert abs(int(smoothed.sum()) - int(region.sum())) < 0.2 * int(region.sum())
+
+
+def test_workflow_report_and_succinct_metric(trained_cnn, shapes_probe, tmp_path):
+    from core.workflow import run
+
+    pre = trained_cnn.preprocess
+    x = pre.normalize(shapes_probe.images[:4])
+    results = run(trained_cnn.model, x, {"deconvolve": {"class_names": trained_cnn.class_names, **FAST}},
+                  images=shapes_probe.images[:4], masks=shapes_probe.masks[:4], class_names=trained_cnn.class_names,
+                  metrics=["succinct_learning"], reporters=["html", "json"], out_dir=tmp_path / "report",
+                  progress=False, fit_data=FitData(x))
+    assert not results.failures, results.failures
+    for layer in ("features.0", "features.3", "features.6"):
+        assert 0 <= results.global_metrics[f"succinct_learning.{layer}.ratio"] <= 1
+    page = (tmp_path / "report" / "report.html").read_text()
+    for name in ("proportionate", "encircled", "negative_encircled", "top_filter_pattern"):
+        assert f"deconvolve: {name}" in page
+    first = results.explanations["deconvolve"].extras["text"][0]
+    assert first.split("'")[0] in page
