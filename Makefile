@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.xai-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-all lint bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	XAI_NO_PROGRESS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	XAI_NO_PROGRESS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .xai tests/.cache demo-workspace
+
+# Everything, including the `slow` end-to-end tests (the 50-version registry burst: ~30 min on 2 cores).
+test-all: $(STAMP)
+	XAI_NO_PROGRESS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

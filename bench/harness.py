@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import platform
@@ -53,32 +54,53 @@ class Case:
 
 @dataclass
 class Row:
+    """One case's result. Times are per round (rounds interleave limit, ours, peer); the ratios are
+    medians of the per-round ratios, so that a change of machine load between rounds cancels."""
+
     model: str
     suite: str
     method: str
     peer: str | None = None
-    ours_s: float | None = None
-    peer_s: float | None = None
-    limit_s: float | None = None
-    repeats: int = 0
+    ours_runs: list[float] = field(default_factory=list)
+    peer_runs: list[float] = field(default_factory=list)
+    limit_runs: list[float] = field(default_factory=list)
     images: int = 0
     note: str = ""
     error: str | None = None
     peer_error: str | None = None
 
+    @staticmethod
+    def _median(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    @property
+    def ours_s(self) -> float | None:
+        return self._median(self.ours_runs)
+
+    @property
+    def peer_s(self) -> float | None:
+        return self._median(self.peer_runs)
+
+    @property
+    def limit_s(self) -> float | None:
+        return self._median(self.limit_runs)
+
     @property
     def ours_over_limit(self) -> float | None:
-        return self.ours_s / self.limit_s if self.ours_s and self.limit_s else None
+        """our time / the limit's, median over rounds: 1.0 means one forward + backward."""
+        pairs = [o / lim for o, lim in zip(self.ours_runs, self.limit_runs) if lim > 0]
+        return self._median(pairs)
 
     @property
     def speedup(self) -> float | None:
-        """peer time / our time: above 1 means we are faster."""
-        return self.peer_s / self.ours_s if self.ours_s and self.peer_s else None
+        """peer time / our time, median over rounds: above 1 means we are faster."""
+        pairs = [p / o for o, p in zip(self.ours_runs, self.peer_runs) if o > 0]
+        return self._median(pairs)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["ours_over_limit"] = self.ours_over_limit
-        d["speedup"] = self.speedup
+        d.update(ours_s=self.ours_s, peer_s=self.peer_s, limit_s=self.limit_s, rounds=len(self.ours_runs),
+                 ours_over_limit=self.ours_over_limit, speedup=self.speedup)
         return d
 
 
@@ -159,17 +181,19 @@ def _short(exc: BaseException) -> str:
 
 
 def time_case(case: Case, limit: Callable[[], Any], repeats: int, long_s: float = 10.0,
-              sync: bool = False) -> tuple[float | None, float | None, float | None, int, str | None, str | None]:
-    """Median seconds of (ours, peer, limit) and the rounds used; errors instead of raising."""
-    error = peer_error = None
+              sync: bool = False) -> tuple[list[float], list[float], list[float], str | None, str | None]:
+    """Per-round seconds of (ours, peer, limit) and the errors, if any (never raises).
+
+    One warm-up call of each, then ``repeats`` rounds of limit, ours, peer; when a first call took
+    more than ``long_s`` seconds, the first calls are the (single) round."""
+    peer_error = None
     t_ours: list[float] = []
     t_peer: list[float] = []
     t_limit: list[float] = []
-    # warm-up (or the only measurement, for calls longer than long_s)
     try:
         first = _timed(case.ours, sync)
     except Exception as exc:  # noqa: BLE001 - reported in the table
-        return None, None, None, 0, _short(exc) + _where(exc), None
+        return [], [], [], _short(exc) + _where(exc), None
     first_limit = _timed(limit, sync)
     peer = case.peer
     first_peer = None
@@ -183,16 +207,13 @@ def time_case(case: Case, limit: Callable[[], Any], repeats: int, long_s: float 
         t_limit.append(first_limit)
         if first_peer is not None and peer is not None:
             t_peer.append(first_peer)
-        rounds = 1
     else:
-        rounds = max(1, repeats)
-        for _ in range(rounds):
+        for _ in range(max(1, repeats)):
             t_limit.append(_timed(limit, sync))
             t_ours.append(_timed(case.ours, sync))
             if peer is not None:
                 t_peer.append(_timed(peer, sync))
-    med = statistics.median
-    return (med(t_ours), med(t_peer) if t_peer else None, med(t_limit), rounds, error, peer_error)
+    return t_ours, t_peer, t_limit, None, peer_error
 
 
 def _where(exc: BaseException) -> str:
@@ -201,15 +222,22 @@ def _where(exc: BaseException) -> str:
 
 
 # -- suites ----------------------------------------------------------------------------------------
-def discover(names: list[str] | None = None) -> dict[str, Any]:
-    """Import every ``bench/suite_*.py`` (or the named ones): name -> module or the import error."""
+def discover(names: list[str] | None = None, directory: Path = BENCH_DIR) -> dict[str, Any]:
+    """Import every ``suite_*.py`` of ``directory`` (or the named ones): name -> module or the
+    import error."""
     found: dict[str, Any] = {}
-    for path in sorted(BENCH_DIR.glob("suite_*.py")):
+    for path in sorted(Path(directory).glob("suite_*.py")):
         name = path.stem[len("suite_"):]
         if names and name not in names:
             continue
         try:
-            found[name] = importlib.import_module(f"bench.{path.stem}")
+            if Path(directory).resolve() == BENCH_DIR:
+                found[name] = importlib.import_module(f"bench.{path.stem}")
+            else:
+                spec = importlib.util.spec_from_file_location(f"bench_suite_{name}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                found[name] = module
         except Exception as exc:  # noqa: BLE001 - a broken suite is a row, not a crash
             found[name] = exc
     for name in names or []:
@@ -240,9 +268,9 @@ def run_model(model_name: str, settings: Settings, suites: dict[str, Any],
             n = min(case.batch or inputs.shape[0], inputs.shape[0])
             limit = limits.setdefault(n, limit_fn(model, inputs[:n], targets[:n]))
             log(f"  {model_name} / {suite_name} / {case.method}" + (f" vs {case.peer_name}" if case.peer_name else ""))
-            ours_s, peer_s, limit_s, rounds, err, perr = time_case(case, limit, settings.repeats, settings.long_s, sync)
-            rows.append(Row(model_name, suite_name, case.method, case.peer_name, ours_s, peer_s, limit_s, rounds, n,
-                            case.note, err, perr))
+            ours, peer, lim, err, perr = time_case(case, limit, settings.repeats, settings.long_s, sync)
+            rows.append(Row(model_name, suite_name, case.method, case.peer_name, ours, peer, lim, n, case.note,
+                            err, perr))
     return rows
 
 
@@ -252,11 +280,12 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ["model", "suite", "method", "peer", "imgs", "ours/limit", "peer/ours", "ours s", "note"]
+    head = ["model", "suite", "method", "peer", "imgs", "rounds", "ours/limit", "peer/ours", "ours s", "note"]
     body = []
     for r in rows:
         note = r.error and f"ERROR {r.error}" or (r.peer_error and f"peer failed: {r.peer_error}") or r.note
-        body.append([r.model, r.suite, r.method, r.peer or "-", str(r.images or "-"), _fmt(r.ours_over_limit),
+        body.append([r.model, r.suite, r.method, r.peer or "-", str(r.images or "-"), str(len(r.ours_runs)),
+                     _fmt(r.ours_over_limit),
                      _fmt(r.speedup), _fmt(r.ours_s, ".3f"), note or ""])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[-1] = len(head[-1])
@@ -274,8 +303,8 @@ def write_json(rows: list[Row], settings: Settings, path: Path, seconds: float) 
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "seconds": round(seconds, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "ratios": "ours/limit = our median / median(forward + input-gradient backward); "
-                      "peer/ours = peer median / our median (> 1: we are faster)"}
+            "ratios": "medians over interleaved rounds of ours/limit (limit: one forward + one input-gradient "
+                      "backward of the same images) and of peer/ours (> 1: we are faster)"}
     if settings.device.startswith("cuda") and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name(0)
     path.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))

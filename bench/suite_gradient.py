@@ -3,7 +3,6 @@ settings; peers with their internal batch sizes set to ours)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +45,6 @@ def _ends_in_gap_linear(model: nn.Module, layer: nn.Module, inputs: torch.Tensor
 
 
 def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list[Case]:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM progress bars
     from captum.attr import (
         Deconvolution,
         GuidedBackprop,

@@ -50,4 +50,4 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     layers = sum(1 for n, m in model.named_modules() if n and callable(getattr(m, "reset_parameters", None)))
     return [Case(method="mprt_cascading_saliency", ours=lambda: _ours(model, x, t), peer_name="quantus",
                  peer=lambda: _quantus(model, x, t),
-                 note=f"{layers} layers randomized top down, {x.shape[0]} images, Spearman")]
+                 note=f"{layers} layers randomized top down, {x.shape[0]} images, Spearman", batch=x.shape[0])]

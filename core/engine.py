@@ -288,12 +288,13 @@ class Engine:
         layers = sorted({explainers[lab].config["layer"] for lab in labels if explainers[lab].needs_layer})
         input_grad = any(explainers[lab].needs_input_grad for lab in labels)
         rules = dict(explainers[lab].relu_rule for lab in labels if explainers[lab].relu_rule)
+        layer_grads = any(explainers[lab].needs_layer and explainers[lab].needs_layer_grad for lab in labels)
         start = time.perf_counter()
         try:
             if not labels:
                 raise LookupError("no shared method left")
             gp = call_with_timeout(lambda: run_gradient_pass(model, xb, tb, layers, input_grad,
-                                                             relu_rules=rules),
+                                                             relu_rules=rules, layer_grads=layer_grads),
                                    self.timeout, "gradient-pass")
         except Exception as exc:
             # Tell a broken model or bad targets (raised, as without shared methods) from a

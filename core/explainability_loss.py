@@ -23,19 +23,22 @@ sigmoid of width ``temperature`` around the threshold (a smooth surrogate of the
 ``focus_stats`` reports the hard figures. The per-image scale and the CAM weights are constants of
 the step (detached), so the loss cannot lower the area by inflating one peak or by changing the
 weights. The paper's task loss is written as MSE; ``core.train`` uses cross-entropy (its section 4.1
-trains with sparse categorical cross-entropy). Buffers (BatchNorm statistics) are restored after the
-extra forward, so the regularizer does not count a batch twice.
+trains with sparse categorical cross-entropy). During the extra forward, normalization layers in
+training mode use the batch statistics as usual but do not update their running statistics, so the
+regularizer does not count a batch twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from core.hooks import capture_layers
 from core.layers import default_layer, resolve_layer
@@ -90,19 +93,20 @@ def focus_terms(activations: torch.Tensor, gradients: torch.Tensor | None, thres
     return mask.mean(dim=(1, 2, 3)), dispersion(mask)
 
 
-class _restored_buffers:
-    """Put every buffer (BatchNorm running statistics, counters) back after an extra forward."""
-
-    def __init__(self, model: nn.Module):
-        self.saved = [(t, t.detach().clone()) for t in model.buffers()]
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for t, v in self.saved:
-                t.copy_(v)
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """Normalization layers in training mode use the batch statistics without updating their
+    running statistics (the extra forward must not count the batch twice, and restoring buffers in
+    place would invalidate the autograd graph of the task loss)."""
+    flipped = [m for m in model.modules()
+               if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    for m in flipped:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.track_running_stats = True
 
 
 class ExplainabilityLoss:
@@ -130,7 +134,7 @@ class ExplainabilityLoss:
             names = []
             for spec in specs:
                 if spec is None:
-                    with _restored_buffers(model):
+                    with _running_stats_frozen(model):
                         names.append(default_layer(model, example[:1].detach()))
                 else:
                     names.append(resolve_layer(model, spec)[0])
@@ -143,7 +147,7 @@ class ExplainabilityLoss:
         of the ``labels`` class. ``hard``: the exact step (for measuring), else the surrogate."""
         names = self.layer_names(model, inputs)
         modules = dict(resolve_layer(model, n) for n in names)
-        with torch.enable_grad(), _restored_buffers(model), capture_layers(modules) as caps:
+        with torch.enable_grad(), _running_stats_frozen(model), capture_layers(modules) as caps:
             logits = model(inputs)
             acts = []
             for name in names:

@@ -11,6 +11,7 @@ pickled module (which can run arbitrary code) needs an explicit ``unsafe=True``.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -105,19 +106,19 @@ def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-        if any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names) and \
-                not any(n.endswith("data.pkl") and "/code/" not in n and n.count("/") == 1 for n in names[:0]):
-            if any("/constants.pkl" in n for n in names):
-                try:
+        if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+            try:
+                with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users ship
+                    warnings.simplefilter("ignore", FutureWarning)
                     model = torch.jit.load(str(path), map_location="cpu")
-                except Exception as exc:
-                    raise ModelError(f"cannot load TorchScript model {str(path)!r}: {exc}") from exc
-                return LoadedModel(model.eval(), None, None)
+            except Exception as exc:
+                raise ModelError(f"cannot load TorchScript model {str(path)!r}: {exc}") from exc
+            return LoadedModel(model.eval(), None, None)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text:  # a real pickle that names classes: arbitrary code
             if not unsafe:
                 raise ModelError(f"model file {str(path)!r} contains pickled Python objects, which can run "
                                  "arbitrary code when loaded; pass --unsafe-load only if you trust it") from None
@@ -130,8 +131,10 @@ def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
             if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
                 return from_checkpoint_dict(obj, str(path))
             raise ModelError(f"model file {str(path)!r} holds a {type(obj).__name__}, not a model") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise ModelError(f"cannot load model file {str(path)!r}: {first}") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else type(exc).__name__)
+        raise ModelError(f"cannot load model file {str(path)!r}: not an xai checkpoint, TorchScript file or "
+                         f"PyTorch pickle ({detail[:120]})") from None
     if isinstance(payload, dict):
         return from_checkpoint_dict(payload, str(path))
     raise ModelError(f"model file {str(path)!r} holds a {type(payload).__name__}, not a model")

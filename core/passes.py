@@ -35,7 +35,8 @@ class GradientPass:
 
 def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None,
                       layers: list[str] | tuple[str, ...] = (), input_grad: bool = False,
-                      score_fn=None, relu_rules: dict[str, ReLURule] | None = None) -> GradientPass:
+                      score_fn=None, relu_rules: dict[str, ReLURule] | None = None,
+                      layer_grads: bool = True) -> GradientPass:
     """Forward ``inputs``, backpropagate the sum of target logits once.
 
     ``targets`` None explains the predicted class (argmax of this very forward; the pass then
@@ -43,18 +44,22 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     (default: the sum over the batch of each sample's target logit, as Captum and
     pytorch-grad-cam use). ``relu_rules`` (name -> ``rule(grad_out, relu_out)``): the same
     forward also yields the input gradient under each modified ReLU backward, in ``rule_grads``.
+    ``layer_grads`` False (with no input gradient and no rule): a forward only, without autograd,
+    for methods that read activations alone (FEM, CAM, Score-CAM); ``gradients`` stays empty.
     """
     modules = dict(resolve_layer(model, name) for name in layers)
     rules = dict(relu_rules or {})
+    backward = layer_grads or input_grad or bool(rules)
     x = inputs.detach().clone().requires_grad_(input_grad or bool(rules))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.enable_grad() if backward else torch.no_grad())
         caps = stack.enter_context(capture_layers(modules))
         switch = stack.enter_context(switchable_relu()) if rules else None
         logits = model(x)
         if targets is None:
             targets = logits.detach().argmax(1)
-        score = score_fn(logits, targets) if score_fn else select_targets(logits, targets).sum()
+        chosen = select_targets(logits, targets)  # also checks the targets against the logits
+        score = (score_fn(logits, targets) if score_fn else chosen.sum()) if backward else None
         wrt: list[torch.Tensor] = []
         if input_grad:
             wrt.append(x)
@@ -63,6 +68,8 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             if caps[name].output is None:
                 raise RuntimeError(f"layer {name!r} was not called in the forward pass")
             wrt.append(caps[name].output)
+        if not backward:
+            wrt = []
         grads = torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=bool(rules)) if wrt else ()
         rule_grads: dict[str, torch.Tensor] = {}
         for i, (name, rule) in enumerate(rules.items()):
@@ -76,7 +83,8 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         offset = 1
     for i, name in enumerate(layer_names):
         act = caps[name].output.detach()
-        g = grads[offset + i]
         result.activations[name] = act
-        result.gradients[name] = g if g is not None else torch.zeros_like(act)
+        if backward:
+            g = grads[offset + i]
+            result.gradients[name] = g if g is not None else torch.zeros_like(act)
     return result

@@ -69,6 +69,7 @@ class Explainer(Configurable):
     needs_layer: ClassVar[bool] = False  # the pass must capture the activations of config["layer"]
     needs_input_grad: ClassVar[bool] = False
     relu_rule: ClassVar[tuple[str, Any] | None] = None  # (name, rule) for a modified ReLU backward
+    needs_layer_grad: ClassVar[bool] = True  # False: reads the layer's activations only (FEM, CAM)
     trainable: ClassVar[bool] = False
     # optional: a describer of what the method needs, for `xai plugins`
     family: ClassVar[str] = ""

@@ -23,13 +23,17 @@ from typing import Any
 import yaml
 
 MODEL_NAME = "shapes-cnn"
-# Shortcut detection on top of the template: the share of each method's relevance on the planted
-# watermark must stay low. The Clever Hans model looks at the watermark, the clean one at the shape.
-DEMO_GATE = {"checks": [
-    {"name": "grad_cam ignores the watermark", "method": "grad_cam", "metric": "localization.shortcut_share",
+# The demo's gate (written over the template's): relevance must fall on the object, not on the planted
+# watermark. Measured on 32 'agree' probe images: the clean CNN puts 0.36-0.47 of its relevance on the
+# object and 0.10-0.15 (grad_cam) on the watermark; the Clever Hans CNN 0.13 and 0.26. The template's
+# randomization and AOPC checks are still computed and shown in the report.
+DEMO_GATE = {"name": "demo: Clever Hans detection", "checks": [
+    {"name": "grad_cam not looking at the shortcut", "method": "grad_cam", "metric": "shortcut.share",
      "op": "<", "threshold": 0.2},
-    {"name": "saliency ignores the watermark", "method": "saliency", "metric": "localization.shortcut_share",
-     "op": "<", "threshold": 0.2},
+    {"name": "saliency looks at the object", "method": "saliency", "metric": "localization.relevance_mass",
+     "op": ">", "threshold": 0.25},
+    {"name": "grad_cam looks at the object", "method": "grad_cam", "metric": "localization.relevance_mass",
+     "op": ">", "threshold": 0.25},
 ]}
 T0 = time.monotonic()
 
@@ -44,10 +48,14 @@ def prepare_workspace(ws: Path) -> None:
     init_workspace(ws)
     params_file = ws / "params.yaml"
     params = yaml.safe_load(params_file.read_text()) or {}
-    if not (params.get("gate") or {}).get("checks"):
-        params["gate"] = DEMO_GATE
+    metrics = params.get("metrics") or {}
+    if isinstance(metrics, list):
+        metrics = {m: {} for m in metrics}
+    wanted = {"localization": {}, "shortcut": {}, **metrics}  # what the demo's gate reads
+    if params.get("gate") != DEMO_GATE or wanted != metrics:
         from pipelines.params import write_params
 
+        params["metrics"], params["gate"] = wanted, DEMO_GATE
         write_params(ws, params)
 
 
@@ -138,8 +146,8 @@ def story(client: Any, versions: dict[str, str]) -> bool:
         ok = False
     except GateRefused as exc:
         say(f"xai promote refused the Clever Hans version, as it should:\n{exc}")
-    champion = client.get_model_version_by_alias(MODEL_NAME, "champion").version
-    say(f"{MODEL_NAME}@champion is version {champion}")
+    champion = (client.get_registered_model(MODEL_NAME).aliases or {}).get("champion")
+    say(f"{MODEL_NAME}@champion is version {champion}" if champion else f"{MODEL_NAME} has no champion")
     return ok and str(champion) == versions["clean"]
 
 
@@ -153,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("XAI_NO_PROGRESS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no per-call INFO lines between the steps
     procs: list[subprocess.Popen] = []
     from registry import server
     from registry.models import client_for, register_checkpoint

@@ -34,7 +34,7 @@ log = logging.getLogger("xai.registry")
 
 # Fail fast when MLflow is down: the queue's backoff does the retrying, not the HTTP client.
 CLIENT_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class JobError(Exception):

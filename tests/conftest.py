@@ -145,3 +145,16 @@ def images32():
 def images64():
     torch.manual_seed(1)
     return torch.randn(2, 3, 64, 64)
+
+
+SHARED_MODELS = ("resnet18", "vgg11")
+
+
+@pytest.fixture(autouse=True)
+def _clear_shared_model_grads(request):
+    """Session-scoped models are shared between tests: peer libraries (pytorch-grad-cam, Quantus)
+    leave parameter gradients behind, so clear them after each test that used one."""
+    yield
+    for name in SHARED_MODELS:
+        if name in request.fixturenames:
+            request.getfixturevalue(name).zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -162,7 +164,7 @@ def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0
     report its images (count, broken, external) and every script/console error."""
     exe = chromium_path()
     assert exe, "chromium not found"
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -174,6 +176,9 @@ def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0
                 time.sleep(0.2)
             port = int(port_file.read_text().split()[0])
             return asyncio.run(asyncio.wait_for(_inspect(port, origin, artifact_url), timeout))
-        finally:
-            proc.kill()
+        finally:  # chromium's helpers (renderer, zygote) share its process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait(timeout=30)

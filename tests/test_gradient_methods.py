@@ -55,6 +55,12 @@ def close(a, b, tol=1e-5):
     return torch.allclose(a, b, rtol=1e-4, atol=tol * float(b.abs().max()))
 
 
+def close_fast(a, b):
+    """For methods run through fast_forward (BatchNorm folded into the convolutions): the same
+    function, other float rounding."""
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("method,cls", [("saliency", "Saliency"), ("deconvnet", "Deconvolution"),
                                         ("guided_backprop", "GuidedBackprop")])
 def test_relu_rule_methods_equal_captum(model_pair, images32, method, cls):
@@ -77,13 +83,18 @@ def test_rules_differ_from_each_other(resnet18, images32):
     assert not close(sal, gbp) and not close(dec, gbp) and not close(sal, dec)
 
 
-@pytest.mark.parametrize("quad", ["gausslegendre", "riemann_trapezoid"])
+@pytest.mark.parametrize("quad", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
 def test_integrated_gradients_equals_captum(model_pair, images32, quad):
-    _, model, ref = model_pair
+    name, model, ref = model_pair
+    if quad != "gausslegendre" and name != "functional_relu_cnn":
+        pytest.skip("quadrature rules: checked on the small CNN (time)")
     ours = explain(model, images32, TARGETS, method="integrated_gradients", steps=8, quadrature=quad,
                    batch_size=6, progress=False).attributions
     theirs = captum(captum_attr.IntegratedGradients, ref, images32, target=TARGETS, n_steps=8, method=quad)
-    assert close(ours, theirs)
+    if quad == "riemann_trapezoid":  # Captum's trapezoid weights sum to (n - 1)/n (docstring)
+        assert not close_fast(ours, theirs)
+        ours = ours * 7 / 8
+    assert close_fast(ours, theirs)
 
 
 def test_integrated_gradients_baseline_is_a_parameter(functional_relu_cnn, images32):
@@ -92,19 +103,20 @@ def test_integrated_gradients_baseline_is_a_parameter(functional_relu_cnn, image
                    baseline=base, progress=False).attributions
     theirs = captum(captum_attr.IntegratedGradients, functional_relu_cnn, images32, target=TARGETS,
                     baselines=base.expand_as(images32), n_steps=8)
-    assert close(ours, theirs)
+    assert close_fast(ours, theirs)
 
 
-@pytest.mark.parametrize("name,steps,tol", [("functional_relu_cnn", 64, 0.01), ("vgg11", 64, 0.01),
-                                            ("resnet18", 256, 0.015)])
-def test_integrated_gradients_completeness(request, images32, name, steps, tol):
-    """Eq. 7 sums to S_c(x) - S_c(x'): within 1 % at 64 steps on the CNN and VGG-11. ResNet-18 with
-    random weights has so many ReLU kinks along the path that Gauss-Legendre needs ~256 steps
-    (measured: up to 4 % off at 64 steps, 1.2 % at 256)."""
-    model = request.getfixturevalue(name)
+@pytest.mark.parametrize("name,n,steps,tol", [("functional_relu_cnn", 2, 64, 0.01), ("vgg11", 2, 64, 0.01),
+                                              ("trained", 2, 64, 0.01), ("resnet18", 1, 256, 0.015)])
+def test_integrated_gradients_completeness(request, images32, name, n, steps, tol):
+    """Eq. 7 sums to S_c(x) - S_c(x'): within 1 % at 64 steps on the CNN, VGG-11 and the trained
+    reference CNN. ResNet-18 with random weights has so many ReLU kinks along the path that
+    Gauss-Legendre needs ~256 steps (measured: up to 4 % off at 64 steps, about 1 % at 256)."""
+    model = request.getfixturevalue("trained_cnn").model if name == "trained" else request.getfixturevalue(name)
+    x, t = images32[:n], TARGETS[:n]
     with torch.no_grad():
-        delta = (model(images32) - model(torch.zeros_like(images32))).gather(1, TARGETS.view(-1, 1)).squeeze(1)
-    attr = explain(model, images32, TARGETS, method="integrated_gradients", steps=steps, batch_size=128,
+        delta = (model(x) - model(torch.zeros_like(x))).gather(1, t.view(-1, 1)).squeeze(1)
+    attr = explain(model, x, t, method="integrated_gradients", steps=steps, batch_size=128,
                    progress=False).attributions
     err = (attr.sum(dim=(1, 2, 3)) - delta).abs() / delta.abs()
     assert (err < tol).all(), err
@@ -113,7 +125,9 @@ def test_integrated_gradients_completeness(request, images32, name, steps, tol):
 @pytest.mark.parametrize("inner,cls", [("saliency", "Saliency"), ("guided_backprop", "GuidedBackprop")])
 def test_smoothgrad_equals_noise_tunnel(model_pair, images32, inner, cls):
     """Same noise: Captum draws it from the global generator after torch.manual_seed(seed)."""
-    _, model, ref = model_pair
+    name, model, ref = model_pair
+    if inner != "saliency" and name == "vgg11":
+        pytest.skip("wrapping guided backprop: checked on the CNN and ResNet (time)")
     x = images32.clamp(-2.5, 2.5)
     x[:, 0, 0, 0], x[:, 0, 0, 1] = -3.0, 3.0  # every image spans [-3, 3]: sigma = noise * 6
     ours = explain(model, x, TARGETS, method="smoothgrad", inner=inner, samples=5, noise=0.1, seed=7,
@@ -124,9 +138,9 @@ def test_smoothgrad_equals_noise_tunnel(model_pair, images32, inner, cls):
         warnings.simplefilter("ignore")
         theirs = captum_attr.NoiseTunnel(getattr(captum_attr, cls)(ref)).attribute(
             x, nt_type="smoothgrad", nt_samples=5, stdevs=0.6, target=TARGETS, **kwargs)
-    assert close(ours, theirs)
+    assert close_fast(ours, theirs)
     plain = explain(model, x, TARGETS, method=inner, progress=False).attributions
-    assert not close(ours, plain)
+    assert not close_fast(ours, plain)
 
 
 def test_smoothgrad_wraps_integrated_gradients(functional_relu_cnn, images32):
@@ -140,8 +154,8 @@ def test_smoothgrad_wraps_integrated_gradients(functional_relu_cnn, images32):
 
 
 def test_activation_maximization_raises_the_class_score(vgg11, functional_relu_cnn, images32):
-    for model in (functional_relu_cnn, vgg11):
-        exp = explain(model, images32, torch.tensor([1, 1]), method="activation_maximization", steps=15,
+    for model, steps in ((functional_relu_cnn, 30), (vgg11, 8)):
+        exp = explain(model, images32, torch.tensor([1, 1]), method="activation_maximization", steps=steps,
                       progress=False)
         initial, final = exp.extras["scores"]["initial"], exp.extras["scores"]["final"]
         assert (final > initial + 0.1 * initial.abs() + 1e-3).all()
@@ -153,7 +167,7 @@ def test_activation_maximization_raises_the_class_score(vgg11, functional_relu_c
 
 def test_activation_maximization_regularization_shrinks_the_image(functional_relu_cnn, images32):
     def norm(l2):
-        return explain(functional_relu_cnn, images32, TARGETS, method="activation_maximization", steps=20,
+        return explain(functional_relu_cnn, images32, TARGETS, method="activation_maximization", steps=10,
                        l2=l2, init="input", progress=False).attributions.norm()
 
     assert norm(5.0) < norm(0.0)
@@ -200,13 +214,15 @@ class CountingModel(nn.Module):
 
 def test_one_forward_serves_every_shared_method(resnet18, images64):
     """saliency, guided, deconvnet and four CAMs from one forward (plus one backward per rule)."""
-    methods = ["saliency", "guided_backprop", "deconvnet", "grad_cam", "grad_cam_pp", "fem", "guided_grad_cam"]
+    layer = {"layer": "inner.layer4"}
+    methods = {"saliency": {}, "guided_backprop": {}, "deconvnet": {}, "grad_cam": layer, "grad_cam_pp": layer,
+               "fem": layer, "guided_grad_cam": layer}
     model = CountingModel(resnet18)
     together = Engine(progress=False).run(model, images64, methods, targets=TARGETS, isolate=False)
     assert model.calls == 1 and not together.failures
-    for m in methods:
-        single = Engine(progress=False).run(model, images64, [m], targets=TARGETS, isolate=False).explanations[m]
-        assert close(together.explanations[m].attributions, single.attributions), m
+    for m, params in methods.items():
+        single = Engine(progress=False).run(model, images64, {m: params}, targets=TARGETS, isolate=False)
+        assert close(together.explanations[m].attributions, single.explanations[m].attributions), m
     # no targets: the shared pass explains the predicted classes, and reports the logits
     model.calls = 0
     out = Engine(progress=False).run(model, images64, ["saliency"], isolate=False)
@@ -214,3 +230,23 @@ def test_one_forward_serves_every_shared_method(resnet18, images64):
     with torch.no_grad():
         logits = resnet18(images64)
     assert torch.allclose(out.logits, logits, atol=1e-5) and torch.equal(out.targets, logits.argmax(1))
+
+
+def test_fast_forward_gives_true_input_gradients(resnet18, images64):
+    """BatchNorm folded, same gradients as the float64 model (channels-last float32 inputs gave
+    ResNet-18 input gradients 7 % off on CPU: fast_forward keeps them out of gradient passes)."""
+    import copy
+
+    from xai_plugins.toolkit import fast_forward
+
+    def grad(model, x):
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(x).gather(1, TARGETS.view(-1, 1)).sum(), x)
+        return g
+
+    exact = grad(copy.deepcopy(resnet18).double(), images64.double())
+    fast = fast_forward(resnet18)
+    assert fast.folded is not resnet18  # BatchNorm folded into a copy
+    assert torch.allclose(grad(fast, images64).double(), exact, atol=1e-5 * float(exact.abs().max()))
+    with torch.no_grad():
+        assert torch.allclose(fast(images64), resnet18(images64), atol=1e-4)

@@ -1,7 +1,9 @@
 """Perception Visualization (Eq. 2-9): encoder, decoder, training, PV, metrics.
 
-The decoder trained here is deliberately tiny (a few CPU seconds); the figures of a decoder trained
-for minutes are reported by the issue, not asserted.
+The decoder trained here is small and trained for seconds. With the paper's weights (0.2/0.4/0.4)
+the DSIM term first drives a young decoder away from the pixels (it needs minutes to pay off), so
+this short budget weighs it 0.1; the figures of a decoder trained for minutes with the defaults
+are reported with the issue, not asserted here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from xai_plugins.metrics.perception_metrics import PVInvariance, PVReconstructio
 
 PV = "perception_visualization"
 # a small decoder trained briefly: enough to beat the mean image and keep the model's decision
-FAST = {"epochs": 6, "width": 32, "fit_batch_size": 16, "lr": 3e-3, "patience": 6, "val_fraction": 0.1}
+FAST = {"epochs": 14, "width": 32, "fit_batch_size": 16, "lr": 3e-3, "patience": 10, "val_fraction": 0.1,
+        "alpha1": 0.3, "alpha2": 0.6, "alpha3": 0.1}
 TINY = {"epochs": 3, "width": 16, "fit_batch_size": 16, "val_fraction": 0.25, "patience": 5}
 
 
@@ -44,6 +47,16 @@ def _assert_same(model: nn.Module, snap: dict) -> None:
         assert torch.equal(after["state"][k], v), k
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decoder training here is many small convolutions: on a shared 2-core machine one intra-op
+    thread is several times faster than two competing ones. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fit_dir(tmp_path_factory):
     """XAI_FIT_DIR for this module: fitted decoders are stored (and reused) here."""
@@ -60,11 +73,17 @@ def pv_params(trained_cnn):
 
 
 @pytest.fixture(scope="module")
-def fitted(fit_dir, trained_cnn, shapes_probe, pv_params):
-    """PV on the reference CNN: decoder trained on 480 shapes images, explaining 64 held-out ones."""
+def held_out():
+    """200 `shapes` images seen neither by the model nor by the decoder."""
+    return make_shapes(200, size=32, seed=4243)
+
+
+@pytest.fixture(scope="module")
+def fitted(fit_dir, trained_cnn, held_out, pv_params):
+    """PV on the reference CNN: decoder trained on 480 shapes images, explaining 200 held-out ones."""
     pre = trained_cnn.preprocess
     train = make_shapes(480, size=32, seed=2024)
-    x = pre.normalize(shapes_probe.images)
+    x = pre.normalize(held_out.images)
     exp = explain(trained_cnn.model, x, method=PV, fit_data=pre.normalize(train.images), progress=False,
                   **pv_params)
     return exp, x
@@ -120,15 +139,17 @@ def test_reconstruction_beats_mean_image_and_keeps_the_decision(fitted):
     s = exp.extras["scores"]
     ssim_rec, ssim_base = float(s["ssim"].mean()), float(s["baseline_ssim"].mean())
     assert ssim_rec > ssim_base + 0.03, (ssim_rec, ssim_base)
+    assert float(s["mse"].mean()) < float(s["baseline_mse"].mean())
     agree = (exp.extras["reconstruction_predictions"] == exp.extras["predictions"]).float().mean()
     chance = 1 / exp.extras["logits"].shape[1]
     assert agree > chance + 0.35, float(agree)
+    print(f"PV test figures: ssim {ssim_rec:.3f} (mean image {ssim_base:.3f}), agreement {float(agree):.3f}")
 
 
 def test_pv_is_eq2_pixel_for_pixel(fitted, trained_cnn):
     exp, x = fitted
     m, y, p = exp.extras["mask"], exp.extras["reconstruction"], exp.extras["pv"]
-    assert m.shape == (x.shape[0], 32, 32) and y.shape == x.shape
+    assert m.shape == (x.shape[0], 32, 32) and y.shape == x.shape and torch.equal(exp.extras["images"]["mask"], m)
     for k in range(3):  # Eq. 2, channel by channel
         assert torch.equal(p[:, k], (1 - m) + m * y[:, k])
     assert torch.equal(exp.extras["images"]["pv"], p)
@@ -167,14 +188,14 @@ def test_second_request_reuses_the_stored_decoder(fitted, fit_dir, trained_cnn, 
     assert torch.equal(again.extras["reconstruction"], exp.extras["reconstruction"])
 
 
-def test_metrics_on_the_fitted_decoder(fitted, trained_cnn, shapes_probe):
+def test_metrics_on_the_fitted_decoder(fitted, trained_cnn, held_out):
     exp, x = fitted
-    ctx = MetricContext(trained_cnn.model, x, exp.targets, exp, labels=shapes_probe.labels)
+    ctx = MetricContext(trained_cnn.model, x, exp.targets, exp, labels=held_out.labels)
     rec = PVReconstruction().compute(ctx)
     assert rec["ssim_gain"] == pytest.approx(rec["ssim"] - rec["baseline_ssim"]) and rec["ssim_gain"] > 0
     assert 0 <= rec["mse"] and 0 <= rec["dsim"]
     sim = PVSimulatability().compute(ctx)
-    correct = exp.extras["predictions"] == shapes_probe.labels
+    correct = exp.extras["predictions"] == held_out.labels
     assert sim["n_correct"] == int(correct.sum()) and sim["chance"] == 0.25
     agree = exp.extras["reconstruction_predictions"] == exp.extras["predictions"]
     assert sim["reconstruction_agreement_correct"] == pytest.approx(float(agree[correct].float().mean()))
@@ -197,7 +218,7 @@ def test_training_leaves_the_model_unchanged(trained_cnn, tmp_path):
 
 def test_training_resumes_from_its_checkpoint(trained_cnn, tmp_path):
     model = trained_cnn.model
-    data = FitData(trained_cnn.preprocess.normalize(make_shapes(48, size=32, seed=6).images))
+    data = FitData(trained_cnn.preprocess.normalize(make_shapes(32, size=32, seed=6).images))
     params = {"layer": "features", **TINY}
     full = PerceptionVisualization(**params)
     ensure_fitted(full, model, data, root=tmp_path / "a")
@@ -247,12 +268,13 @@ def test_resnet18_small_smoke(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = resnet18_small(4).eval()
     snap = _snapshot(model)
-    images = make_shapes(20, size=32, seed=3).images
+    images = make_shapes(10, size=32, seed=3).images
     x = (images - 0.5) / 0.25
-    exp = explain(model, x[:4], method=PV, fit_data=x[4:], progress=False, **{**TINY, "epochs": 1})
+    exp = explain(model, x[:2], method=PV, fit_data=x[2:], progress=False, **{**TINY, "epochs": 1})
     y, p = exp.extras["reconstruction"], exp.extras["pv"]
-    assert y.shape == (4, 3, 32, 32) and torch.isfinite(y).all() and 0 <= float(p.min()) <= float(p.max()) <= 1
-    assert exp.params["layer"] == "layer4" and exp.maps.shape == (4, 32, 32)
+    assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all() and 0 <= float(p.min()) <= float(p.max()) <= 1
+    assert exp.params["layer"] == "layer4" and exp.maps.shape == (2, 32, 32)
+    assert exp.extras["scores"]["ssim"].shape == (2,)
     _assert_same(model, snap)
 
 
@@ -269,13 +291,13 @@ def test_bad_parameters_are_rejected():
     assert e.alphas() == (0.25, 0.25, 0.5)
 
 
-def test_report_shows_reconstruction_and_pv(fitted, trained_cnn, shapes_probe, pv_params, tmp_path):
+def test_report_shows_reconstruction_and_pv(fitted, trained_cnn, held_out, pv_params, tmp_path):
     from core.workflow import run
 
     _, x = fitted
-    results = run(trained_cnn.model, x[:6], {PV: pv_params}, images=shapes_probe.images[:6],
-                  labels=shapes_probe.labels[:6], metrics=["pv_reconstruction", "pv_simulatability"],
-                  reporters=["html"], out_dir=tmp_path, progress=False)
+    results = run(trained_cnn.model, x[:6], {PV: pv_params}, images=held_out.images[:6],
+                  labels=held_out.labels[:6], metrics=["pv_reconstruction", "pv_simulatability"],
+                  reporters=["json", "html"], out_dir=tmp_path, progress=False)
     assert not results.failures, results.failures
     assert "pv_reconstruction.ssim" in results.metrics[PV]
     html = (tmp_path / "report.html").read_text()

@@ -94,7 +94,7 @@ def exact_shapley(model, x, target, segments, m, baseline):
 
 def test_kernel_shap_is_exact_shapley_when_enumerated(functional_relu_cnn, images32):
     x = images32[:1]
-    segments = (torch.arange(32).view(-1, 1) // 11) * 3 + torch.arange(32).view(1, -1) // 16  # 6 regions
+    segments = (torch.arange(32).view(-1, 1) // 11) * 2 + torch.arange(32).view(1, -1) // 16  # 6 regions
     exp = explain(functional_relu_cnn, x, targets=2, method="kernel_shap", feature_mask=segments, samples=100)
     phi = exp.extras["values"][0].double()
     ref = exact_shapley(functional_relu_cnn, x, 2, segments, 6, torch.zeros_like(x))
@@ -127,8 +127,11 @@ class PlantedRegionModel(nn.Module):
 
 @pytest.fixture
 def planted():
+    """Gray blocks of varying brightness and one red block, the region the model reads."""
     g = torch.Generator().manual_seed(3)
-    colors = 0.4 + 0.6 * torch.rand(4, 4, 3, generator=g)
+    gray = 0.3 + 0.4 * torch.rand(4, 4, 1, generator=g)
+    colors = gray.expand(4, 4, 3).clone()
+    colors[1, 2] = torch.tensor([1.0, 0.1, 0.1])
     image = colors.repeat_interleave(8, 0).repeat_interleave(8, 1).permute(2, 0, 1).unsqueeze(0)
     region = torch.zeros(32, 32, dtype=torch.bool)
     region[8:16, 16:24] = True
@@ -154,7 +157,7 @@ def test_rise_masks_and_equals_direct_formula(functional_relu_cnn, images32):
 
     masks = RandomMasks(500, 5, 0.3, (32, 32), torch.Generator().manual_seed(7), torch.device("cpu"))
     m = masks(torch.arange(500))
-    assert m.shape == (500, 1, 32, 32) and m.min() >= 0 and m.max() <= 1
+    assert m.shape == (500, 1, 32, 32) and m.min() >= 0 and m.max() <= 1 + 1e-6
     assert abs(float(m.mean()) - 0.3) < 0.03
     exp = explain(functional_relu_cnn, images32, method="rise", samples=500, grid=5, keep=0.3, seed=7,
                   batch_size=33)
@@ -186,17 +189,17 @@ def test_gradient_shap_completeness_in_expectation(residual_net, images32):
 
 # -- localization on the trained reference CNN ----------------------------------------------------
 @pytest.mark.parametrize("method,params", [
-    ("occlusion", {"window": 6, "stride": 2}),
-    ("rise", {"samples": 1000}),
+    ("occlusion", {"window": 6, "stride": 3, "output": "probability"}),
+    ("rise", {"samples": 300, "grid": 4}),
     ("meaningful_perturbation", {"steps": 100}),
 ])
 def test_localization_on_shapes(trained_cnn, shapes_probe, method, params):
-    probe = shapes_probe.subset(slice(0, 32))
+    probe = shapes_probe.subset(slice(0, 16))
     x = trained_cnn.preprocess.normalize(probe.images)
     exp = explain(trained_cnn.model, x, targets=probe.labels, method=method, **params)
     chance = float(probe.masks.float().mean())
     score = pointing_game(exp.maps, probe.masks)
-    assert score > max(0.5, 2.5 * chance), (score, chance)
+    assert score >= 0.5 and score > 3 * chance, (score, chance)
 
 
 # -- every method on real architectures, model left untouched ------------------------------------
@@ -215,6 +218,7 @@ SMALL = {
 def test_methods_on_torchvision_models(request, arch, method):
     model = request.getfixturevalue(arch)
     model.train()  # explain must run in eval mode and give the flag back
+    model.zero_grad(set_to_none=True)  # a peer library run by an earlier test may have left .grad behind
     x = torch.randn(2, 3, 32, 32)
     before = snapshot(model)
     exp = explain(model, x, method=method, batch_size=16, **SMALL[method])

@@ -23,16 +23,17 @@ from registry_browser import chromium_path, inspect_html_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "shapes-cnn"
-# clean reference CNN: saliency share on the watermark ~0.05; Clever Hans: ~0.15 (4 'agree' probes)
+# saliency relevance mass on the object (8 'agree' probes): clean reference CNN 0.32-0.45 over
+# retrainings, Clever Hans CNN 0.13 (it looks at the watermark)
 LIGHT_PARAMS = {
-    "probe": {"kind": "shapes", "n": 4, "size": 32, "seed": 1234, "watermark": "agree", "target": "predicted"},
+    "probe": {"kind": "shapes", "n": 8, "size": 32, "seed": 1234, "watermark": "agree", "target": "predicted"},
     "fit_data": None,
     "batch_size": 32,
     "methods": {"saliency": {}},
     "metrics": {"localization": {"tolerance": 0}, "shortcut": {}},
     "reporters": {"json": {}, "html": {}},
-    "gate": {"checks": [{"name": "saliency ignores the watermark", "method": "saliency",
-                         "metric": "shortcut.share", "op": "<", "threshold": 0.1}]},
+    "gate": {"checks": [{"name": "saliency looks at the object", "method": "saliency",
+                         "metric": "localization.relevance_mass", "op": ">", "threshold": 0.25}]},
 }
 NEEDED_PLUGINS = {"gradient", "localization", "json_reporter", "html", "registry", "pipelines"}
 MAX_ATTEMPTS = 2
@@ -103,9 +104,9 @@ class Loop:
         self.listener = self._spawn(["listen", "-w", str(self.ws), "--port", str(self.port), "--register-webhook",
                                      "--poll-interval", "0", "--max-attempts", str(MAX_ATTEMPTS)], log)
         deadline = time.monotonic() + 300
-        while "MLflow webhook" not in log.read_text(errors="replace")[mark:]:
+        while b"MLflow webhook" not in log.read_bytes()[mark:]:
             assert self.listener.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "listener did not register its webhook"
+            assert time.monotonic() < deadline, f"listener did not register its webhook:\n{self.log_tail('listener')}"
             time.sleep(0.3)
 
     def start_worker(self) -> None:
@@ -217,13 +218,13 @@ def test_registering_a_version_is_all_it_takes(loop, first_version):
     files = {a.path for a in loop.client.list_artifacts(run.info.run_id)}
     assert {"report.html", "results.json", "gate.json", "maps", "pipeline"} <= files
     maps = [a.path for a in loop.client.list_artifacts(run.info.run_id, "maps/saliency")]
-    assert len(maps) == 4 and all(p.endswith(".png") for p in maps)
+    assert len(maps) == 8 and all(p.endswith(".png") for p in maps)
     metrics = run.data.metrics
-    assert metrics["gate/passed"] == 1.0 and 0.0 <= metrics["saliency/shortcut.share"] < 0.1
-    assert "saliency/localization.pointing_game" in metrics
+    assert metrics["gate/passed"] == 1.0 and metrics["saliency/localization.relevance_mass"] > 0.25
+    assert "saliency/localization.pointing_game" in metrics and "saliency/shortcut.share" in metrics
     verdict = json.loads(Path(loop.client.download_artifacts(run.info.run_id, "gate.json",
                                                              str(loop.logs))).read_text())
-    assert verdict["passed"] is True and verdict["checks"][0]["metric"] == "shortcut.share"
+    assert verdict["passed"] is True and verdict["checks"][0]["metric"] == "localization.relevance_mass"
     q = loop.queue()
     [job] = q.find(MODEL, version)
     assert job.source == "webhook" and job.state == "done" and job.run_id == run.info.run_id
@@ -236,7 +237,7 @@ def test_report_from_the_artifact_url_renders_in_chromium(loop, first_version):
     url = f"{loop.uri}/get-artifact?path=report.html&run_uuid={run_id}"
     seen = inspect_html_artifact(loop.uri, url)
     assert seen["title"] == "Explanation report", seen
-    assert seen["count"] == 8, seen  # 4 inputs + 4 saliency overlays
+    assert seen["count"] == 16, seen  # 8 inputs + 8 saliency overlays
     assert seen["broken"] == [] and seen["external"] == [] and seen["errors"] == [], seen
     # the same harness does see a broken image and a script error (it is not blind)
     bad = loop.client.create_run(loop.client.get_experiment_by_name("Default").experiment_id).info.run_id
@@ -255,7 +256,7 @@ def test_a_version_that_fails_the_gate_cannot_be_promoted(loop, first_version, c
     assert tags["xai.gate"] == "failed"
     refused = loop.xai("promote", MODEL, hans, "--alias", "champion")
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "saliency ignores the watermark" in refused.stderr and "FAIL" in refused.stdout
+    assert "saliency looks at the object" in refused.stderr and "FAIL" in refused.stdout
     assert "champion" not in loop.client.get_registered_model(MODEL).aliases
     assert loop.xai("gate", MODEL, hans).returncode == 1
     promoted = loop.xai("promote", MODEL, clean, "--alias", "champion")
@@ -361,7 +362,7 @@ def _burst(loop: Loop, checkpoint: Path, n: int) -> None:
 
 
 def test_burst_with_the_worker_killed_twice(loop, checkpoints):
-    _burst(loop, checkpoints["clean"], int(os.environ.get("XAI_BURST_VERSIONS", "6")))
+    _burst(loop, checkpoints["clean"], int(os.environ.get("XAI_BURST_VERSIONS", "3")))
 
 
 @pytest.mark.slow
@@ -376,3 +377,63 @@ def test_write_params_lists_the_registry(loop):
     listed = yaml.safe_load((loop.ws / "params.yaml").read_text())["versions"]
     registered = {str(mv.version) for mv in loop.client.search_model_versions(f"name='{MODEL}'")}
     assert {e["version"] for e in listed.values() if e["name"] == MODEL} == registered
+
+
+def test_models_uris_load_weights_only(loop, first_version, monkeypatch, tmp_path):
+    from core.cli import load_any_model
+    from core.errors import ModelError
+    from registry.models import ensure_registered_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", loop.uri)
+    version = first_version["version"]
+    loop.client.set_registered_model_alias(MODEL, "reviewed", version)
+    by_version = load_any_model(f"models:/{MODEL}/{version}")
+    by_alias = load_any_model(f"models:/{MODEL}@reviewed")
+    assert by_version.arch == by_alias.arch == "deconvolve_cnn" and by_alias.class_names
+    assert by_alias.meta["registry"]["version"] == version
+    assert by_version.preprocess is not None
+    with pytest.raises(ModelError, match="no such model version"):
+        load_any_model(f"models:/{MODEL}/999")
+
+    def version_with(files: dict[str, bytes], tags: dict[str, str] | None = None) -> str:
+        run = loop.client.create_run(loop.client.get_experiment_by_name("Default").experiment_id)
+        folder = tmp_path / run.info.run_id
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        loop.client.log_artifacts(run.info.run_id, str(folder), "model")
+        ensure_registered_model(loop.client, "unsafe-models")
+        return str(loop.client.create_model_version("unsafe-models", f"{run.info.artifact_uri}/model",
+                                                    run.info.run_id, tags=tags).version)
+
+    # a pickled pytorch-flavor model is refused unless explicitly allowed
+    pickled = version_with({"MLmodel": b"flavors:\n  pytorch:\n    model_data: data\n", "data": b"x"})
+    with pytest.raises(ModelError, match="pickled module"):
+        load_any_model(f"models:/unsafe-models/{pickled}")
+    # a checkpoint that does not match the hash recorded at registration is refused
+    upload_run = loop.client.get_model_version(MODEL, version).run_id
+    original = Path(loop.client.download_artifacts(upload_run, "model/checkpoint.pt", str(tmp_path)))
+    data = bytearray(original.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    tampered = version_with({"checkpoint.pt": bytes(data)},
+                            tags={"xai.sha256": loop.tags(version)["xai.sha256"]})
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_any_model(f"models:/unsafe-models/{tampered}")
+
+
+def test_mlflow_reporter_logs_a_plain_explain_run(loop, trained_cnn, tmp_path):
+    from core import workflow
+    from core.datasets import make_shapes
+
+    ds = make_shapes(3, size=32, seed=7, watermark="agree")
+    results = workflow.run(trained_cnn.model, trained_cnn.preprocess.normalize(ds.images), {"saliency": {}},
+                           images=ds.images, labels=ds.labels, masks=ds.masks, metrics=["localization"],
+                           reporters=["json", "html", "mlflow"], out_dir=tmp_path, progress=False,
+                           reporter_params={"mlflow": {"tracking_uri": loop.uri, "experiment": "reporter-test"}})
+    assert not results.failures, results.failures
+    record = json.loads((tmp_path / "mlflow-run.json").read_text())
+    run = loop.client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and "saliency/localization.pointing_game" in run.data.metrics
+    files = {a.path for a in loop.client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "report.html", "maps"} <= files
+    assert len(loop.client.list_artifacts(run.info.run_id, "maps/saliency")) == 3

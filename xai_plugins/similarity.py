@@ -59,9 +59,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, absolute: bool = False) -> torch.
     if absolute:
         x, y = np.abs(x), np.abs(y)
     n = x.shape[0]
-    rx = rankdata(x.reshape(n, -1), axis=1)
-    ry = rankdata(y.reshape(n, -1), axis=1)
-    return _row_pearson(rx, ry)
+    return _row_pearson(rankdata(x.reshape(n, -1), axis=1), rankdata(y.reshape(n, -1), axis=1))
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

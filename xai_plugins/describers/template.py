@@ -82,7 +82,7 @@ def region_phrase(facts: RegionFacts) -> str:
         shape = "compact" if facts.fill >= 0.45 else "elongated or irregular"
         return f"one {shape}, {size} region"
     kind = "separate" if facts.components <= 3 else "scattered"
-    return f"{facts.components} {kind} regions, {size} in all,"
+    return f"{facts.components} {kind} regions, {size} in all"
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -122,8 +122,9 @@ class TemplateDescriber(Describer):
         if facts is None:
             tail = f"; it {score_phrase(float(score), class_name)} when active" if score is not None else ""
             return f"{who} is silent on this image{tail}."
-        first = (f"{who} highlights {region_phrase(facts)} (about {facts.area:.0%} of the image) "
-                 f"in the {position_name(facts.cy, facts.cx)} of the image")
+        pos = position_name(facts.cy, facts.cx)
+        place = f" in the {pos} of the image" if facts.components == 1 else f", around the {pos} of the image"
+        first = f"{who} highlights {region_phrase(facts)} (about {facts.area:.0%} of the image){place}"
         if image is not None:
             img = as_array(image)
             if img.ndim == 3 and img.shape[0] in (1, 3):

@@ -10,8 +10,9 @@ map is not a weighted sum of activations, ``cam_image`` (like BaseCAM.get_cam_im
   (Zhou et al.), ``fem`` (Fuad et al.; review Eq. 26) come from the shared forward/backward.
 - ``guided_grad_cam`` (review section 4.6.1) also shares it: the guided input gradient is one more
   backward of the same forward.
-- ``score_cam`` (Wang et al.) needs one forward per channel mask: it batches them, runs each
-  distinct mask once, and replaces every all-zero mask by one forward of the zero image.
+- ``score_cam`` (Wang et al.) takes its activations from the shared pass, then needs one
+  forward per channel mask: it packs them in batches, runs each distinct mask once, and replaces
+  every all-zero mask by one forward of the zero image.
 
 Reference implementations differ in how maps are resized and scaled: pytorch-grad-cam scales each
 map to [0, 1] before resizing with OpenCV; Captum resizes with nearest neighbours. Here
@@ -27,8 +28,7 @@ import torch.nn.functional as F
 from xai_plugins import Explainer, InputError, hookimpl
 from xai_plugins.toolkit import (
     GradientPass,
-    LayerCapture,
-    batch_slices,
+    fast_forward,
     guided_relu_rule,
     resolve_layer,
     upsample,
@@ -64,7 +64,7 @@ class CAMExplainer(Explainer):
 
     def from_pass(self, gradient_pass: GradientPass) -> torch.Tensor:
         layer = self.config["layer"]
-        a, g = gradient_pass.activations[layer], gradient_pass.gradients[layer]
+        a, g = gradient_pass.activations[layer], gradient_pass.gradients.get(layer)
         return self.finish(self.cam_image(a, g, gradient_pass))
 
 
@@ -114,6 +114,7 @@ class CAM(CAMExplainer):
     """
 
     name = "cam"
+    needs_layer_grad = False
     params = {"layer": None, "fc": None, "relu": False}
 
     def weights(self, activations, gradients, gradient_pass):
@@ -149,6 +150,7 @@ class FEM(CAMExplainer):
     """
 
     name = "fem"
+    needs_layer_grad = False
     params = {"layer": None, "k": 1.0, "weighting": "channel_mean", "relu": True}
 
     def cam_image(self, activations, gradients, gradient_pass):
@@ -184,66 +186,73 @@ class GuidedGradCAM(GradCAM):
         size = tuple(gradient_pass.inputs.shape[-2:])
         return upsample(cam, size, mode=self.config["interpolation"]) * gradient_pass.rule_grads["guided"]
 
-    def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
-        return attributions.abs().amax(dim=1)
-
 
 class ScoreCAM(CAMExplainer):
     """Score-CAM (Wang et al. 2020): w_k = softmax_k S_c(x * M_k), M_k the activation A_k upsampled
     to the input (bilinear, corners aligned) and min-max scaled to [0, 1]; map = ReLU(sum_k w_k A_k).
 
-    Identical to pytorch-grad-cam's ``ScoreCAM``; faster: every distinct mask of an image is run
-    once, and every all-zero mask (a constant channel) is not run at all: x * 0 is the zero image,
-    whose score is computed once per batch. Masked images go through the model in chunks of
-    ``batch_size`` rows, without gradients.
+    Identical to pytorch-grad-cam's ``ScoreCAM`` (up to float rounding); faster:
+    - the activations come from the shared pass (no forward of its own);
+    - each distinct mask of an image is run once, and no all-zero mask (a constant channel) is run:
+      x * 0 is the zero image, whose logits are computed once per batch;
+    - masked images of all the batch's images are packed into forwards of ``batch_size`` rows,
+      without gradients, through ``fast_forward`` (BatchNorm folded into the convolutions,
+      channels-last on CPU).
     """
 
     name = "score_cam"
-    shared_pass = False
+    needs_layer_grad = False
     params = {"layer": None, "relu": True, "batch_size": None}
 
-    def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        _, module = resolve_layer(model, self.config["layer"])
-        with torch.no_grad(), LayerCapture(module, clone=False, track_grad=False) as cap:
-            model(inputs)
-        if cap.output is None:
-            raise RuntimeError(f"layer {self.config['layer']!r} was not called in the forward pass")
-        activations = cap.output.detach()
+    def weights(self, activations, gradients, gradient_pass):
+        gp = gradient_pass
         with torch.no_grad():
-            scores = self.mask_scores(model, inputs, targets, activations)
-        weights = torch.softmax(scores, dim=1)
-        return self.finish(torch.einsum("bk,bkhw->bhw", weights.to(activations.dtype), activations).unsqueeze(1))
+            scores = self.mask_scores(fast_forward(gp.model), gp.inputs, gp.targets, activations)
+        return torch.softmax(scores, dim=1)
 
     def masks(self, activations: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """K x H x W masks of one image, as pytorch-grad-cam computes them."""
-        up = F.interpolate(activations.unsqueeze(0), size=size, mode="bilinear", align_corners=True)[0]
+        """N x 1 x H x W masks from N x h x w activations, as pytorch-grad-cam computes them."""
+        up = F.interpolate(activations.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
         flat = up.flatten(1)
-        lo, hi = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
+        lo, hi = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
         return (up - lo) / (hi - lo + 1e-8)
 
     def mask_scores(self, model, inputs, targets, activations) -> torch.Tensor:
-        b, k = activations.shape[:2]
+        """B x K target logits of the masked images."""
+        b, k, h, w = activations.shape
         size = tuple(inputs.shape[-2:])
-        scores = torch.empty((b, k), dtype=torch.float32, device=inputs.device)
-        zero_logits = None
         rows = int(self.config["batch_size"] or DEFAULT_ROWS)
+        plans = []  # per image: constant channels, live channels, distinct live activations, inverse
         for i in range(b):
-            flat_act = activations[i].flatten(1)
-            constant = flat_act.amax(1) == flat_act.amin(1)  # its mask is all zero
-            if constant.any():
-                if zero_logits is None:
-                    zero_logits = model(torch.zeros_like(inputs[:1]))[0].float()
-                scores[i, constant] = zero_logits[targets[i]]
+            flat = activations[i].flatten(1)
+            constant = flat.amax(1) == flat.amin(1)  # (a - min) / (max - min + eps) = 0 everywhere
             live = (~constant).nonzero().flatten()
-            if live.numel() == 0:
-                continue
-            masks = self.masks(activations[i, live], size)
-            unique, inverse = torch.unique(masks.flatten(1), dim=0, return_inverse=True)
-            unique = unique.view(-1, 1, *size)
-            out = torch.empty(unique.shape[0], dtype=torch.float32, device=inputs.device)
-            for sl in batch_slices(unique.shape[0], rows):
-                out[sl] = model(inputs[i:i + 1] * unique[sl])[:, targets[i]].float()
-            scores[i, live] = out[inverse]
+            unique, inverse = torch.unique(flat[live], dim=0, return_inverse=True)
+            plans.append((constant, live, unique, inverse))
+        zero_row = any(bool(p[0].any()) for p in plans)
+
+        def batches():
+            """Rows: [the zero image], then the distinct masks of image 0, of image 1, ..."""
+            pending, n = ([torch.zeros_like(inputs[:1])], 1) if zero_row else ([], 0)
+            for i, (_, _, part, _) in enumerate(plans):
+                while part.shape[0]:
+                    take = min(rows - n, part.shape[0])
+                    pending.append(inputs[i:i + 1] * self.masks(part[:take].view(-1, h, w), size))
+                    part, n = part[take:], n + take
+                    if n == rows:
+                        yield torch.cat(pending)
+                        pending, n = [], 0
+            if n:
+                yield torch.cat(pending)
+
+        logits = torch.cat([model(batch).float() for batch in batches()])
+        scores = torch.empty((b, k), dtype=torch.float32, device=inputs.device)
+        offset = 1 if zero_row else 0
+        for i, (constant, live, unique, inverse) in enumerate(plans):
+            t = int(targets[i])
+            scores[i, constant] = logits[0, t] if zero_row else 0.0
+            scores[i, live] = logits[offset:offset + unique.shape[0], t][inverse]
+            offset += unique.shape[0]
         return scores
 
 

@@ -28,6 +28,7 @@ from xai_plugins.toolkit import (
     GradientPass,
     batch_slices,
     deconvnet_relu_rule,
+    fast_forward,
     guided_relu_rule,
     run_gradient_pass,
     select_targets,
@@ -148,8 +149,11 @@ class IntegratedGradients(Explainer):
     approximated by ``quadrature`` (Captum's rules and names: ``gausslegendre`` (Captum's default),
     ``riemann_left/right/middle/trapezoid``) with ``steps`` points. ``baseline``: "zeros" (default,
     as Captum), a number or a tensor. The steps x images rows go through the model in chunks of
-    ``batch_size`` rows (Captum's ``internal_batch_size``). Identical to Captum's
-    ``IntegratedGradients`` with the same quadrature and steps.
+    ``batch_size`` rows (Captum's ``internal_batch_size``), through ``fast_forward`` (BatchNorm
+    folded into the convolutions). Equal to Captum's ``IntegratedGradients`` with the same
+    quadrature and steps (up to float rounding), except ``riemann_trapezoid``: Captum weights its
+    n points 1/n (halved at both ends), which sum to (n - 1)/n, so its attributions are (n - 1)/n
+    times the trapezoid rule's used here (weights 1/(n - 1), halved at the ends; they sum to 1).
     """
 
     name = "integrated_gradients"
@@ -162,6 +166,7 @@ class IntegratedGradients(Explainer):
         base = resolve_baseline(self.config["baseline"], inputs)
         diff = inputs - base
         b = inputs.shape[0]
+        model = fast_forward(model)
         per_chunk = max(1, rows_per_pass(self.config["batch_size"]) // b)
         total = torch.zeros_like(inputs)
         a_all = torch.tensor(alphas, dtype=inputs.dtype, device=inputs.device)
@@ -193,7 +198,8 @@ class SmoothGrad(Explainer):
     Captum's order (samples of image 0, then of image 1, ...): on CPU it equals Captum's
     ``NoiseTunnel(...).attribute(nt_samples_batch_size=None)`` after ``torch.manual_seed(seed)``
     whenever C*H*W is a multiple of 16 (PyTorch draws normals in blocks of 16). Noisy rows go
-    through the model in chunks of ``batch_size``.
+    through the model (``fast_forward``: BatchNorm folded into the convolutions) in chunks of
+    ``batch_size``.
     """
 
     name = "smoothgrad"
@@ -217,6 +223,7 @@ class SmoothGrad(Explainer):
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inner = self.inner()
+        model = fast_forward(model)
         n, aggregate = int(self.config["samples"]), self.config["aggregate"]
         if aggregate not in ("mean", "mean_square", "variance"):
             raise InputError(f"unknown aggregate {aggregate!r}; known: mean, mean_square, variance")
@@ -261,7 +268,7 @@ class ActivationMaximization(Explainer):
     name = "activation_maximization"
     family = "gradient"
     space = "input"
-    params = {"steps": 100, "lr": 0.1, "l2": 1e-2, "init": "zeros", "jitter": 1e-2, "seed": 0,
+    params = {"steps": 100, "lr": 0.1, "l2": 1e-4, "init": "zeros", "jitter": 1e-2, "seed": 0,
               "batch_size": None}
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):

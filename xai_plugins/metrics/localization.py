@@ -7,7 +7,10 @@ relevance on a known shortcut.
   AUC (ROC of the map as a detector of mask pixels) and KL(mask || map).
 - ``shortcut``: the share of the relevance that falls on a known spurious region, e.g. the
   Clever Hans watermark of `shapes` (``context.spurious_masks``); ``shortcut.area`` is what a
-  uniform map would score and ``shortcut.ratio`` = share / area.
+  uniform map would score and ``shortcut.ratio`` = share / area. The region is dilated by
+  ``tolerance`` pixels (default: 1/16 of the image side), as the pointing game allows a tolerance
+  (Zhang et al. 2018: 15 px at 224 px): maps of CAM methods have the resolution of their layer and
+  cannot put all their relevance inside a small box. ``share_exact`` uses the region as given.
 """
 
 from __future__ import annotations
@@ -23,10 +26,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -
     Ties: the first maximum in raster order."""
     b, h, w = maps.shape
     idx = maps.reshape(b, -1).argmax(dim=1)
-    m = masks.bool()
-    if tolerance > 0:
-        k = 2 * tolerance + 1
-        m = torch.nn.functional.max_pool2d(m.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1) > 0
+    m = dilate(masks, tolerance)
     return m.reshape(b, -1).gather(1, idx.view(-1, 1)).squeeze(1).float()
 
 
@@ -36,6 +36,14 @@ def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     m = maps.clamp(min=0).reshape(maps.shape[0], -1)
     inside = (m * masks.reshape(masks.shape[0], -1).float()).sum(1)
     return inside / m.sum(1).clamp_min(1e-12)
+
+
+def dilate(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """Boolean B x H x W masks grown by ``tolerance`` pixels (square neighbourhood)."""
+    if tolerance <= 0:
+        return masks.bool()
+    k = 2 * tolerance + 1
+    return torch.nn.functional.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1) > 0
 
 
 def fit_masks(masks: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -84,16 +92,20 @@ class Shortcut(Metric):
     name = "shortcut"
     requires = ("spurious_masks",)
     higher_is_better = False
-    params = {}
+    params = {"tolerance": None}
 
     def compute(self, context: MetricContext) -> dict[str, float]:
         maps = context.explanation.maps.float().cpu()
-        regions = fit_masks(context.spurious_masks, maps)
+        exact = fit_masks(context.spurious_masks, maps)
+        tol = self.config["tolerance"]
+        tol = max(1, round(min(maps.shape[-2:]) / 16)) if tol is None else int(tol)
+        regions = dilate(exact, tol)
         share = relevance_mass(maps, regions)
         area = regions.reshape(regions.shape[0], -1).float().mean(1)
-        return {"share": float(share.mean()), "share_max": float(share.max()), "area": float(area.mean()),
+        return {"share": float(share.mean()), "share_max": float(share.max()),
+                "share_exact": float(relevance_mass(maps, exact).mean()), "area": float(area.mean()),
                 "ratio": float((share / area.clamp_min(1e-12)).mean()),
-                "pointing": float(pointing_game(maps, regions).mean())}
+                "pointing": float(pointing_game(maps, regions).mean()), "tolerance": tol}
 
 
 @hookimpl

@@ -17,9 +17,12 @@ matched one by one against the recorded call sequence; a call is served from the
 - no ``TorchFunctionMode`` (ReLU overrides of modified-backward methods) and no global module hook
   is active.
 
-A served output carries the gradient of the recorded forward: ``_Replay`` returns the cached
-value, and its backward pulls the incoming gradient through the kept graph to the input, so the
-input gradient is the one a live forward would give. Anything else runs live, unchanged.
+Served outputs carry the gradient of the recorded forward: they are outputs of one autograd node
+of the input (``_ReplayHub``) whose backward pulls all their incoming gradients through the kept
+graph to the input in a single backward pass, so the input gradient is the one a live forward
+would give. Anything else runs live, unchanged. Only forward work is saved: the input-gradient
+backward through the unchanged layers still runs once per re-explanation (each randomized model
+sends a different gradient through them).
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class PrefixCache:
             return original(*args, **kwargs)
         x = args[0]
         key = self._match(x)
-        if key is None or torch._C._is_torch_function_mode_enabled() or _global_hooks():
+        if key is None or _function_mode_active() or _global_hooks():
             return original(x)
         record = self._records.get(key)
         if record is None or not self._sufficient(record):
@@ -235,6 +238,13 @@ class PrefixCache:
 
 def _hooked(module: nn.Module) -> bool:
     return any(len(getattr(module, name, ())) for name in _HOOK_DICTS)
+
+
+def _function_mode_active() -> bool:
+    """A TorchFunctionMode (e.g. a ReLU override) changes what a forward computes: no serving.
+    Unknown (a torch without this private check): assume one is active."""
+    check = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    return True if check is None else bool(check())
 
 
 def _global_hooks() -> bool:

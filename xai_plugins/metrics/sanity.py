@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +117,8 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
     """Model parameter randomization test (Adebayo et al. 2018, section 3.1).
 
     ``explain(model, inputs, targets) -> Explanation`` re-runs the explainer under test (a metric
-    context's ``explain``). ``layers``: dotted module names, default every randomizable module;
-    they are randomized top down (the reverse of registration order). Runs on a private copy of
+    context's ``explain``). ``layers``: dotted module names listed from input to output (default
+    every randomizable module); they are randomized top down, the reverse of that list. Runs on a private copy of
     ``model``; ``cache`` serves the unchanged leading layers from a recorded forward.
     """
     if order not in ORDERS:
@@ -126,9 +127,9 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
     net = private_copy(model)
     modules = dict(net.named_modules())
     names = [n for n, _ in randomizable_layers(net)] if layers is None else list(layers)
-    unknown = [n for n in names if n not in modules]
+    unknown = [n for n in names if not callable(getattr(modules.get(n), "reset_parameters", None))]
     if unknown:
-        raise ValueError(f"model has no layer {unknown[0]!r}")
+        raise ValueError(f"model has no layer {unknown[0]!r} that can be re-initialized (reset_parameters)")
     if not names:
         raise ValueError("the model has no layer to randomize (no module with reset_parameters)")
     names = names[::-1]
@@ -158,18 +159,24 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
 
 
 # -- the data (label) randomization test -----------------------------------------------------------
-def label_randomization(explain: ExplainFn, model: nn.Module, train_inputs: torch.Tensor,
-                        train_labels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                        original: Explanation, similarities: tuple[str, ...] | list[str] = ("spearman",),
-                        epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
-                        seed: int = 0) -> tuple[dict[str, torch.Tensor], Explanation, float]:
-    """Data randomization test (Adebayo et al. 2018, section 3.2): the architecture of ``model``
-    re-initialized and trained on ``train_inputs`` (model-ready) with randomly permuted labels;
-    returns the per-image similarities to ``original``, the new explanation, and the accuracy
-    the new model reached on the permuted training labels."""
+_RETRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train_labels: torch.Tensor,
+                             epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
+                             seed: int = 0) -> tuple[nn.Module, float]:
+    """A frozen copy of ``model``'s architecture re-initialized and trained (core.train.train_model)
+    on ``train_inputs`` (model-ready) with randomly permuted labels, and the accuracy it reached on
+    those labels. The result depends on the architecture, data and settings only, not on the
+    model's weights: it is kept per model object, so every method of a run shares one training."""
     from core.preprocess import Preprocess
     from core.train import train_model
 
+    key = (tuple(train_inputs.shape), float(train_inputs.double().sum()), float(train_inputs.double().square().sum()),
+           int(train_labels.sum()), epochs, lr, batch_size, seed)
+    cached = _RETRAINED.setdefault(model, {})
+    if key in cached:
+        return cached[key]
     net = copy.deepcopy(model)
     device = next(iter(net.parameters())).device
     g = torch.Generator().manual_seed(seed)
@@ -190,6 +197,19 @@ def label_randomization(explain: ExplainFn, model: nn.Module, train_inputs: torc
         p.requires_grad_(False)
     with torch.no_grad():
         accuracy = float((net(data[0]).argmax(1) == data[1]).float().mean())
+    cached[key] = (net, accuracy)
+    return net, accuracy
+
+
+def label_randomization(explain: ExplainFn, model: nn.Module, train_inputs: torch.Tensor,
+                        train_labels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                        original: Explanation, similarities: tuple[str, ...] | list[str] = ("spearman",),
+                        epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
+                        seed: int = 0) -> tuple[dict[str, torch.Tensor], Explanation, float]:
+    """Data randomization test (Adebayo et al. 2018, section 3.2): explain ``inputs`` with the model
+    of ``train_on_permuted_labels``; returns the per-image similarities to ``original``, the new
+    explanation, and the accuracy that model reached on the permuted training labels."""
+    net, accuracy = train_on_permuted_labels(model, train_inputs, train_labels, epochs, lr, batch_size, seed)
     exp = explain(net, inputs, targets)
     return {s: similarity(s, original, exp) for s in similarities}, exp, accuracy
 
@@ -255,7 +275,7 @@ class Sanity(Metric):
     requires = ("explain",)
     higher_is_better = False
     params = {"cascading": True, "independent": True, "layers": None, "seed": 42,
-              "similarities": ["spearman", "spearman_signed", "ssim", "hog"], "max_images": 16, "cache": True,
+              "similarities": ["spearman", "spearman_signed", "ssim", "hog"], "max_images": 32, "cache": True,
               "figures": True, "grid_images": 3, "label_randomization": True, "label_max_params": 1_000_000,
               "label_samples": 512, "label_epochs": 10, "label_lr": 3e-3}
 

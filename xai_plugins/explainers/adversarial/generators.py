@@ -19,7 +19,7 @@ from .examples import display
 class TwoGenerators(nn.Module):
     """A shared encoder E and two decoders; g_s(x) = x + D_s(E(x)), g_a(x) = x + D_a(E(x)).
 
-    Residual outputs: both start at the identity, and since the map is their difference, the
+    Residual outputs: both start (nearly) at the identity, and since the map is their difference, the
     reconstruction error they share cancels (the point of subtracting two generated images)."""
 
     def __init__(self, channels: int = 3, width: int = 32):
@@ -34,7 +34,7 @@ class TwoGenerators(nn.Module):
     @staticmethod
     def _decoder(channels: int, width: int) -> nn.Sequential:
         last = nn.Conv2d(width, channels, 3, padding=1)
-        nn.init.zeros_(last.weight)
+        nn.init.normal_(last.weight, std=1e-3)  # near the identity, yet every layer gets gradients
         nn.init.zeros_(last.bias)
         return nn.Sequential(nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
                              nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), last)
@@ -48,19 +48,25 @@ class TwoGenerators(nn.Module):
         return x + similar, x + adversarial
 
 
-def runner_up(logits: torch.Tensor) -> torch.Tensor:
-    """The second most likely class: the adversarial generator's target (the opposite class when
-    there are two)."""
-    return logits.topk(2, dim=1).indices[:, 1]
+def margin(logits: torch.Tensor, label: torch.Tensor, kappa: float, keep_class: bool = True) -> torch.Tensor:
+    """Carlini & Wagner's hinge on the logit margin m = z_y - max_{k != y} z_k: mean of
+    relu(kappa - m) to keep class y, of relu(m + kappa) to leave it. It stops pushing once the
+    prediction is kept / changed by kappa, leaving the rest to the reconstruction term."""
+    z_y = logits.gather(1, label.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, label.view(-1, 1), float("-inf")).amax(1)
+    m = z_y - others
+    return torch.relu(kappa - m).mean() if keep_class else torch.relu(m + kappa).mean()
 
 
 class AdversarialGenerators(Explainer):
     """Two-generator explanation of Charachon et al. (2022; review Eq. 27): map = |g_s(x) - g_a(x)|.
 
     ``fit`` trains, with the model frozen, a shared encoder and two decoders on the fit data:
-    L_s = CE(f(g_s(x)), y) + rec * |g_s(x) - x|_1 keeps the model's prediction y = argmax f(x);
-    L_a = CE(f(g_a(x)), y') + rec * |g_a(x) - x|_1 moves it to y', the runner-up class (the paper's
-    binary setting flips to the other class); both generators share the latent space of E (our
+    L_s = h_keep(f(g_s(x)), y) + rec * |g_s(x) - x|_1 keeps the model's prediction y = argmax f(x);
+    L_a = h_leave(f(g_a(x)), y) + rec * |g_a(x) - x|_1 changes it (to the nearest other class; the
+    paper's binary setting flips to the other class), with Carlini & Wagner's logit-margin hinges
+    (``margin`` = kappa) in place of the paper's cross-entropies, so that a generator stops pushing
+    once its role is fulfilled; both generators share the latent space of E (our
     reading of "trained from the same adversarial space"). Adam (``lr``) for ``fit_steps`` batches of
     ``fit_batch``; checkpoints to ``checkpoint_path`` every 50 steps and resumes from it.
     ``attributions`` are g_s(x) - g_a(x); extras hold both generated images and their predictions.
@@ -70,21 +76,20 @@ class AdversarialGenerators(Explainer):
     family = "adversarial"
     space = "input"
     trainable = True
-    params = {"fit_steps": 300, "fit_batch": 64, "lr": 2e-3, "rec": 1.0, "width": 32, "seed": 0}
-    fit_params = ("fit_steps", "fit_batch", "lr", "rec", "width", "seed")
+    params = {"fit_steps": 400, "fit_batch": 32, "lr": 5e-3, "rec": 0.5, "margin": 1.0, "width": 16, "seed": 0}
+    fit_params = ("fit_steps", "fit_batch", "lr", "rec", "margin", "width", "seed")
 
     net: TwoGenerators | None = None
     checkpoint_path: Any = None
 
     def losses(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
-            logits = model(x)
-        keep, move = logits.argmax(1), runner_up(logits)
+            keep = model(x).argmax(1)
         similar, adversarial = self.net(x)
         out_s, out_a = model(similar), model(adversarial)
-        rec = self.config["rec"]
-        loss = F.cross_entropy(out_s, keep) + rec * (similar - x).abs().mean() + \
-            F.cross_entropy(out_a, move) + rec * (adversarial - x).abs().mean()
+        cfg = self.config
+        loss = margin(out_s, keep, cfg["margin"]) + cfg["rec"] * (similar - x).abs().mean() + \
+            margin(out_a, keep, cfg["margin"], keep_class=False) + cfg["rec"] * (adversarial - x).abs().mean()
         stats = {"keep_rate": float((out_s.argmax(1) == keep).float().mean()),
                  "change_rate": float((out_a.argmax(1) != keep).float().mean())}
         return loss, stats

@@ -99,27 +99,30 @@ class DeConvolve(Explainer):
         size = tuple(inputs.shape[-2:])
         k = int(self.config["top_k"])
         pos, neg = ev.top(k, positive=True), ev.top(k, positive=False)
-        pos_heat, neg_heat = ev.group_heat(pos, size), ev.group_heat(neg, size)
-        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
-        extra_images = {
-            "proportionate": superimpose.proportionate(images, pos_heat),
-            "encircled": superimpose.encircled(images, pos_heat, th, sg),
-            "negative_proportionate": superimpose.proportionate(images, neg_heat),
-            "negative_encircled": superimpose.encircled(images, neg_heat, th, sg, colour=(0.1, 0.3, 1.0)),
-        }
-        patterns = state.get("patterns")
-        if patterns is not None and len(pos[0]):
-            best = torch.tensor([row[0] if row else 0 for row in pos])
-            shown = filter_maps.display(patterns[best], size)
-            has = torch.tensor([bool(row) for row in pos]).view(-1, 1, 1, 1)
-            extra_images["top_filter_pattern"] = torch.where(has, shown, torch.zeros_like(shown))
         extras: dict[str, Any] = {"filter_scores": ev.scores.cpu(), "filter_evidence": ev.evidence.cpu(),
-                                  "images": extra_images, "layer": state["layer"]}
+                                  "images": self.superimposed(images, ev, pos, neg, size), "layer": state["layer"]}
         if "layer_scores" in state:
             t = targets.cpu()
             extras["layer_scores"] = {n: s[:, t].T.contiguous() for n, s in state["layer_scores"].items()}
         extras.update(self.describe(images, ev, pos, neg, targets, size))
         return ev.aggregate_map(), extras
+
+    def superimposed(self, images: torch.Tensor, ev: Evidence, pos: list[list[int]], neg: list[list[int]],
+                     size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The chosen positive (negative) filters' maps, |evidence|-weighted, superimposed both ways;
+        and the stored gradient-ascent pattern of each image's top positive filter."""
+        th, sg = float(self.config["threshold"]), float(self.config["sigma"])
+        pos_heat, neg_heat = ev.group_heat(pos, size), ev.group_heat(neg, size)
+        out = {"proportionate": superimpose.proportionate(images, pos_heat),
+               "encircled": superimpose.encircled(images, pos_heat, th, sg),
+               "negative_proportionate": superimpose.proportionate(images, neg_heat),
+               "negative_encircled": superimpose.encircled(images, neg_heat, th, sg, colour=(0.1, 0.3, 1.0))}
+        patterns = self.state.get("patterns") if self.state else None
+        if patterns is not None and any(pos):
+            shown = filter_maps.display(patterns[torch.tensor([row[0] if row else 0 for row in pos])], size)
+            has = torch.tensor([bool(row) for row in pos]).view(-1, 1, 1, 1)
+            out["top_filter_pattern"] = torch.where(has, shown, torch.zeros_like(shown))
+        return {n: v.detach().float().cpu() for n, v in out.items()}
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
         """The drawn map: the positive part of the aggregated filter evidence."""

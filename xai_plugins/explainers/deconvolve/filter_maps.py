@@ -1,11 +1,13 @@
 """Filter activation maps (DeConvolve, section 3.3): image-agnostic, per filter, by gradient ascent.
 
 "Performing gradient ascent on the inputs to the filter, using the corresponding class activation as
-the objective": for filter k of the layer, starting from a small seeded noise input, Adam ascends
+the objective": for filter k of the layer, starting from seeded noise, projected Adam ascends
 
-    mean over positions of A_k(x)  -  decay * mean(x^2)
+    mean over positions of A_k(x)   subject to   RMS(x) = ``rms``
 
-where A_k is the filter's channel of the layer's activation (its share of the class activation map;
+(every pattern has the same energy, so patterns of different filters are comparable and none wins
+by sheer contrast), blurring the input every ``blur_every`` steps (Yosinski et al.'s blur
+regularization, which keeps the pattern legible instead of high-frequency noise), where A_k is the filter's channel of the layer's activation (its share of the class activation map;
 the class enters through the filter's score, which says whether the pattern speaks for or against
 it). Optimizing in the model's input space lets the result be drawn next to, and compared with, the
 image. All filters ascend together (one input per filter, batched); the forward stops at the layer.
@@ -57,8 +59,8 @@ class _UpTo:
 
 
 def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
-                   steps: int = 50, lr: float = 0.05, decay: float = 1e-2, seed: int = 0,
-                   batch_size: int = 128) -> torch.Tensor:
+                   steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
+                   batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
     """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -68,17 +70,33 @@ def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], f
     with torch.enable_grad(), _UpTo(module) as upto:
         for sl in batch_slices(len(filters), batch_size):
             idx = torch.tensor(filters[sl], device=device)
-            x = (0.1 * torch.randn(len(idx), *input_shape, generator=gen)).to(device).requires_grad_()
+            x = _project(torch.randn(len(idx), *input_shape, generator=gen).to(device), rms).requires_grad_()
             opt = torch.optim.Adam([x], lr=lr)
-            for _ in range(int(steps)):
+            for step in range(int(steps)):
                 act = upto(model, x)
-                objective = act[torch.arange(len(idx), device=device), idx].mean(dim=(1, 2)) \
-                    - decay * x.pow(2).mean(dim=(1, 2, 3))
+                objective = act[torch.arange(len(idx), device=device), idx].mean(dim=(1, 2))
                 opt.zero_grad(set_to_none=True)
                 (-objective.sum()).backward()
                 opt.step()
+                with torch.no_grad():
+                    y = _blur(x) if blur_every and (step + 1) % blur_every == 0 else x
+                    x.copy_(_project(y, rms))
             out.append(x.detach())
     return torch.cat(out) if out else torch.zeros(0, *input_shape)
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """A 3 x 3 binomial blur of every channel (replicate padding)."""
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    k = (k[:, None] * k[None, :]) / 16
+    c = x.shape[1]
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(c, 1, 3, 3), groups=c)
+
+
+def _project(x: torch.Tensor, rms: float) -> torch.Tensor:
+    """Scale each sample to root-mean-square ``rms``."""
+    norm = x.pow(2).mean(dim=tuple(range(1, x.dim())), keepdim=True).sqrt().clamp_min(1e-12)
+    return x * (rms / norm)
 
 
 def shrink(patterns: torch.Tensor, max_side: int = 64) -> torch.Tensor:

@@ -52,8 +52,8 @@ class Decoder(nn.Module):
         self.register_buffer("latent_scale", torch.ones(()))
 
     def calibrate(self, latent_rms: float, mean_color: torch.Tensor) -> None:
-        """Start training well: unit-RMS latents in, and the output bias at the data's mean color
-        (so the untrained decoder already draws the mean image's colors, not grey)."""
+        """Start training well: unit-RMS latents in, and the output bias at the fit data's mean
+        color (the untrained decoder draws that color rather than grey)."""
         self.latent_scale.fill_(1.0 / max(float(latent_rms), 1e-6))
         with torch.no_grad():
             p = mean_color.float().clamp(0.02, 0.98).to(self.head.bias.device)

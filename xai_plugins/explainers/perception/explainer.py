@@ -17,9 +17,17 @@ map images to model inputs. Left at None, inputs in [0, 1] are used as they are 
 are mapped to [0, 1] by the fit data's per-channel range (see ``space``).
 
 Differences from the paper: the decoder is sized automatically for any latent/input shape
-(``decoder``); the loss terms are means instead of sums, MSE and DSIM scaled by constants of the fit
-data so that the alphas balance them (``training``); the paper's Grad-CAM layer is the inverted layer, so the saliency
-method receives PV's ``layer`` unless ``saliency_params`` names one.
+(``decoder``); the loss terms are means instead of sums, MSE
+and DSIM divided by constants of the fit data so that the alphas balance them (``training``); the
+paper's Grad-CAM layer is the inverted layer, so the saliency method receives PV's ``layer``
+unless ``saliency_params`` names one.
+
+Parameters: ``layer``; ``saliency`` (a map explainer's name) and ``saliency_params``; ``mean``,
+``std``; the loss weights ``alpha1..3`` and ``normalize_terms``; training: ``epochs``,
+``patience`` (early stopping on the held-out ``val_fraction`` of the fit data), ``lr``,
+``fit_batch_size``, ``seed``; decoder size: ``width``, ``min_width``, ``depth``. The decoder is
+fitted once per model version and set of these (``fit_params``) by ``core.fitting``, on the
+engine's ``fit_data`` (without it, on the explained inputs), and stored under ``XAI_FIT_DIR``.
 """
 
 from __future__ import annotations

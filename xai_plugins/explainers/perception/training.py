@@ -188,8 +188,6 @@ def train_decoder(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, i
             bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{score:.4f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
-        else:
-            outcome.stopped_early = bad >= cfg.patience and len(history) < cfg.epochs
     finally:
         bar.close()
     decoder.load_state_dict(outcome.best_state)

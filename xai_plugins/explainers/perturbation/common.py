@@ -16,7 +16,7 @@ OUTPUTS = ("logit", "probability")
 
 
 def resolve_baseline(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
-    """The replacement values for removed pixels, broadcastable to ``inputs`` (B x C x H x W).
+    """The replacement values for removed pixels: 1 x C x H x W (shared) or B x C x H x W.
 
     ``None``/"zeros": zeros (the mean of a normalized input: gray; Captum's default); a number: that
     constant; "mean": each image's per-channel mean; a tensor: C x H x W, 1 x C x H x W or B x C x H x W.
@@ -32,7 +32,7 @@ def resolve_baseline(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
         b = b.unsqueeze(0) if b.dim() == 3 else b
         if b.dim() == 4 and b.shape[0] in (1, inputs.shape[0]):
             try:
-                return torch.broadcast_to(b, inputs.shape)
+                return torch.broadcast_to(b, (b.shape[0], *inputs.shape[1:]))
             except RuntimeError:
                 pass
         raise InputError(f"baseline of shape {tuple(baseline.shape)} does not match inputs {tuple(inputs.shape)}")
@@ -65,15 +65,20 @@ def masked_scores(model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor
     1 keeps the pixel). All B * count copies run in forward passes of ``batch_size`` copies.
     """
     n_img = inputs.shape[0]
-    base = baseline.expand_as(inputs)
+    shared_base = baseline.shape[0] == 1
     out = torch.empty(n_img * count, device=inputs.device)
     with torch.no_grad():
         for sl in batch_slices(n_img * count, batch_size or n_img * count):
             flat = torch.arange(sl.start, sl.stop, device=inputs.device)
             b, k = flat // count, flat % count
             m = keep_mask(b, k).to(inputs.dtype)
-            x, r = inputs[b], base[b]
-            out[sl] = class_scores(model(r + m * (x - r)), targets[b], output)
+            if sl.start // count == (sl.stop - 1) // count:  # one image: broadcast instead of copying
+                image = sl.start // count
+                x, r = inputs[image:image + 1], baseline[0 if shared_base else image].unsqueeze(0)
+            else:
+                x = inputs.index_select(0, b)
+                r = baseline if shared_base else baseline.index_select(0, b)
+            out[sl] = class_scores(model(torch.lerp(r, x, m)), targets[b], output)
     return out.view(n_img, count)
 
 

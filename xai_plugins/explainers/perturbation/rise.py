@@ -13,8 +13,10 @@ from .common import generator, masked_scores, resolve_baseline
 
 class RandomMasks:
     """The N random masks of RISE (section 3.2), made on demand in chunks so N x H x W never has to
-    sit in memory: an s x s binary grid (cells kept with probability p), bilinearly upsampled to
+    sit in memory (they are cached when they fit in ``CACHE_ELEMENTS`` floats): an s x s binary grid (cells kept with probability p), bilinearly upsampled to
     (s + 1) * ceil(H / s) and cropped at a random shift in [0, cell) along each axis."""
+
+    CACHE_ELEMENTS = 2**25
 
     def __init__(self, count: int, grid: int, keep: float, size: tuple[int, int], gen: torch.Generator,
                  device: torch.device):
@@ -25,12 +27,18 @@ class RandomMasks:
         self.grid = (torch.rand(count, 1, grid, grid, generator=gen, device=device) < keep).float()
         self.shift_y = torch.randint(0, self.cell[0], (count,), generator=gen, device=device)
         self.shift_x = torch.randint(0, self.cell[1], (count,), generator=gen, device=device)
+        self.cache: torch.Tensor | None = None
+        if count * height * width <= self.CACHE_ELEMENTS:
+            self.cache = torch.cat([self.make(k) for k in torch.arange(count, device=device).split(256)])
 
     def __len__(self) -> int:
         return self.grid.shape[0]
 
     def __call__(self, k: torch.Tensor) -> torch.Tensor:
         """Masks ``k`` (n x 1 x H x W, values in [0, 1])."""
+        return self.make(k) if self.cache is None else self.cache[k]
+
+    def make(self, k: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(self.grid[k], size=self.up, mode="bilinear", align_corners=False)[:, 0]
         ar_y = torch.arange(self.size[0], device=k.device)
         ar_x = torch.arange(self.size[1], device=k.device)

@@ -11,7 +11,7 @@ from torch import nn
 
 from xai_plugins import Explainer
 
-from .common import generator, masked_scores, model_scores, resolve_baseline
+from .common import generator, masked_scores, resolve_baseline
 from .segments import given_segments, paint, slic_segments
 
 
@@ -47,7 +47,9 @@ class SuperpixelSurrogate(Explainer):
         gen = generator(cfg["seed"], torch.device("cpu"))
         designs = [self.coalitions(m, gen) for m in counts]
         n_max, m_max = max(z.shape[0] for z, _ in designs), max(counts)
-        z_all = torch.ones(len(counts), n_max, m_max)
+        # rows n_max and n_max + 1: the full image (z = 1) and the baseline (z = 0), in the same passes
+        z_all = torch.ones(len(counts), n_max + 2, m_max)
+        z_all[:, -1] = 0.0
         for b, (z, _) in enumerate(designs):
             z_all[b, :z.shape[0], :z.shape[1]] = z
         z_all = z_all.to(inputs.device)
@@ -56,9 +58,8 @@ class SuperpixelSurrogate(Explainer):
             return z_all[b, k].gather(1, segments[b].flatten(1)).view(-1, 1, *inputs.shape[-2:])
 
         baseline = resolve_baseline(cfg["baseline"], inputs)
-        scores = masked_scores(model, inputs, baseline, targets, n_max, keep, cfg["batch_size"], cfg["output"])
-        full = model_scores(model, inputs, targets, cfg["output"], cfg["batch_size"])
-        empty = model_scores(model, baseline.expand_as(inputs), targets, cfg["output"], cfg["batch_size"])
+        scores = masked_scores(model, inputs, baseline, targets, n_max + 2, keep, cfg["batch_size"], cfg["output"])
+        full, empty = scores[:, -2], scores[:, -1]
         values = torch.zeros(len(counts), m_max, device=inputs.device)
         per_image = []
         for b, (z, w) in enumerate(designs):

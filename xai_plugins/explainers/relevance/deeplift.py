@@ -44,8 +44,16 @@ from torch.overrides import TorchFunctionMode
 
 from .canonizers import batch_norm_args
 from .lrp import eval_mode
-from .ops import (ACTIVATION_FUNCS, CONV_FUNCS, MAXPOOL_FUNCS, LinearOp, activation_fn, add_operands,
-                  first_arg, is_relu_call)
+from .ops import (
+    ACTIVATION_FUNCS,
+    CONV_FUNCS,
+    MAXPOOL_FUNCS,
+    LinearOp,
+    activation_fn,
+    add_operands,
+    first_arg,
+    is_relu_call,
+)
 
 _LINEAR_FUNCS = frozenset({*CONV_FUNCS, F.linear})
 _POOL_WITH_INDICES = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}

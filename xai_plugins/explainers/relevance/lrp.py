@@ -28,11 +28,26 @@ from torch.overrides import TorchFunctionMode
 
 from . import canonizers as canon
 from .composites import COMPOSITES, Composite, LayerInfo, make_composite
-from .ops import (ACTIVATION_FUNCS, AVGPOOL_FUNCS, CONV_FUNCS, LinearOp, activation_fn, add_operands,
-                  first_arg, is_relu_call, version_key)
+from .ops import (
+    ACTIVATION_FUNCS,
+    AVGPOOL_FUNCS,
+    CONV_FUNCS,
+    MAXPOOL_FUNCS,
+    LinearOp,
+    activation_fn,
+    add_operands,
+    first_arg,
+    is_relu_call,
+    version_key,
+)
 from .rules import RULES, Rule
 
 _LINEAR_FUNCS = frozenset({*CONV_FUNCS, torch.nn.functional.linear})
+# operations whose output is non-negative when their input is (tracked so that rules can skip the
+# a^- terms without looking at the data)
+_KEEPS_SIGN = frozenset({*MAXPOOL_FUNCS, *AVGPOOL_FUNCS, torch.flatten, torch.Tensor.flatten, torch.Tensor.view,
+                         torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
+                         torch.nn.functional.dropout, torch.nn.functional.adaptive_max_pool2d})
 
 
 @contextlib.contextmanager
@@ -51,10 +66,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 class _Node:
     """One linear-layer call: its operator, rule, and (when a batch norm follows) folding."""
 
-    __slots__ = ("op", "rule", "info", "session", "fold", "y_ref")
+    __slots__ = ("op", "rule", "info", "session", "fold", "y_ref", "nonneg")
 
-    def __init__(self, op: LinearOp, rule: Rule, info: LayerInfo, session: _Session):
-        self.op, self.rule, self.info, self.session = op, rule, info, session
+    def __init__(self, op: LinearOp, rule: Rule, info: LayerInfo, session: _Session, nonneg: bool | None):
+        self.op, self.rule, self.info, self.session, self.nonneg = op, rule, info, session, nonneg
         self.fold: tuple[torch.Tensor, torch.Tensor, dict] | None = None
         self.y_ref: torch.Tensor | None = None
 
@@ -68,9 +83,11 @@ class _Node:
         else:
             weight, bias = op.weight, op.bias
             versions = version_key(op.weight, op.bias)
-        key = ("rule", id(op.weight), self.fold is not None, op.groups, self.rule.key())
-        prepared = canon.cached(cache, key, versions, lambda: self.rule.prepare(op, weight, bias))
-        result = self.rule.relevance(op, x, y, prepared, relevance)
+        # one entry per layer (the latest rule's): modified copies of large layers do not pile up
+        key = ("rule", id(op.weight), self.fold is not None, op.groups)
+        prepared = canon.cached(cache, key, versions + (self.rule.key(),),
+                                lambda: self.rule.prepare(op, weight, bias))
+        result = self.rule.relevance(op, x, y, prepared, relevance, self.nonneg)
         self.session.record(self.info.name, result)
         return result
 
@@ -108,6 +125,7 @@ class _Session:
         self.kind_count = {"conv": 0, "linear": 0}
         self.names: dict[str, int] = {}
         self.outputs: dict[int, tuple[torch.Tensor, _Node]] = {}
+        self.nonneg: dict[int, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor | None] = {}
 
     def layer_info(self, op: LinearOp) -> LayerInfo:
@@ -121,6 +139,14 @@ class _Session:
         self.count += 1
         self.kind_count[op.kind] += 1
         return info
+
+    def is_nonneg(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and self.nonneg.get(id(t)) is t
+
+    def mark_nonneg(self, t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            self.nonneg[id(t)] = t
+        return t
 
     def record(self, name: str, relevance: torch.Tensor) -> None:
         self.sums[name] = relevance.detach().flatten(1).sum(1)
@@ -142,9 +168,10 @@ class _RelevanceMode(TorchFunctionMode):
             rule = s.composite.rule_for(info)
             if rule is None:
                 return func(*args, **kwargs)
-            node = _Node(op, rule, info, s)
+            x = first_arg(args, kwargs)
+            node = _Node(op, rule, info, s, True if s.is_nonneg(x) else None)
             s.sums[info.name] = None  # keeps the forward order
-            y = _LayerFn.apply(first_arg(args, kwargs), node)
+            y = _LayerFn.apply(x, node)
             s.outputs[id(y)] = (y, node)
             return y
         if func is torch.nn.functional.batch_norm:
@@ -160,8 +187,10 @@ class _RelevanceMode(TorchFunctionMode):
                 node.y_ref = out.detach()
                 return out
             return canon.PassFn.apply(x, lambda t: func(t, **rest))
-        if is_relu_call(func, args, kwargs) or func in ACTIVATION_FUNCS:
-            return canon.PassFn.apply(first_arg(args, kwargs), activation_fn(func, args, kwargs))
+        relu = is_relu_call(func, args, kwargs)
+        if relu or func in ACTIVATION_FUNCS:
+            out = canon.PassFn.apply(first_arg(args, kwargs), activation_fn(func, args, kwargs))
+            return s.mark_nonneg(out) if relu else out
         if s.canonize:
             operands = add_operands(func, args, kwargs)
             if operands is not None:
@@ -169,8 +198,16 @@ class _RelevanceMode(TorchFunctionMode):
         if func in AVGPOOL_FUNCS:
             rest = args[1:]
             kw = {k: v for k, v in kwargs.items() if k != "input"}
-            return canon.NormFn.apply(first_arg(args, kwargs), lambda t: func(t, *rest, **kw), s.stabilizer)
-        return func(*args, **kwargs)
+            x = first_arg(args, kwargs)
+            out = canon.NormFn.apply(x, lambda t: func(t, *rest, **kw), s.stabilizer)
+            return s.mark_nonneg(out) if s.is_nonneg(x) else out
+        out = func(*args, **kwargs)
+        if args and s.is_nonneg(args[0]):
+            if func in _KEEPS_SIGN:
+                s.mark_nonneg(out)
+            elif out is args[0] or out is None:  # modified in place (x -= 1, x[i] = v): no longer known
+                s.nonneg.pop(id(args[0]), None)
+        return out
 
 
 class _CountMode(TorchFunctionMode):
@@ -211,6 +248,7 @@ def lrp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite
             with _RelevanceMode(session):
                 logits = model(x)
             session.outputs.clear()
+            session.nonneg.clear()
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                 raise ValueError("LRP needs a model returning B x classes logits")
             index = targets.to(logits.device).long().view(-1, 1)

@@ -130,19 +130,35 @@ class LinearOp:
             return bias
         return bias.view(1, -1, *([1] * (ndim - 2)))
 
-    def vjp(self, grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """W^T grad: the layer's backward with respect to its input (no weight gradient)."""
+    def vjp(self, grad: torch.Tensor, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """W^T grad: the layer's backward with respect to its input (no weight gradient). ``like``:
+        a tensor shaped like the layer's input (its values are not read)."""
         if self.kind == "linear":
             return grad.matmul(weight)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
         if isinstance(self.padding, str):  # padding="same": let autograd work out the padding
             with torch.enable_grad():
-                probe = torch.zeros(input_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+                probe = torch.zeros_like(like, requires_grad=True)
                 out = self(probe, weight.detach(), None)
                 return torch.autograd.grad(out, probe, grad)[0]
-        stub = grad.new_empty(1).expand(input_shape)
+        if not like.is_contiguous():
+            like = like.contiguous()
         return torch.ops.aten.convolution_backward(
-            grad, stub, weight, None, list(self.stride), list(self.padding), list(self.dilation), False,
+            grad, like, weight, None, list(self.stride), list(self.padding), list(self.dilation), False,
             [0] * self.nd, self.groups, [True, False, False])[0]
+
+    def stacked_view(self, out: torch.Tensor, parts: int) -> torch.Tensor:
+        """An output of ``parts`` weight stacks, viewed with the stack as its own dimension (after the
+        batch dimension for convolutions, before the features for linear layers), so that a
+        per-output tensor broadcasts against every part (``unsqueeze(stack_dim)``)."""
+        if self.kind == "linear":
+            return out.view(*out.shape[:-1], parts, out.shape[-1] // parts)
+        return out.view(out.shape[0], parts, out.shape[1] // parts, *out.shape[2:])
+
+    @property
+    def stack_dim(self) -> int:
+        return -2 if self.kind == "linear" else 1
 
     def split(self, out: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         return list(out.split(sizes, dim=self.channel_dim)) if len(sizes) > 1 else [out]

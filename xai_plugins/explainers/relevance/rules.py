@@ -29,7 +29,8 @@ W + gamma W^- symmetrically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,8 +42,8 @@ def stabilize(z: torch.Tensor, eps: float | None) -> torch.Tensor:
     """Zennit's stabilizer: ``z + eps * sign(z)`` with sign(0) = +1. ``eps=None`` (LRP-0): exact
     division, where z == 0 the quotient is 0 (the denominator becomes infinite)."""
     if eps is None:
-        return torch.where(z == 0, torch.full_like(z, float("inf")), z)
-    return torch.where(z >= 0, z + eps, z - eps)
+        return torch.where(z == 0, float("inf"), z)
+    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
 
 
 _MODIFIERS = {
@@ -95,11 +96,18 @@ class _Chunk:
 
 @dataclass
 class Prepared:
-    """A rule's modified parameters for one layer, stacked per input (cached per model)."""
+    """A rule's modified parameters for one layer (cached per model): the shortcut's (``fast``) and,
+    built on first use only, the generic per-input stacks (forward chunks, backward chunks, the
+    indices of unmodified terms) -- a layer that always takes the shortcut never pays for them."""
 
-    forward: list[_Chunk]
-    backward: list[_Chunk]
-    identity: list[int]
+    build: Callable[[], tuple[list[_Chunk], list[_Chunk], list[int]]]
+    fast: tuple | None = None
+    _generic: tuple | None = field(default=None, repr=False)
+
+    def generic(self) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
+        if self._generic is None:
+            self._generic = self.build()
+        return self._generic
 
 
 class Rule:
@@ -115,7 +123,7 @@ class Rule:
         return None
 
     def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Any,
-                  relevance: torch.Tensor) -> torch.Tensor:
+                  relevance: torch.Tensor, nonneg: bool | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -126,11 +134,14 @@ class BasicRule(Rule):
     """A rule given by its terms and denominators (see the module docstring)."""
 
     def __init__(self, name: str, terms: list[Term], groups: list[Group], gamma: float = 0.0,
-                 low: Any = None, high: Any = None, input_layer_only: bool = False):
+                 low: Any = None, high: Any = None, input_layer_only: bool = False, fast: str | None = None):
         self.name, self.terms, self.groups, self.gamma = name, tuple(terms), tuple(groups), float(gamma)
         self.low, self.high = low, high
         self.input_layer_only = input_layer_only
         self._signed = any(t.input in ("pos", "neg") for t in self.terms)
+        # a shortcut with the same result: "identity" (one unmodified term), "alpha_beta" and
+        # "gamma" (on non-negative inputs, where the a^- terms vanish)
+        self.fast = fast
 
     def key(self) -> tuple:
         return (self.name, self.terms, self.groups, self.gamma)
@@ -142,13 +153,18 @@ class BasicRule(Rule):
     def prepare(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> Prepared:
         weight = weight.detach()
         bias = bias.detach() if bias is not None else None
+        identity = [i for i, t in enumerate(self.terms) if self._is_identity(t, bias)]
+        return Prepared(lambda: self._prepare_generic(op, weight, bias, identity),
+                        self._prepare_fast(op, weight, bias, identity))
+
+    def _prepare_generic(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None,
+                         identity: list[int]) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
         mod_w = [_MODIFIERS[t.weight](weight, self.gamma) for t in self.terms]
         mod_b = [_MODIFIERS[t.bias](bias, self.gamma) if (t.bias is not None and bias is not None) else None
                  for t in self.terms]
         by_key: dict[str, list[int]] = {}
         for i, t in enumerate(self.terms):
             by_key.setdefault(t.input, []).append(i)
-        identity = [i for i, t in enumerate(self.terms) if self._is_identity(t, bias)]
         stack = op.groups == 1  # stacking along output channels breaks grouped convolutions
 
         def chunks(indices: list[int], key: str, with_bias: bool) -> list[_Chunk]:
@@ -169,7 +185,57 @@ class BasicRule(Rule):
         for key, indices in by_key.items():
             forward += chunks([i for i in indices if i not in identity], key, True)
             backward += chunks(indices, key, False)
-        return Prepared(forward, backward, identity)
+        return forward, backward, identity
+
+    def _prepare_fast(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None,
+                      identity: list[int]) -> tuple | None:
+        if self.fast == "identity" and identity == [0] and len(self.terms) == 1:
+            return ("identity", weight)
+        if self.fast not in ("alpha_beta", "gamma") or op.groups != 1:
+            return None
+        eps = self.groups[0].stabilizer or 0.0
+        use_bias = bias is not None and self.terms[0].bias is not None
+        zeros = weight.new_zeros(weight.shape[0])
+        if self.fast == "alpha_beta":
+            alpha = self.terms[0].coef
+            beta = -self.terms[2].coef if len(self.terms) > 2 else 0.0
+            w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+            b_pos = bias.clamp(min=0) if use_bias else zeros
+            b_neg = bias.clamp(max=0) if use_bias else zeros
+            if not beta:
+                return ("alpha_beta", w_pos, b_pos + eps, alpha * w_pos if alpha != 1 else w_pos, 1)
+            # z+ >= 0 and z- <= 0 on non-negative inputs: the stabilizer is a constant shift, folded
+            # into the bias (where z = 0 every product is 0, so the sign given to eps does not matter)
+            return ("alpha_beta", torch.cat([w_pos, w_neg]), torch.cat([b_pos + eps, b_neg - eps]),
+                    torch.cat([alpha * w_pos, -beta * w_neg]), 2)
+        g = self.gamma
+        w_pp, w_pn = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
+        b_pp = bias + g * bias.clamp(min=0) if use_bias else zeros
+        b_pn = bias + g * bias.clamp(max=0) if use_bias else zeros
+        # on non-negative inputs z(W + gW+) >= y > 0 where y > 0 and z(W + gW-) <= y < 0 where y < 0
+        w = torch.cat([w_pp, w_pn])
+        return ("gamma", w, torch.cat([b_pp + eps, b_pn - eps]), w, 2)
+
+    def _relevance_fast(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, fast: tuple,
+                        relevance: torch.Tensor, nonneg: bool | None) -> torch.Tensor | None:
+        if fast[0] == "identity":
+            g = relevance / stabilize(y, self.groups[0].stabilizer)
+            return op.vjp(g, fast[1], x).mul_(x)
+        if nonneg is None:
+            nonneg = not bool((x < 0).any())
+        if not nonneg:
+            return None
+        _, w_fwd, b_fwd, w_bwd, parts = fast
+        grad = op(x, w_fwd, b_fwd).reciprocal_()
+        if parts == 1:
+            grad.mul_(relevance)
+        elif fast[0] == "alpha_beta":
+            op.stacked_view(grad, 2).mul_(relevance.unsqueeze(op.stack_dim))
+        else:
+            view = op.stacked_view(grad, 2)
+            view.select(op.stack_dim, 0).mul_(torch.where(y > 0, relevance, 0.0))
+            view.select(op.stack_dim, 1).mul_(torch.where(y < 0, relevance, 0.0))
+        return op.vjp(grad, w_bwd, x).mul_(x)
 
     # -- inputs ----------------------------------------------------------------------------------
     def _bound(self, value: Any, x: torch.Tensor, low: bool) -> torch.Tensor:
@@ -203,12 +269,18 @@ class BasicRule(Rule):
 
     # -- relevance -------------------------------------------------------------------------------
     def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Prepared,
-                  relevance: torch.Tensor) -> torch.Tensor:
+                  relevance: torch.Tensor, nonneg: bool | None = None) -> torch.Tensor:
+        """Input relevance; ``nonneg``: whether x >= 0 is known (None: check)."""
+        if prepared.fast is not None:
+            result = self._relevance_fast(op, x, y, prepared.fast, relevance, nonneg)
+            if result is not None:
+                return result
+        forward, backward, identity = prepared.generic()
         inputs = self._inputs(x)
         outs: list[torch.Tensor | None] = [None] * len(self.terms)
-        for i in prepared.identity:
+        for i in identity:
             outs[i] = y
-        for chunk in prepared.forward:
+        for chunk in forward:
             inp = inputs[chunk.key]
             if inp is None:  # identically zero input: the term is its bias alone
                 for i, b in zip(chunk.terms, chunk.biases):
@@ -229,12 +301,12 @@ class BasicRule(Rule):
                 continue
             g = relevance / stabilize(den.expand_as(relevance), group.stabilizer)
             if group.mask == "pos":
-                g = g * (y > 0)
+                g = torch.where(y > 0, g, 0.0)
             elif group.mask == "neg":
-                g = g * (y < 0)
+                g = torch.where(y < 0, g, 0.0)
             grads.append(g)
         result = None
-        for chunk in prepared.backward:
+        for chunk in backward:
             inp = inputs[chunk.key]
             if inp is None:
                 continue
@@ -245,7 +317,7 @@ class BasicRule(Rule):
                 if g is None:
                     g = torch.zeros_like(relevance)
                 parts.append(g if t.coef == 1 else t.coef * g)
-            back = op.vjp(op.cat(parts), chunk.weight, x.shape)
+            back = op.vjp(op.cat(parts), chunk.weight, x)
             contribution = back if chunk.key == "ones" else inp * back
             result = contribution if result is None else result + contribution
         return result if result is not None else torch.zeros_like(x)
@@ -254,12 +326,13 @@ class BasicRule(Rule):
 # -- the rules ---------------------------------------------------------------------------------------
 def zero(zero_bias: bool = False) -> BasicRule:
     """LRP-0 (review Eq. 12): R_i = sum_j a_i w_ij / (sum_q a_q w_qj + b_j) R_j."""
-    return BasicRule("zero", [Term("x", "id", None if zero_bias else "id")], [Group(None)])
+    return BasicRule("zero", [Term("x", "id", None if zero_bias else "id")], [Group(None)], fast="identity")
 
 
 def epsilon(eps: float = 1e-6, zero_bias: bool = False) -> BasicRule:
     """LRP-epsilon (review Eq. 13), with the denominator z + eps * sign(z) (Zennit ``Epsilon``)."""
-    return BasicRule("epsilon", [Term("x", "id", None if zero_bias else "id")], [Group(float(eps))])
+    return BasicRule("epsilon", [Term("x", "id", None if zero_bias else "id")], [Group(float(eps))],
+                     fast="identity")
 
 
 def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
@@ -270,7 +343,7 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False
     terms = [Term("pos", "gamma_pos", nb, 0), Term("neg", "gamma_neg", None, 0),
              Term("pos", "gamma_neg", nbn, 1), Term("neg", "gamma_pos", None, 1)]
     return BasicRule("gamma", terms, [Group(float(stabilizer), "pos"), Group(float(stabilizer), "neg")],
-                     gamma=gamma)
+                     gamma=gamma, fast="gamma")
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
@@ -286,8 +359,7 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
         terms += [Term("pos", "neg", None if zero_bias else "neg", 1, 1.0, -float(beta)),
                   Term("neg", "pos", None, 1, 1.0, -float(beta))]
         groups.append(Group(float(stabilizer)))
-    rule = BasicRule("alpha_beta", terms, groups)
-    return rule
+    return BasicRule("alpha_beta", terms, groups, fast="alpha_beta")
 
 
 def z_plus(stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:

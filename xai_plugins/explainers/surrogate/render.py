@@ -80,7 +80,7 @@ def draw_tree(node_images: torch.Tensor, leaves: torch.Tensor, title: str,
         ax.imshow(strip, interpolation="nearest", aspect="auto")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"node {node}", fontsize=7, pad=1)
+        ax.set_title(f"node {node}" + (": left | right" if img.shape[0] == 2 else ""), fontsize=7, pad=1)
     for leaf in range(n_leaves):
         x, y = centre(n_leaves - 1 + leaf)
         ax = fig.add_axes(((x - 0.4) / n_leaves, (y - 0.3 + 0.2) / (depth + 1.2), 0.8 / n_leaves, 0.6 / (depth + 1.2)))

@@ -1,0 +1,93 @@
+"""A faster stand-in for a model, for methods that run it many times on one batch (integrated
+gradients, SmoothGrad, Score-CAM): same function, same gradients with respect to the input.
+
+- eval-mode BatchNorm folded into the convolution before it (``torch.fx``; a private copy, the
+  user's model is never touched), when the model has BatchNorm and can be traced;
+- on CPU, for passes without gradients, inputs in channels-last memory format (oneDNN
+  convolutions run faster on it). Not with gradients: with PyTorch 2.14 on CPU, float32 input
+  gradients of ResNet-18 on channels-last inputs came out up to 7 % off (float64 and contiguous
+  float32 agree to 1e-6), so gradient passes keep the contiguous layout.
+
+Any failure of the fast path (a model that cannot be traced, a ``view`` that rejects
+channels-last tensors, ...) falls back to the model itself, for good: results never depend on it,
+up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+from torch import nn
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NO_FAST_PATH: weakref.WeakSet = weakref.WeakSet()  # models on which the fast path failed once
+
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, folded copy)
+
+
+def _state_key(model: nn.Module) -> tuple:
+    tensors = model.state_dict(keep_vars=True).values()
+    return (model.training, *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
+
+
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy with eval-mode BatchNorm folded into the preceding convolutions, kept (one copy per
+    model) until a parameter or buffer of the model changes; the model itself when there is no
+    BatchNorm or the model cannot be copied and traced."""
+    if not any(isinstance(m, _BN) for m in model.modules()):
+        return model
+    key = _state_key(model)
+    hit = _FOLDED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+    except Exception:  # noqa: BLE001 - untraceable or uncopyable model: no folding
+        return model
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    _FOLDED[model] = (key, folded)
+    return folded
+
+
+class FastForward(nn.Module):
+    """Call like the model: ``fast = FastForward(model); logits = fast(x)``.
+
+    Only for forward passes on inputs (and gradients with respect to them): hooks or layer
+    captures must go on the original model, whose modules the folded copy does not share.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.original = model
+        self.folded = None if model in _NO_FAST_PATH else _fold_batchnorm(model)
+        self.checked = False
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded is None:
+            return self.original(x)
+        if self.checked:
+            return self.folded(self._layout(x))
+        try:
+            out = self.folded(self._layout(x))
+        except Exception:  # noqa: BLE001 - fall back to the model as it is
+            _NO_FAST_PATH.add(self.original)
+            self.folded = None
+            return self.original(x)
+        self.checked = True
+        return out
+
+
+def fast_forward(model: nn.Module) -> nn.Module:
+    """The model itself, or a faster equivalent for repeated forward/backward passes on inputs."""
+    return model if isinstance(model, FastForward) else FastForward(model)

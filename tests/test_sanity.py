@@ -1,0 +1,208 @@
+"""Sanity checks (Adebayo et al.): randomization curves, their agreement with Quantus, the prefix
+cache, the gate on them, and the user's model left bit-identical."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.api import explain
+from core.plugins import PluginHost
+from core.policy import evaluate
+from core.workflow import run
+from xai_plugins import Explainer, hookimpl
+from xai_plugins.metrics.sanity import parameter_randomization, randomizable_layers
+
+
+class EdgeDetector(Explainer):
+    """A deliberately insensitive "explainer": the Sobel edge magnitude of the input, whatever the
+    model (the kind of method Adebayo et al.'s randomization test exposes)."""
+
+    name = "edge_detector"
+    space = "map"
+    params = {}
+
+    def explain(self, model, inputs, targets):
+        gray = inputs.mean(dim=1, keepdim=True)
+        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=inputs.device).view(1, 1, 3, 3)
+        gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx)
+        gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx.transpose(2, 3))
+        return (gx ** 2 + gy ** 2).sqrt()
+
+
+@hookimpl
+def xai_explainers():
+    return [EdgeDetector]
+
+
+@pytest.fixture(scope="module")
+def host():
+    """A plugin host with the built-ins and the insensitive test plugin registered."""
+    h = PluginHost(load_entry_points=False)
+    h.pm.register(sys.modules[__name__], name="test_insensitive_explainer")
+    h._classes = None
+    return h
+
+
+def snapshot(model):
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    forwards = [m.__dict__.get("forward") for m in model.modules()]
+    return state, flags, grads, forwards
+
+
+def assert_unchanged(model, snap):
+    state, flags, grads, forwards = snap
+    now = model.state_dict(keep_vars=True)
+    assert set(now) == set(state)
+    for k, v in state.items():
+        assert torch.equal(now[k].detach(), v), f"{k} changed"
+    assert flags == [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                     for m in model.modules()]
+    assert grads == [p.requires_grad for p in model.parameters()]
+    assert forwards == [m.__dict__.get("forward") for m in model.modules()]
+
+
+def saliency_fn(model, x, t):
+    return explain(model, x, t, method="saliency", progress=False)
+
+
+def grad_cam_fn(model, x, t):
+    return explain(model, x, t, method="grad_cam", progress=False)
+
+
+@pytest.mark.parametrize("fixture", ["residual_net", "functional_relu_cnn", "resnet18"])
+def test_prefix_cache_gives_exactly_the_uncached_curve(fixture, request, images32):
+    model = request.getfixturevalue(fixture)
+    x = images32[:1]
+    t = torch.tensor([1])
+    for fn in (saliency_fn, grad_cam_fn) if fixture != "resnet18" else (saliency_fn,):
+        original = fn(model, x, t)
+        fast = parameter_randomization(fn, model, x, t, original, "cascading", similarities=("spearman",))
+        slow = parameter_randomization(fn, model, x, t, original, "cascading", similarities=("spearman",),
+                                       cache=False)
+        assert fast.layers == slow.layers == [n for n, _ in randomizable_layers(model)][::-1]
+        for a, b in zip(fast.maps, slow.maps):
+            assert torch.allclose(a, b, atol=1e-5)
+        if fn is saliency_fn:
+            assert fast.reused_calls > 0 and slow.reused_calls == 0
+
+
+def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_cnn, shapes_probe):
+    model = trained_cnn.model
+    model.train()  # a model left in training mode by its user stays so
+    model.classifier.register_forward_hook(lambda *a: None)
+    snap = snapshot(model)
+    x = trained_cnn.preprocess.normalize(shapes_probe.images[:4])
+    t = torch.zeros(4, dtype=torch.long)
+    try:
+        for order in ("cascading", "independent"):
+            parameter_randomization(saliency_fn, model, x, t, None, order, similarities=("spearman", "ssim"))
+            assert_unchanged(model, snap)
+        calls = []
+
+        def failing(m, xx, tt):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("explainer broke mid-way")
+            return saliency_fn(m, xx, tt)
+
+        with pytest.raises(RuntimeError, match="mid-way"):
+            parameter_randomization(failing, model, x, t, None, "independent")
+        assert_unchanged(model, snap)
+    finally:
+        model._forward_hooks.clear()
+        model.eval()
+
+
+def test_mprt_agrees_with_quantus(trained_cnn, shapes_probe):
+    import quantus
+
+    model = trained_cnn.model
+    x = trained_cnn.preprocess.normalize(shapes_probe.images[:6])
+    t = model(x).argmax(1)
+
+    def quantus_explain(model, inputs, targets, **kwargs):
+        return saliency_fn(model, torch.as_tensor(inputs), torch.as_tensor(targets)).maps.unsqueeze(1).numpy()
+
+    original = saliency_fn(model, x, t)
+    for ours_order, their_order in (("cascading", "top_down"), ("independent", "independent")):
+        ours = parameter_randomization(saliency_fn, model, x, t, original, ours_order, seed=42,
+                                       similarities=("spearman",))
+        metric = quantus.MPRT(layer_order=their_order, seed=42, disable_warnings=True)
+        theirs = metric(model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=original.maps.unsqueeze(1).numpy(),
+                        explain_func=quantus_explain, device="cpu")
+        layers = [k for k in theirs if k != "original"]
+        assert sorted(layers) == sorted(ours.layers) and len(layers) == 4
+        if ours_order == "cascading":
+            assert layers == ours.layers  # the same top-down order
+        for layer, per_image in zip(ours.layers, ours.scores["spearman"]):
+            assert np.allclose(theirs[layer], per_image.numpy(), atol=1e-4), layer
+
+
+@pytest.fixture(scope="module")
+def sanity_run(trained_cnn, shapes_probe, host, tmp_path_factory):
+    probe = shapes_probe
+    out = tmp_path_factory.mktemp("sanity")
+    snap = snapshot(trained_cnn.model)
+    results = run(trained_cnn.model, trained_cnn.preprocess.normalize(probe.images),
+                  ["saliency", "grad_cam", "edge_detector"], images=probe.images, labels=probe.labels,
+                  metrics=["sanity"], metric_params={"sanity": {"max_images": 64, "label_samples": 256,
+                                                                "label_epochs": 4, "similarities": ["spearman", "ssim"]}},
+                  reporters=["json"], out_dir=out, progress=False, host=host)
+    assert_unchanged(trained_cnn.model, snap)
+    return results, out / "results.json"
+
+
+def test_randomization_gate_passes_gradient_methods_and_fails_the_edge_detector(sanity_run):
+    results, path = sanity_run
+    assert not results.failures
+    policy = {"checks": [{"name": "sensitive to cascading randomization", "method": "*",
+                          "metric": "sanity.cascading.spearman_full", "op": "<", "threshold": 0.4},
+                         {"name": "sensitive to each layer", "method": "*",
+                          "metric": "sanity.independent.ssim_max", "op": "<", "threshold": 0.9}]}
+    verdict = evaluate(policy, path)
+    passed = {(c["method"], c["name"].split(" [")[0]): c["passed"] for c in verdict["checks"]}
+    for method in ("saliency", "grad_cam"):
+        assert passed[(method, "sensitive to cascading randomization")], verdict
+        assert passed[(method, "sensitive to each layer")], verdict
+    assert not passed[("edge_detector", "sensitive to cascading randomization")]
+    assert not passed[("edge_detector", "sensitive to each layer")]
+    assert verdict["status"] == "failed"
+    edge = results.metrics["edge_detector"]
+    assert edge["sanity.cascading.spearman"] == pytest.approx([1.0] * 4)
+    for method in ("saliency", "grad_cam"):
+        curve = results.metrics[method]["sanity.cascading.spearman"]
+        assert curve[-1] < curve[0] or curve[0] < 0.9  # similarity falls as randomization goes deeper
+
+
+def test_label_randomization_changes_model_dependent_explanations_only(sanity_run):
+    results, _ = sanity_run
+    for method in ("saliency", "grad_cam"):
+        m = results.metrics[method]
+        assert m["sanity.label.spearman"] < 0.75
+        assert 0 < m["sanity.label.train_accuracy"] <= 1
+    assert results.metrics["edge_detector"]["sanity.label.spearman"] == pytest.approx(1.0)
+
+
+def test_sanity_figures_are_pngs(sanity_run):
+    results, _ = sanity_run
+    for kind in ("cascading_curve", "cascading_grid", "independent_curve", "independent_grid", "label_grid"):
+        png = results.figures[f"sanity/grad_cam/{kind}"]
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_unknown_layer_and_order_are_errors(functional_relu_cnn, images32):
+    t = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="no layer"):
+        parameter_randomization(saliency_fn, functional_relu_cnn, images32, t, layers=["nope"])
+    with pytest.raises(ValueError, match="order"):
+        parameter_randomization(saliency_fn, functional_relu_cnn, images32, t, order="bottom_up")
+
+
