@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,11 @@ def limit_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> C
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def _timed(fn: Callable[[], Any], sync: bool) -> float:
+def seconds(fn: Callable[[], Any], sync: bool | None = None) -> float:
+    """Wall seconds of one call of ``fn``; ``sync`` (None: whenever CUDA is in use) waits for the
+    GPU before and after, so that queued kernels are counted."""
+    if sync is None:
+        sync = torch.cuda.is_available() and torch.cuda.is_initialized()
     if sync:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -173,6 +178,17 @@ def _timed(fn: Callable[[], Any], sync: bool) -> float:
     if sync:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with its warnings silenced (peers warn about deprecated or slow settings)."""
+
+    def run() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    return run
 
 
 def _short(exc: BaseException) -> str:
@@ -191,15 +207,15 @@ def time_case(case: Case, limit: Callable[[], Any], repeats: int, long_s: float 
     t_peer: list[float] = []
     t_limit: list[float] = []
     try:
-        first = _timed(case.ours, sync)
+        first = seconds(case.ours, sync)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         return [], [], [], _short(exc) + _where(exc), None
-    first_limit = _timed(limit, sync)
+    first_limit = seconds(limit, sync)
     peer = case.peer
     first_peer = None
     if peer is not None:
         try:
-            first_peer = _timed(peer, sync)
+            first_peer = seconds(peer, sync)
         except Exception as exc:  # noqa: BLE001
             peer_error, peer = _short(exc), None
     if first > long_s or (first_peer or 0) > long_s:
@@ -209,10 +225,10 @@ def time_case(case: Case, limit: Callable[[], Any], repeats: int, long_s: float 
             t_peer.append(first_peer)
     else:
         for _ in range(max(1, repeats)):
-            t_limit.append(_timed(limit, sync))
-            t_ours.append(_timed(case.ours, sync))
+            t_limit.append(seconds(limit, sync))
+            t_ours.append(seconds(case.ours, sync))
             if peer is not None:
-                t_peer.append(_timed(peer, sync))
+                t_peer.append(seconds(peer, sync))
     return t_ours, t_peer, t_limit, None, peer_error
 
 

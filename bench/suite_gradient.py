@@ -3,14 +3,13 @@ settings; peers with their internal batch sizes set to ours)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from bench.harness import Case
+from bench.harness import Case, quiet
 from core.api import explain
 from core.engine import Engine
 from core.layers import default_layer, resolve_layer
@@ -21,15 +20,6 @@ SG_SAMPLES = 8
 SG_NOISE = 0.15
 AM_STEPS = 10
 SHARED = {"saliency": {}, "grad_cam": {}, "grad_cam_pp": {}, "fem": {"weighting": "mask_fraction", "k": 2}}
-
-
-def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return run
 
 
 def _ends_in_gap_linear(model: nn.Module, layer: nn.Module, inputs: torch.Tensor) -> bool:
@@ -76,7 +66,7 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
                     setattr(cam, k, v)
                 return cam(inputs[:n], pgc_targets[:n])
 
-        return _quiet(run)
+        return quiet(run)
 
     def captum_grad_cam() -> torch.Tensor:
         attr = LayerGradCam(model, layer).attribute(inputs, target=targets, relu_attributions=True)
@@ -84,29 +74,29 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
 
     # Score-CAM runs one forward per channel and image: on a CPU, time it on the first image only.
     sc_n = b if inputs.device.type != "cpu" else 1
-    shared_peers = [_quiet(lambda: Saliency(model).attribute(inputs, target=targets, abs=False)),
+    shared_peers = [quiet(lambda: Saliency(model).attribute(inputs, target=targets, abs=False)),
                     pgc(GradCAM), pgc(GradCAMPlusPlus), pgc(FEM, k=2)]
     out = [
         Case("saliency", ours("saliency"), "captum.Saliency",
-             _quiet(lambda: Saliency(model).attribute(inputs, target=targets, abs=False))),
+             quiet(lambda: Saliency(model).attribute(inputs, target=targets, abs=False))),
         Case("deconvnet", ours("deconvnet"), "captum.Deconvolution",
-             _quiet(lambda: Deconvolution(model).attribute(inputs, target=targets))),
+             quiet(lambda: Deconvolution(model).attribute(inputs, target=targets))),
         Case("guided_backprop", ours("guided_backprop"), "captum.GuidedBackprop",
-             _quiet(lambda: GuidedBackprop(model).attribute(inputs, target=targets))),
+             quiet(lambda: GuidedBackprop(model).attribute(inputs, target=targets))),
         Case("integrated_gradients", ours("integrated_gradients", steps=IG_STEPS), "captum.IntegratedGradients",
-             _quiet(lambda: IntegratedGradients(model).attribute(inputs, target=targets, n_steps=IG_STEPS,
+             quiet(lambda: IntegratedGradients(model).attribute(inputs, target=targets, n_steps=IG_STEPS,
                                                                  method="gausslegendre", internal_batch_size=ROWS)),
              note=f"steps={IG_STEPS}, gausslegendre, {ROWS} rows/pass"),
         Case("smoothgrad", ours("smoothgrad", samples=SG_SAMPLES, noise=SG_NOISE), "captum.NoiseTunnel(Saliency)",
-             _quiet(lambda: NoiseTunnel(Saliency(model)).attribute(
+             quiet(lambda: NoiseTunnel(Saliency(model)).attribute(
                  inputs, nt_type="smoothgrad", nt_samples=SG_SAMPLES, nt_samples_batch_size=max(1, ROWS // b),
                  stdevs=SG_NOISE * span, target=targets, abs=False)),
              note=f"samples={SG_SAMPLES}"),
-        Case("grad_cam", ours("grad_cam"), "captum.LayerGradCam", _quiet(captum_grad_cam),
+        Case("grad_cam", ours("grad_cam"), "captum.LayerGradCam", quiet(captum_grad_cam),
              note=f"layer={layer_name}"),
         Case("grad_cam", ours("grad_cam"), "pytorch_grad_cam.GradCAM", pgc(GradCAM)),
         Case("guided_grad_cam", ours("guided_grad_cam", interpolation="nearest"), "captum.GuidedGradCam",
-             _quiet(lambda: GuidedGradCam(model, layer).attribute(inputs, target=targets))),
+             quiet(lambda: GuidedGradCam(model, layer).attribute(inputs, target=targets))),
         Case("grad_cam_pp", ours("grad_cam_pp"), "pytorch_grad_cam.GradCAMPlusPlus", pgc(GradCAMPlusPlus)),
         Case("fem", ours("fem", weighting="mask_fraction", k=2), "pytorch_grad_cam.FEM", pgc(FEM, k=2),
              note="pytorch-grad-cam's definition (k=2)"),

@@ -5,8 +5,6 @@ device; where a peer's batching is tunable, both sides get the fastest of the sa
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,31 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.harness import Case
+from bench.harness import Case, quiet, seconds
 from core.api import explain
 
 ROWS = 64  # model inputs per forward pass (our batch_size, the peers' internal batches)
 BUDGET_S = 3.0  # aim for calls of about this long
-
-
-def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return run
-
-
-def _seconds(fn: Callable[[], Any]) -> float:
-    sync = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if sync:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if sync:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def per_input_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
@@ -46,7 +24,7 @@ def per_input_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
     x = inputs[:16]
     with torch.no_grad():
         model(x)
-        return _seconds(lambda: model(x)) / x.shape[0]
+        return seconds(lambda: model(x)) / x.shape[0]
 
 
 def fastest(options: dict[int, Callable[[], Any]]) -> tuple[int, Callable[[], Any]]:
@@ -56,7 +34,7 @@ def fastest(options: dict[int, Callable[[], Any]]) -> tuple[int, Callable[[], An
     timed = {}
     for key, fn in options.items():
         fn()
-        timed[key] = _seconds(fn)
+        timed[key] = seconds(fn)
     best = min(timed, key=timed.get)
     return best, options[best]
 
@@ -114,7 +92,7 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     (window, stride), windows = geometries[pick], counts[pick]
     batches = sorted({ROWS, n * windows})
     occ_rows, occ_ours = fastest({r: ours("occlusion", r, window=window, stride=stride) for r in batches})
-    ppe, occ_peer = fastest({r: _quiet(lambda r=r: Occlusion(model).attribute(
+    ppe, occ_peer = fastest({r: quiet(lambda r=r: Occlusion(model).attribute(
         x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride), target=t,
         perturbations_per_eval=max(1, r // n))) for r in batches})
 
@@ -136,14 +114,14 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
         Case("rise", ours("rise", samples=samples, grid=7, keep=0.5), "RISE reference code", lambda: reference(x, t),
              note=f"{samples} masks, grid 7; reference masks made outside the timing", batch=n),
         Case("kernel_shap", ours("kernel_shap", feature_mask=segments, samples=shap_samples), "captum.KernelShap",
-             _quiet(lambda: KernelShap(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
+             quiet(lambda: KernelShap(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
                                                         perturbations_per_eval=ROWS // n)),
              note=f"{shap_samples} coalitions of the same SLIC superpixels", batch=n),
         Case("lime", ours("lime", feature_mask=segments, samples=shap_samples, output="logit"), "captum.Lime",
-             _quiet(lambda: Lime(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
+             quiet(lambda: Lime(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
                                                   perturbations_per_eval=ROWS // n)),
              note=f"{shap_samples} samples of the same SLIC superpixels; Captum fits a Lasso", batch=n),
         Case("gradient_shap", ours("gradient_shap", baseline=refs, samples=gs_samples), "captum.GradientShap",
-             _quiet(lambda: GradientShap(model).attribute(x, baselines=refs, target=t, n_samples=gs_samples)),
+             quiet(lambda: GradientShap(model).attribute(x, baselines=refs, target=t, n_samples=gs_samples)),
              note=f"{gs_samples} samples, 4 references", batch=n),
     ]

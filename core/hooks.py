@@ -97,8 +97,10 @@ class LayerCapture:
     clone back to the captured tensor, so ``torch.autograd.grad(score, capture.output)`` works.
     """
 
-    def __init__(self, module: nn.Module, clone: bool = True, track_grad: bool = True):
+    def __init__(self, module: nn.Module, clone: bool = True, track_grad: bool = True, contiguous: bool = False):
         self.module, self.clone, self.track_grad = module, clone, track_grad
+        # contiguous: hand on a contiguous clone, whatever the memory format of the layers before
+        self.fmt = torch.contiguous_format if contiguous else torch.preserve_format
         self.output: torch.Tensor | None = None
         self.outputs: list[torch.Tensor] = []
         self._handle: Any = None
@@ -112,10 +114,10 @@ class LayerCapture:
             output = output.detach().requires_grad_()
             self.output = output
             self.outputs.append(output)
-            return output.clone()
+            return output.clone(memory_format=self.fmt)
         self.output = output
         self.outputs.append(output)
-        return output.clone() if self.clone else None
+        return output.clone(memory_format=self.fmt) if self.clone else None
 
     def __enter__(self) -> LayerCapture:
         self._handle = self.module.register_forward_hook(self._hook)
@@ -128,10 +130,10 @@ class LayerCapture:
 
 
 @contextlib.contextmanager
-def capture_layers(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerCapture]]:
-    """Capture several layers at once; all hooks removed on exit."""
+def capture_layers(modules: dict[str, nn.Module], contiguous: bool = False) -> Iterator[dict[str, LayerCapture]]:
+    """Capture several layers at once (``contiguous``: see ``LayerCapture``); all hooks removed on exit."""
     with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(LayerCapture(m)) for name, m in modules.items()}
+        yield {name: stack.enter_context(LayerCapture(m, contiguous=contiguous)) for name, m in modules.items()}
 
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}

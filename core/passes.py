@@ -51,11 +51,17 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     rules = dict(relu_rules or {})
     backward = layer_grads or input_grad or bool(rules)
     x = inputs.detach().clone().requires_grad_(input_grad or bool(rules))
+    # Without an input gradient nothing before the captured layers is backpropagated: on CPU that
+    # part runs in channels-last memory format (oneDNN convolutions run about 1.2-1.3x faster on
+    # it), and the captures hand a contiguous copy on, so every backward runs in the default layout
+    # (channels-last input gradients were found up to 7 % off: core.fastpath). Any failure
+    # (a ``view`` on a channels-last tensor, ...) reruns the forward contiguous.
+    channels_last = not x.requires_grad and x.device.type == "cpu" and x.dim() == 4
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad() if backward else torch.no_grad())
-        caps = stack.enter_context(capture_layers(modules))
+        caps = stack.enter_context(capture_layers(modules, contiguous=channels_last))
         switch = stack.enter_context(switchable_relu()) if rules else None
-        logits = model(x)
+        logits = _forward(model, x, caps, channels_last)
         if targets is None:
             targets = logits.detach().argmax(1)
         chosen = select_targets(logits, targets)  # also checks the targets against the logits
@@ -88,3 +94,14 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             g = grads[offset + i]
             result.gradients[name] = g if g is not None else torch.zeros_like(act)
     return result
+
+
+def _forward(model: nn.Module, x: torch.Tensor, caps: dict, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return model(x)
+    try:
+        return model(x.contiguous(memory_format=torch.channels_last))
+    except Exception:  # noqa: BLE001 - rerun in the default layout; a real error raises there
+        for cap in caps.values():
+            cap.output, cap.outputs = None, []
+        return model(x)

@@ -48,6 +48,8 @@ def server_env(key: str) -> dict[str, str]:
         "MLFLOW_WEBHOOK_CACHE_TTL": env.get("MLFLOW_WEBHOOK_CACHE_TTL", "2"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
+        # MLflow 3's job runner (GenAI jobs; not needed for webhooks) forks ~6 huey consumer processes.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     })
     env.pop("MLFLOW_TRACKING_URI", None)
     return env

@@ -231,3 +231,30 @@ def test_bad_layer_leaves_model_untouched(resnet18, images64):
         explain(resnet18, images64, TARGETS, method="score_cam", layer="nope", progress=False)
     assert {n: dict(m._forward_hooks) for n, m in resnet18.named_modules()} == hooks
     assert all(p.requires_grad for p in resnet18.parameters())
+
+
+class ViewCNN(nn.Module):
+    """Calls ``view`` on a 4-D activation: fails on channels-last tensors (the fast layout of the
+    pass before the captured layer), so the pass must fall back to the default layout."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = y.view(y.shape[0], -1).view(y.shape)
+        return self.fc(torch.relu(self.conv2(y)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "fem"])
+def test_pass_falls_back_when_channels_last_fails(images32, method):
+    model = ViewCNN().eval()
+    with pytest.raises(RuntimeError):
+        model(images32.contiguous(memory_format=torch.channels_last))
+    cls, their_kwargs, our_kwargs = PGC[method]
+    ours = explain(model, images32, TARGETS, method=method, layer="conv2", progress=False, **our_kwargs)
+    theirs = pgc_run(getattr(pgc, cls), model, "conv2", images32, TARGETS, **their_kwargs)
+    assert theirs.flatten(1).max(1).values.min() > 0.5
+    assert torch.allclose(minmax(ours.attributions[:, 0]), minmax(theirs), atol=2e-3)

@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from pipelines.params import read_params, write_versions
+from pipelines.workspace import dvc_command, dvc_env, init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "xai-plugin-example"
@@ -49,6 +53,19 @@ def test_example_installs_runs_and_uninstalls(installed_example, tmp_path, train
     assert r.returncode == 0, r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["input_x_gradient"]["map_entropy.entropy"] > 0
+    # ... and in the DVC pipeline, by name in params.yaml like any built-in
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    init_workspace(ws)
+    params = read_params(ws)
+    params["probe"].update(n=4)
+    params.update(methods={"input_x_gradient": {}}, metrics={"map_entropy": {}}, gate={"checks": []})
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_versions(ws, [{"name": "cnn", "version": 1, "uri": str(trained_cnn_path)}])
+    repro = subprocess.run(dvc_command("repro"), cwd=ws, env=dvc_env(), capture_output=True, text=True)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    piped = json.loads((ws / "xai-runs" / "cnn" / "1" / "metrics.json").read_text())
+    assert piped["input_x_gradient"]["map_entropy.entropy"] > 0
     own_tests = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests"))
     assert own_tests.returncode == 0, own_tests.stdout
     run(sys.executable, "-m", "pip", "uninstall", "-q", "-y", "xai-plugin-example")

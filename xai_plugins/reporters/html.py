@@ -1,7 +1,8 @@
 """The `html` reporter: one self-contained page (images inlined as data URIs, no scripts).
 
-Per probe image, the input and each method's heat-map overlay side by side (plus the extra images a
-method returns, e.g. PV's reconstruction); the metric table; figures; failures; skipped inputs.
+Failures and skipped inputs first; then per probe image (correctly classified, then misclassified),
+the input and each method's heat-map overlay side by side (plus the extra images a method returns,
+e.g. PV's reconstruction); the metric table (one column per method); figures, wrapped in a grid.
 Every text that comes from data or plugins is escaped.
 """
 
@@ -19,12 +20,14 @@ from xai_plugins import Reporter, RunResults, hookimpl
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde1e7;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px}
 .meta{color:#5b6474;font-size:13px}table{border-collapse:collapse;font-size:13px;background:#fff}
 td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f2f5}
 .grid td{text-align:center}.grid img{display:block;margin:auto;image-rendering:pixelated}
 .cap{font-size:11px;color:#5b6474;max-width:180px}.bad{color:#b00020}.ok{color:#0a7d32}
 .fail{background:#fff2f2;border:1px solid #f2c4c4;padding:8px 12px;border-radius:6px;font-size:13px}
-.figs img{max-width:520px;margin:6px;border:1px solid #dde1e7;background:#fff}
+.figs{display:flex;flex-wrap:wrap;gap:8px}.figs figure{margin:0}
+.figs img{display:block;width:380px;border:1px solid #dde1e7;background:#fff}
 .num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
@@ -64,9 +67,9 @@ class HTMLReporter(Reporter):
                  f"</title><style>{CSS}</style></head><body>"]
         parts.append(self._header(results))
         parts.append(self._failures(results))
+        parts.append(self._grid(results))
         parts.append(self._metrics(results))
         parts.append(self._figures(results))
-        parts.append(self._grid(results))
         parts.append("</body></html>")
         path = out_dir / self.config["filename"]
         tmp = path.with_suffix(".tmp")
@@ -107,15 +110,16 @@ class HTMLReporter(Reporter):
     def _metrics(self, r: RunResults) -> str:
         out = []
         keys = sorted({k for m in r.metrics.values() for k, v in m.items() if not isinstance(v, (list, dict))})
-        if keys:
-            head = "".join(f"<th>{esc(k)}</th>" for k in keys)
-            rows = []
-            for label in r.explanations:
-                m = r.metrics.get(label, {})
-                cells = "".join(f"<td class=num>{fmt(m.get(k, ''))}</td>" for k in keys)
-                secs = r.timings.get(label, 0.0) / max(1, len(r.image_names))
-                rows.append(f"<tr><th>{esc(label)}</th><td class=num>{secs * 1000:.1f}</td>{cells}</tr>")
-            out.append(f"<h2>Metrics</h2><table><tr><th>method</th><th>ms / image</th>{head}</tr>{''.join(rows)}</table>")
+        if keys:  # one column per method: a handful of methods, often dozens of metric values
+            labels = list(r.explanations)
+            head = "".join(f"<th>{esc(label)}</th>" for label in labels)
+            n = max(1, len(r.image_names))
+            times = "".join(f"<td class=num>{r.timings.get(label, 0.0) / n * 1000:.1f}</td>" for label in labels)
+            rows = [f"<tr><th>ms / image</th>{times}</tr>"]
+            for k in keys:
+                cells = "".join(f"<td class=num>{fmt(r.metrics.get(label, {}).get(k, ''))}</td>" for label in labels)
+                rows.append(f"<tr><th>{esc(k)}</th>{cells}</tr>")
+            out.append(f"<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>")
         scalars = {k: v for k, v in r.global_metrics.items() if not isinstance(v, (list, dict))}
         if scalars:
             rows = "".join(f"<tr><th>{esc(k)}</th><td class=num>{fmt(v)}</td></tr>" for k, v in sorted(scalars.items()))
@@ -147,9 +151,9 @@ class HTMLReporter(Reporter):
         right = [i for i in indices if i not in wrong]
         out = [f"<h2>Images</h2>{more}"]
         if right:
-            out.append(f"<h2>Correctly classified ({len(right)})</h2>{self._table(r, right)}")
+            out.append(f"<h3>Correctly classified ({len(right)})</h3>{self._table(r, right)}")
         if wrong:
-            out.append(f"<h2>Misclassified ({len(wrong)})</h2>{self._table(r, wrong)}")
+            out.append(f"<h3>Misclassified ({len(wrong)})</h3>{self._table(r, wrong)}")
         return "".join(out)
 
     def _table(self, r: RunResults, indices: list[int]) -> str:
