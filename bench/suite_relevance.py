@@ -11,7 +11,6 @@ it refuses models that reuse a ReLU module (torchvision ResNets), which the row 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,19 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness import Case
+from bench.harness import Case, quiet
 from core.api import explain
 
 ROWS = 64
-
-
-def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return run
 
 
 def _canonizers(model: nn.Module) -> list:
@@ -63,7 +53,7 @@ def _zennit_peer(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     def run() -> torch.Tensor:
         return attributor(inputs, lambda out: one_hot * out)[1]
 
-    return _quiet(run)
+    return quiet(run)
 
 
 def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list[Case]:
@@ -79,7 +69,7 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
         Case("lrp(epsilon_plus)", ours("lrp", composite="epsilon_plus"), "zennit.EpsilonPlus",
              _zennit_peer(model, inputs, targets, "epsilon_plus"), note="canonizer once, context open"),
         Case("deeplift(rescale)", ours("deeplift"), "captum.DeepLift",
-             _quiet(lambda: DeepLift(model).attribute(inputs, baselines=zeros, target=targets)),
+             quiet(lambda: DeepLift(model).attribute(inputs, baselines=zeros, target=targets)),
              note="black reference"),
         Case("deeplift(reveal_cancel)", ours("deeplift", rule="reveal_cancel"), note="no peer"),
     ]
