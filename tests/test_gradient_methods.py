@@ -34,12 +34,19 @@ class ModuleReLUTwin(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-@pytest.fixture(params=["functional_relu_cnn", "resnet18", "vgg11"])
+MODELS = ["functional_relu_cnn", "resnet18", "vgg11"]
+
+
+def _pair(request, name: str):
+    """(name, our model, the model Captum runs on: the same one, or the nn.ReLU twin)."""
+    model = request.getfixturevalue(name)
+    ref = ModuleReLUTwin(model).eval() if name == "functional_relu_cnn" else model
+    return name, model, ref
+
+
+@pytest.fixture(params=MODELS)
 def model_pair(request):
-    """(our model, the model Captum runs on: the same one, or the nn.ReLU twin)."""
-    model = request.getfixturevalue(request.param)
-    ref = ModuleReLUTwin(model).eval() if request.param == "functional_relu_cnn" else model
-    return request.param, model, ref
+    return _pair(request, request.param)
 
 
 TARGETS = torch.tensor([1, 3])
@@ -83,11 +90,11 @@ def test_rules_differ_from_each_other(resnet18, images32):
     assert not close(sal, gbp) and not close(dec, gbp) and not close(sal, dec)
 
 
-@pytest.mark.parametrize("quad", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
-def test_integrated_gradients_equals_captum(model_pair, images32, quad):
-    name, model, ref = model_pair
-    if quad != "gausslegendre" and name != "functional_relu_cnn":
-        pytest.skip("quadrature rules: checked on the small CNN (time)")
+# every model with Gauss-Legendre; the other quadrature rules on the small CNN only (time)
+@pytest.mark.parametrize("model_name,quad", [(m, "gausslegendre") for m in MODELS] + [
+    ("functional_relu_cnn", "riemann_middle"), ("functional_relu_cnn", "riemann_trapezoid")])
+def test_integrated_gradients_equals_captum(request, images32, model_name, quad):
+    name, model, ref = _pair(request, model_name)
     ours = explain(model, images32, TARGETS, method="integrated_gradients", steps=8, quadrature=quad,
                    batch_size=6, progress=False).attributions
     theirs = captum(captum_attr.IntegratedGradients, ref, images32, target=TARGETS, n_steps=8, method=quad)
@@ -122,12 +129,12 @@ def test_integrated_gradients_completeness(request, images32, name, n, steps, to
     assert (err < tol).all(), err
 
 
-@pytest.mark.parametrize("inner,cls", [("saliency", "Saliency"), ("guided_backprop", "GuidedBackprop")])
-def test_smoothgrad_equals_noise_tunnel(model_pair, images32, inner, cls):
+# wrapping guided backprop: on the CNN and ResNet only (time)
+@pytest.mark.parametrize("model_name,inner,cls", [(m, "saliency", "Saliency") for m in MODELS] + [
+    (m, "guided_backprop", "GuidedBackprop") for m in MODELS[:2]])
+def test_smoothgrad_equals_noise_tunnel(request, images32, model_name, inner, cls):
     """Same noise: Captum draws it from the global generator after torch.manual_seed(seed)."""
-    name, model, ref = model_pair
-    if inner != "saliency" and name == "vgg11":
-        pytest.skip("wrapping guided backprop: checked on the CNN and ResNet (time)")
+    name, model, ref = _pair(request, model_name)
     x = images32.clamp(-2.5, 2.5)
     x[:, 0, 0, 0], x[:, 0, 0, 1] = -3.0, 3.0  # every image spans [-3, 3]: sigma = noise * 6
     ours = explain(model, x, TARGETS, method="smoothgrad", inner=inner, samples=5, noise=0.1, seed=7,
