@@ -184,7 +184,6 @@ def test_failing_stage_is_named_and_other_versions_stay_intact(ws, models):
     assert collect(ws, "cnn-v1")["gate"]["passed"] is True
 
 
-@pytest.mark.slow
 def test_queued_experiments_run_versions_in_parallel(ws, models):
     """docs/pipeline.md's recipe: one queued experiment per version, `dvc queue start -j 2`, then a
     `dvc repro` that takes what the experiments computed from DVC's run cache."""
