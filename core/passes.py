@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from core.fastpath import uses_channels_last
 from core.hooks import ReLURule, capture_layers, switchable_relu
 from core.layers import resolve_layer
 from core.tensors import select_targets
@@ -56,7 +57,7 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     # it), and the captures hand a contiguous copy on, so every backward runs in the default layout
     # (channels-last input gradients were found up to 7 % off: core.fastpath). Any failure
     # (a ``view`` on a channels-last tensor, ...) reruns the forward contiguous.
-    channels_last = not x.requires_grad and x.device.type == "cpu" and x.dim() == 4
+    channels_last = uses_channels_last(x, x.requires_grad)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad() if backward else torch.no_grad())
         caps = stack.enter_context(capture_layers(modules, contiguous=channels_last))
