@@ -70,3 +70,11 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All Conv2d layers in registration order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def share_default_layer(model: nn.Module, copy: nn.Module) -> None:
+    """A structural copy of ``model`` has the same default layers: let it reuse those already found
+    (so that explaining the copy needs no probing forward of its own)."""
+    cached = _default_cache.get(model)
+    if cached:
+        _default_cache.setdefault(copy, {}).update(cached)

@@ -71,6 +71,9 @@ class Explainer(Configurable):
     relu_rule: ClassVar[tuple[str, Any] | None] = None  # (name, rule) for a modified ReLU backward
     needs_layer_grad: ClassVar[bool] = True  # False: reads the layer's activations only (FEM, CAM)
     trainable: ClassVar[bool] = False
+    # Each row is explained from calls of the model on exactly the rows given (no batches of its own,
+    # no changed parameters): lets the sanity check explain several randomized models in one batch.
+    rowwise: ClassVar[bool] = False
     # optional: a describer of what the method needs, for `xai plugins`
     family: ClassVar[str] = ""
 

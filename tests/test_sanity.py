@@ -14,7 +14,7 @@ from core.api import explain
 from core.plugins import PluginHost
 from core.policy import evaluate
 from core.workflow import run
-from xai_plugins import Explainer, hookimpl
+from xai_plugins import Explainer, Explanation, hookimpl
 from xai_plugins.metrics.sanity import parameter_randomization, randomizable_layers
 
 
@@ -94,6 +94,56 @@ def test_prefix_cache_gives_exactly_the_uncached_curve(fixture, request, images3
             assert fast.reused_calls > 0 and slow.reused_calls == 0
 
 
+def guided_fn(model, x, t):
+    return explain(model, x, t, method="guided_backprop", progress=False)
+
+
+def doubled_batch_fn(model, x, t):
+    """Input gradients from one call of the model on the batch twice over (rows it made itself)."""
+    xx = torch.cat([x, x]).requires_grad_(True)
+    out = model(xx)
+    (g,) = torch.autograd.grad(out.gather(1, torch.cat([t, t]).view(-1, 1)).sum(), xx)
+    return Explanation("doubled", g[: x.shape[0]], g[: x.shape[0]].abs().amax(1), t, {}, {}, 0.0)
+
+
+@pytest.mark.parametrize("fixture", ["residual_net", "functional_relu_cnn", "resnet18"])
+@pytest.mark.parametrize("order", ["cascading", "independent"])
+def test_stacked_steps_give_the_one_by_one_curve(fixture, order, request, images32):
+    """Several randomization steps explained in one batch (StepBatch) = one explanation per step,
+    on reused in-place ReLUs + BatchNorm + residual adds, functional ReLUs, and torchvision's ResNet."""
+    model = request.getfixturevalue(fixture)
+    snap = snapshot(model)
+    x = images32 if fixture != "resnet18" else images32[:1]
+    t = torch.tensor([1, 0])[: x.shape[0]]
+    for fn in (saliency_fn, grad_cam_fn, guided_fn) if fixture != "resnet18" else (saliency_fn,):
+        original = fn(model, x, t)
+        stacked = parameter_randomization(fn, model, x, t, original, order, similarities=("spearman",),
+                                          stack_rows=3 * x.shape[0])  # 3 steps a batch: a partial last batch
+        plain = parameter_randomization(fn, model, x, t, original, order, similarities=("spearman",))
+        assert stacked.stacked_steps == len(stacked.layers) and plain.stacked_steps == 0
+        assert stacked.layers == plain.layers
+        for a, b in zip(stacked.maps, plain.maps):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(torch.stack(stacked.scores["spearman"]), torch.stack(plain.scores["spearman"]),
+                              atol=1e-4)
+        assert_unchanged(model, snap)
+
+
+def test_stacking_falls_back_for_an_explainer_with_batches_of_its_own(residual_net, images32):
+    """An explainer that calls the model on rows it made itself: the stacked batch cannot follow
+    it, so every step is explained one at a time, with the same curve."""
+    x, t = images32[:1], torch.tensor([1])
+    original = doubled_batch_fn(residual_net, x, t)
+    snap = snapshot(residual_net)
+    tried = parameter_randomization(doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",),
+                                    stack_rows=8)
+    plain = parameter_randomization(doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",))
+    assert tried.stacked_steps == 0 and len(tried.maps) == len(plain.maps) == 6
+    for a, b in zip(tried.maps, plain.maps):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert_unchanged(residual_net, snap)
+
+
 def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_cnn, shapes_probe):
     model = trained_cnn.model
     model.train()  # a model left in training mode by its user stays so
@@ -103,8 +153,10 @@ def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_c
     t = torch.zeros(4, dtype=torch.long)
     try:
         for order in ("cascading", "independent"):
-            parameter_randomization(saliency_fn, model, x, t, None, order, similarities=("spearman", "ssim"))
-            assert_unchanged(model, snap)
+            for stack_rows in (0, 8):
+                parameter_randomization(saliency_fn, model, x, t, None, order, similarities=("spearman", "ssim"),
+                                        stack_rows=stack_rows)
+                assert_unchanged(model, snap)
         calls = []
 
         def failing(m, xx, tt):
@@ -134,7 +186,8 @@ def test_mprt_agrees_with_quantus(trained_cnn, shapes_probe):
     original = saliency_fn(model, x, t)
     for ours_order, their_order in (("cascading", "top_down"), ("independent", "independent")):
         ours = parameter_randomization(saliency_fn, model, x, t, original, ours_order, seed=42,
-                                       similarities=("spearman",))
+                                       similarities=("spearman",), stack_rows=12)  # 2 steps a batch
+        assert ours.stacked_steps == 4
         metric = quantus.MPRT(layer_order=their_order, seed=42, disable_warnings=True)
         theirs = metric(model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=original.maps.unsqueeze(1).numpy(),
                         explain_func=quantus_explain, device="cpu")

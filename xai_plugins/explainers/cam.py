@@ -45,6 +45,7 @@ class CAMExplainer(Explainer):
     space = "map"
     family = "cam"
     shared_pass = True
+    rowwise = True
     needs_layer = True
     params = {"layer": None, "relu": True}
 
@@ -201,6 +202,7 @@ class ScoreCAM(CAMExplainer):
     """
 
     name = "score_cam"
+    rowwise = False  # batches of masked images of its own
     needs_layer_grad = False
     params = {"layer": None, "relu": True, "batch_size": None}
 

@@ -45,6 +45,7 @@ class InputGradientExplainer(Explainer):
     family = "gradient"
     space = "input"
     shared_pass = True
+    rowwise = True
     params = {"abs": False}
 
     def gradient(self, gradient_pass: GradientPass) -> torch.Tensor:

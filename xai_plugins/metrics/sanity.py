@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -34,11 +35,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.layers import share_default_layer
 from xai_plugins import Explanation, Metric, MetricContext, hookimpl
 from xai_plugins.metrics.plots import line_plot, map_grid
 from xai_plugins.metrics.prefix_cache import PrefixCache
+from xai_plugins.metrics.step_batch import StackMismatch, StepBatch
 from xai_plugins.similarity import SIMILARITIES, spearman
 
+_RESETS_EVERY_PARAMETER = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                           nn.GroupNorm, nn.Embedding)
 ExplainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Explanation]
 ORDERS = ("cascading", "independent")
 
@@ -71,6 +76,25 @@ def restored(modules: list[nn.Module]) -> Iterator[None]:
                 t.copy_(value)
 
 
+def reinitialized_copy(module: nn.Module, seed: int) -> nn.Module:
+    """A re-initialized copy of ``module`` (``reinitialize``), leaving ``module`` as it is. Layers
+    whose ``reset_parameters`` redraws every parameter get fresh storage instead of a copy of
+    values about to be overwritten (a VGG classifier holds hundreds of MB)."""
+    fresh = isinstance(module, _RESETS_EVERY_PARAMETER)
+    memo = {id(p): nn.Parameter(torch.empty_like(p) if fresh else p.detach().clone(), requires_grad=False)
+            for p in module.parameters()}
+    clone = copy.deepcopy(module, memo)
+    reinitialize(clone, seed)
+    return clone.eval()
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """New module objects over the very same parameter and buffer tensors: something to wrap and
+    patch without touching the user's modules, at no memory cost. Never change its tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def private_copy(model: nn.Module) -> nn.Module:
     """A frozen deep copy to randomize: the user's model object is never modified."""
     net = copy.deepcopy(model)
@@ -89,7 +113,8 @@ class RandomizationCurve:
     scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per layer: B values
     maps: list[torch.Tensor] = field(default_factory=list)  # per layer: the first maps (for the grid)
     seconds: float = 0.0
-    reused_calls: int = 0
+    reused_calls: int = 0  # module calls served by the prefix cache
+    stacked_steps: int = 0  # steps explained in stacked batches
 
     def mean(self, name: str) -> list[float]:
         return [float(s.mean()) for s in self.scores[name]]
@@ -113,20 +138,23 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
                             original: Explanation | None = None, order: str = "cascading",
                             layers: list[str] | None = None, seed: int = 42,
                             similarities: tuple[str, ...] | list[str] = ("spearman",), cache: bool = True,
-                            keep_maps: int = 3) -> RandomizationCurve:
+                            keep_maps: int = 3, stack_rows: int = 0) -> RandomizationCurve:
     """Model parameter randomization test (Adebayo et al. 2018, section 3.1).
 
     ``explain(model, inputs, targets) -> Explanation`` re-runs the explainer under test (a metric
     context's ``explain``). ``layers``: dotted module names listed from input to output (default
-    every randomizable module); they are randomized top down, the reverse of that list. Runs on a private copy of
-    ``model``; ``cache`` serves the unchanged leading layers from a recorded forward.
+    every randomizable module); they are randomized top down, the reverse of that list. ``model``
+    never changes: stacked steps run on a ``structural_copy`` beside re-initialized copies of the
+    layers, one-by-one steps on a ``private_copy``. ``stack_rows`` > 0 (for ``Explainer.rowwise`` methods only): explain
+    several steps in one batch of at most that many rows (``StepBatch``); otherwise, or when the
+    explainer turns out not to follow the stacked rows, one step at a time, where ``cache`` serves
+    the unchanged leading layers from a recorded forward (``PrefixCache``).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
     start = time.perf_counter()
-    net = private_copy(model)
-    modules = dict(net.named_modules())
-    names = [n for n, _ in randomizable_layers(net)] if layers is None else list(layers)
+    modules = dict(model.named_modules())
+    names = [n for n, _ in randomizable_layers(model)] if layers is None else list(layers)
     unknown = [n for n in names if not callable(getattr(modules.get(n), "reset_parameters", None))]
     if unknown:
         raise ValueError(f"model has no layer {unknown[0]!r} that can be re-initialized (reset_parameters)")
@@ -134,28 +162,89 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
         raise ValueError("the model has no layer to randomize (no module with reset_parameters)")
     names = names[::-1]
     if original is None:
-        original = explain(net, inputs, targets)
+        original = explain(model, inputs, targets)
     curve = RandomizationCurve(order, names, {s: [] for s in similarities})
+
+    def record(exp: Explanation) -> None:
+        for s in similarities:
+            curve.scores[s].append(similarity(s, original, exp))
+        curve.maps.append(exp.maps[:keep_maps].clone())
+
+    if stack_rows // inputs.shape[0] >= 2 and len(names) >= 2:
+        shell = structural_copy(model)
+        share_default_layer(model, shell)
+        shell_modules = dict(shell.named_modules())
+        for exp in _stacked_steps(explain, shell, [shell_modules[n] for n in names], order, inputs, targets, seed,
+                                  stack_rows // inputs.shape[0]):
+            record(exp)
+        curve.stacked_steps = len(curve.maps)
+    done = len(curve.maps)
+    if done < len(names):
+        net = private_copy(model)
+        share_default_layer(model, net)
+        net_modules = dict(net.named_modules())
+        _steps_one_by_one(explain, net, [net_modules[n] for n in names], order, inputs, targets, seed, cache, done,
+                          record, curve)
+    curve.seconds = time.perf_counter() - start
+    return curve
+
+
+def _stacked_steps(explain: ExplainFn, net: nn.Module, modules: list[nn.Module], order: str, inputs: torch.Tensor,
+                   targets: torch.Tensor | None, seed: int, per_batch: int) -> Iterator[Explanation]:
+    """Each step's explanation, ``per_batch`` steps per explanation of a stacked batch; stops early
+    (the caller goes on one step at a time) when the explainer does not follow the stacked rows."""
+    copies = {m: reinitialized_copy(m, seed) for m in modules}
+    try:
+        stack = StepBatch(net, copies, inputs.shape[0])
+    except StackMismatch:
+        return
+    b = inputs.shape[0]
+    try:
+        for first in range(0, len(modules), per_batch):
+            steps = range(first, min(len(modules), first + per_batch))
+            # step s re-initializes modules[:s + 1] (cascading) or modules[s] alone (independent)
+            stack.plan({m: [(r <= s) if order == "cascading" else (r == s) for s in steps]
+                        for r, m in enumerate(modules)})
+            xs = inputs.repeat(len(steps), *([1] * (inputs.dim() - 1)))
+            ts = None if targets is None else targets.repeat(len(steps))
+            try:
+                exp = explain(net, xs, ts)
+            except Exception:
+                if stack.mismatch is None:
+                    raise
+                return
+            for k in range(len(steps)):
+                yield _rows_of(exp, k * b, (k + 1) * b)
+    finally:
+        stack.remove()
+
+
+def _steps_one_by_one(explain: ExplainFn, net: nn.Module, modules: list[nn.Module], order: str,
+                      inputs: torch.Tensor, targets: torch.Tensor, seed: int, cache: bool, first: int,
+                      record: Callable[[Explanation], None], curve: RandomizationCurve) -> None:
+    """Steps ``first`` onwards, each randomizing ``net`` in place (restored for ``independent``)."""
     prefix = PrefixCache(net, inputs) if cache else None
     changed: list[nn.Module] = []
     try:
-        for name in names:
-            module = modules[name]
+        for step, module in enumerate(modules):
             with restored([module]) if order == "independent" else contextlib.nullcontext():
-                reinitialize(module, seed)
+                if order == "cascading" or step >= first:
+                    reinitialize(module, seed)
                 changed = changed + [module] if order == "cascading" else [module]
+                if step < first:
+                    continue
                 if prefix is not None:
                     prefix.set_changed(changed)
-                exp = explain(net, inputs, targets)
-            for s in similarities:
-                curve.scores[s].append(similarity(s, original, exp))
-            curve.maps.append(exp.maps[:keep_maps].clone())
+                record(explain(net, inputs, targets))
     finally:
         if prefix is not None:
             curve.reused_calls = prefix.stats["served"]
             prefix.remove()
-    curve.seconds = time.perf_counter() - start
-    return curve
+
+
+def _rows_of(exp: Explanation, start: int, stop: int) -> Explanation:
+    return Explanation(exp.method, exp.attributions[start:stop], exp.maps[start:stop], exp.targets[start:stop], {},
+                       dict(exp.params), exp.seconds)
 
 
 # -- the data (label) randomization test -----------------------------------------------------------
@@ -277,7 +366,7 @@ class Sanity(Metric):
     params = {"cascading": True, "independent": True, "layers": None, "seed": 42,
               "similarities": ["spearman", "spearman_signed", "ssim", "hog"], "max_images": 32, "cache": True,
               "figures": True, "grid_images": 3, "label_randomization": True, "label_max_params": 1_000_000,
-              "label_samples": 512, "label_epochs": 10, "label_lr": 3e-3}
+              "label_samples": 512, "label_epochs": 10, "label_lr": 3e-3, "stack_rows": 32}
 
     def compute(self, context: MetricContext) -> dict[str, Any]:
         cfg = self.config
@@ -285,6 +374,7 @@ class Sanity(Metric):
         inputs, targets = context.inputs[:n], context.targets[:n]
         original = _subset(context.explanation, n)
         sims = list(cfg["similarities"])
+        stack_rows = int(cfg["stack_rows"]) if _rowwise(context.explanation.method) else 0
         out: dict[str, Any] = {}
         figures: dict[str, bytes] = {}
         images = context.results.images[:n] if context.results is not None else None
@@ -293,7 +383,7 @@ class Sanity(Metric):
                 continue
             curve = parameter_randomization(context.explain, context.model, inputs, targets, original, order,
                                             cfg["layers"], int(cfg["seed"]), sims, bool(cfg["cache"]),
-                                            int(cfg["grid_images"]))
+                                            int(cfg["grid_images"]), stack_rows)
             out.update(_curve_values(curve))
             if cfg["figures"]:
                 figures.update(_curve_figures(curve, original, images, int(cfg["grid_images"])))
@@ -326,15 +416,24 @@ class Sanity(Metric):
         return out
 
 
+def _rowwise(method: str) -> bool:
+    """Whether the explainer declares ``rowwise`` (unknown or unregistered: no)."""
+    from core.plugins import get_host
+
+    try:
+        return bool(getattr(get_host().get("explainer", method), "rowwise", False))
+    except Exception:  # noqa: BLE001 - a method the host does not know is simply not stacked
+        return False
+
+
 def _subset(exp: Explanation, n: int) -> Explanation:
-    return Explanation(exp.method, exp.attributions[:n], exp.maps[:n], exp.targets[:n], {}, dict(exp.params),
-                       exp.seconds)
+    return _rows_of(exp, 0, n)
 
 
 def _curve_values(curve: RandomizationCurve) -> dict[str, Any]:
     o = curve.order
     out: dict[str, Any] = {f"{o}.layers": list(curve.layers), f"{o}.seconds": curve.seconds,
-                           f"{o}.reused_calls": curve.reused_calls}
+                           f"{o}.reused_calls": curve.reused_calls, f"{o}.stacked_steps": curve.stacked_steps}
     for s in curve.scores:
         values = curve.mean(s)
         out[f"{o}.{s}"] = values
