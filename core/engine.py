@@ -336,7 +336,7 @@ class Engine:
 
     @staticmethod
     def _assemble(label: str, e: Explainer, chunks, x, targets, seconds) -> Explanation:
-        attrs = torch.cat([c[0] for c in chunks])
+        attrs = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
         extras = merge_extras([c[1] for c in chunks], x.shape[0])
         maps = e.to_map(attrs)
         if maps.dim() == 4:

@@ -45,12 +45,21 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None, plugin: str = 
     return box["value"]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A NaN or infinity makes the sum non-finite, so a finite sum
+    (one reduction, no temporary the size of the tensor) settles it; only a non-finite sum (maybe an
+    overflow of large finite values) needs the elementwise check."""
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_tensor(plugin: str, tensor: Any, batch: int, what: str = "attributions") -> torch.Tensor:
     """Validate a plugin's output tensor: a tensor, batch-first, finite."""
     if not isinstance(tensor, torch.Tensor):
         raise PluginError(plugin, "shape", f"returned {type(tensor).__name__}, expected a tensor of {what}")
     if tensor.dim() < 3 or tensor.shape[0] != batch:
         raise PluginError(plugin, "shape", f"{what} have shape {tuple(tensor.shape)}, expected {batch} x ... x H x W")
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise PluginError(plugin, "nan", f"{what} contain NaN or infinite values")
     return tensor
