@@ -117,6 +117,7 @@ class Settings:
     long_s: float = 10.0
     seed: int = 0
     quick: bool = False
+    methods: list[str] | None = None  # only cases whose method starts with one of these
 
 
 # -- models and inputs -----------------------------------------------------------------------------
@@ -279,6 +280,8 @@ def run_model(model_name: str, settings: Settings, suites: dict[str, Any],
         except Exception as exc:  # noqa: BLE001
             rows.append(Row(model_name, suite_name, "(suite)", error=f"cases() failed: {_short(exc)}{_where(exc)}"))
             continue
+        if settings.methods:
+            cases = [c for c in cases if any(c.method.startswith(m) for m in settings.methods)]
         limits: dict[int, Callable[[], Any]] = {}
         for case in cases:
             n = min(case.batch or inputs.shape[0], inputs.shape[0])
@@ -336,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (default 3; quick: 1)")
     p.add_argument("--suites", default=None, help="comma-separated suite names (default: every bench/suite_*.py)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (prefixes) to time, e.g. saliency,score_cam (default: all)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     p.add_argument("--long", type=float, default=10.0, help="a first call longer than this is the measurement")
     p.add_argument("--quick", action="store_true", help="fast smoke: batch 2, 64 px, 1 repeat")
@@ -345,7 +350,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                     batch=a.batch or (2 if quick else 16), size=a.size or (64 if quick else 112),
                     device=a.device, repeats=a.repeats or (1 if quick else 3),
                     suites=[s.strip() for s in a.suites.split(",") if s.strip()] if a.suites else None,
-                    json_path=Path(a.json), long_s=a.long, quick=quick)
+                    json_path=Path(a.json), long_s=a.long, quick=quick,
+                    methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,10 @@ gradients, SmoothGrad, Score-CAM): same function, same gradients with respect to
 - eval-mode BatchNorm folded into the convolution before it (``torch.fx``; a private copy, the
   user's model is never touched), when the model has BatchNorm and can be traced;
 - on CPU, for passes without gradients, inputs in channels-last memory format (oneDNN
-  convolutions run faster on it). Not with gradients: with PyTorch 2.14 on CPU, float32 input
+  convolutions run faster on it), or better, the folded copy traced, frozen and optimized for
+  inference (TorchScript: oneDNN fuses convolution + ReLU and keeps weights pre-packed; about 1.2x
+  the channels-last folded copy on ResNet-18). Only when the trace gives no warning (no
+  data-dependent control flow for it to freeze) and matches the folded copy on the first batch. Not with gradients: with PyTorch 2.14 on CPU, float32 input
   gradients of ResNet-18 on channels-last inputs came out up to 7 % off (float64 and contiguous
   float32 agree to 1e-6), so gradient passes keep the contiguous layout.
 
@@ -16,6 +19,7 @@ up to float rounding.
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 
 import torch
@@ -55,6 +59,44 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+# XAI_NO_FREEZE=1 turns the TorchScript inference path off (e.g. for a model whose forward has
+# Python side effects, which a trace does not replay).
+FREEZE_FOR_INFERENCE = os.environ.get("XAI_NO_FREEZE") != "1"
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, frozen or None)
+
+
+def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | None:
+    """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference, kept per model
+    until a parameter or buffer changes; None when that fails, the trace warns, or its outputs
+    differ from ``folded``'s on batches of other sizes and rows."""
+    import warnings
+
+    key = _state_key(model)
+    hit = _FROZEN.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    frozen = None
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(folded, x[:2], check_trace=False)
+            candidate = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            agrees = all(_close(candidate(v), folded(v)) for v in (x[:2], x[:1], x[-3:]))
+        if agrees and not any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
+            frozen = candidate
+    except Exception:  # noqa: BLE001 - not traceable or not freezable: the folded copy it is
+        frozen = None
+    _FROZEN[model] = (key, frozen)
+    return frozen
+
+
+def _close(a: object, b: object) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+
+
 def uses_channels_last(x: torch.Tensor, needs_grad: bool) -> bool:
     """Whether a forward of ``x`` runs channels-last: CPU image batches on passes without gradients
     (faster oneDNN convolutions; gradients on it were found up to 7 % off, see the module doc)."""
@@ -82,6 +124,10 @@ class FastForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is None:
             return self.original(x)
+        if FREEZE_FOR_INFERENCE and uses_channels_last(x, torch.is_grad_enabled()) and not self.original.training:
+            frozen = _frozen_inference(self.original, self.folded, x)
+            if frozen is not None:
+                return frozen(x)
         if self.checked:
             return self.folded(self._layout(x))
         try:

@@ -173,8 +173,9 @@ ReLURule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def guided_relu_rule(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al.): only positive gradients, only through units
-    active in the forward pass (the review's Fig. 6d)."""
-    return grad.clamp(min=0) * (out > 0)
+    active in the forward pass (the review's Fig. 6d). ReLU's own backward kernel (zero where the
+    output is not positive), then the positive part in place: two passes, one new tensor."""
+    return torch.ops.aten.threshold_backward(grad, out, 0).clamp_(min=0)
 
 
 def deconvnet_relu_rule(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -203,7 +204,7 @@ class _SwitchableReLU(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         rule = ctx.switch.rule
         if rule is None:
-            return grad * (out > 0), None
+            return torch.ops.aten.threshold_backward(grad, out, 0), None
         return rule(grad, out), None
 
 

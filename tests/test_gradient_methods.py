@@ -257,3 +257,39 @@ def test_fast_forward_gives_true_input_gradients(resnet18, images64):
     assert torch.allclose(grad(fast, images64).double(), exact, atol=1e-5 * float(exact.abs().max()))
     with torch.no_grad():
         assert torch.allclose(fast(images64), resnet18(images64), atol=1e-4)
+
+
+class _ValueBranching(torch.nn.Module):
+    """A forward whose path depends on the input's values: a trace would freeze one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if h.mean() > 0.05:
+            h = h * 2
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_fast_forward_freezes_for_inference_only_what_it_can_trust(resnet18, functional_relu_cnn, images64):
+    """Without gradients on CPU, the folded copy is traced, frozen and optimized for inference:
+    same logits as the model. A model with value-dependent control flow is never frozen (the trace
+    warns), and still gets the right logits on both branches."""
+    from core.fastpath import _FROZEN
+    from xai_plugins.toolkit import fast_forward
+
+    for model in (resnet18, functional_relu_cnn):
+        with torch.no_grad():
+            assert torch.allclose(fast_forward(model)(images64), model(images64), atol=1e-4)
+            assert _FROZEN[model][1] is not None
+    torch.manual_seed(0)
+    branching = _ValueBranching().eval()
+    fast = fast_forward(branching)
+    with torch.no_grad():
+        for scale in (0.01, 10.0):  # both sides of the branch
+            x = images64 * scale
+            assert torch.allclose(fast(x), branching(x), atol=1e-5)
+    assert _FROZEN[branching][1] is None

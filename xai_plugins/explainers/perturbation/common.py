@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from xai_plugins import InputError
-from xai_plugins.toolkit import batch_slices
+from xai_plugins.toolkit import batch_slices, fast_forward
 
 KeepMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OUTPUTS = ("logit", "probability")
@@ -51,6 +51,7 @@ def model_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
                  batch_size: int | None = None) -> torch.Tensor:
     """``class_scores`` of unperturbed inputs, in batches, without gradients."""
     out = []
+    model = fast_forward(model)
     with torch.no_grad():
         for sl in batch_slices(inputs.shape[0], batch_size):
             out.append(class_scores(model(inputs[sl]), targets[sl], output))
@@ -67,6 +68,7 @@ def masked_scores(model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor
     n_img = inputs.shape[0]
     shared_base = baseline.shape[0] == 1
     out = torch.empty(n_img * count, device=inputs.device)
+    model = fast_forward(model)
     with torch.no_grad():
         for sl in batch_slices(n_img * count, batch_size or n_img * count):
             flat = torch.arange(sl.start, sl.stop, device=inputs.device)
