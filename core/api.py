@@ -32,5 +32,5 @@ def explain(model: nn.Module, inputs: torch.Tensor, targets: Any = None, method:
     request = MethodRequest(method, dict(params, batch_size=batch_size) if batch_size else params)
     engine = Engine(device=device, batch_size=batch_size, timeout=timeout, progress=progress,
                     fit_data=fit_data)
-    out = engine.run(model, inputs, [request], targets=targets, isolate=False)
+    out = engine.run(model, inputs, [request], targets=targets, isolate=False, logits=False)
     return out.explanations[request.label]

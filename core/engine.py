@@ -104,7 +104,7 @@ class EngineOutput:
     explanations: dict[str, Explanation]
     failures: list[Failure]
     targets: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None: not asked for (Engine.run(logits=False))
 
 
 class Engine:
@@ -126,9 +126,13 @@ class Engine:
         return cls(**params)
 
     def run(self, model: nn.Module, inputs: torch.Tensor, methods: Any, targets: Any = None,
-            isolate: bool = True) -> EngineOutput:
+            isolate: bool = True, logits: bool = True) -> EngineOutput:
         """Explain ``inputs`` with every requested method. With ``isolate`` a failing method is
-        recorded in ``failures``; without it the first failure is raised."""
+        recorded in ``failures``; without it the first failure is raised. ``logits`` False (with
+        ``targets`` given): the caller does not need the model's logits, so methods without a
+        shared pass are spared a forward of the whole batch (one row still checks the targets);
+        ``EngineOutput.logits`` is then None unless a shared pass produced them."""
+        want_logits = logits or targets is None
         requests = parse_requests(methods)
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -157,11 +161,13 @@ class Engine:
                     logits = None
                     t = None if targets is None else as_target_tensor(targets, x.shape[0])
                 else:
-                    logits = forward_logits(model, x, self.batch_size)
+                    logits = forward_logits(model, x if want_logits else x[:1], self.batch_size)
                     if targets is None:
                         t = logits.argmax(1).cpu()
                     else:
                         t = as_target_tensor(targets, x.shape[0], logits.shape[1])
+                    if not want_logits:
+                        logits = None
                 td = t.to(device) if t is not None else None
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
                 self._fit_trainable(model, x, explainers, failures, isolate, requests)
@@ -173,7 +179,7 @@ class Engine:
         finally:
             if moved:
                 model.to(original_device)
-        return EngineOutput(explanations, failures, t, logits.cpu())
+        return EngineOutput(explanations, failures, t, None if logits is None else logits.cpu())
 
     # -- internals -------------------------------------------------------------------------------
     def _provider(self, req: MethodRequest) -> str:

@@ -73,7 +73,7 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
                 req = by_label[label]
                 sub = Engine(host=engine.host, device=engine.device, batch_size=engine.batch_size,
                              progress=False, fit_data=engine.fit_data, fit_root=engine.fit_root)
-                return sub.run(m, x, [req], targets=t, isolate=False).explanations[req.label]
+                return sub.run(m, x, [req], targets=t, isolate=False, logits=False).explanations[req.label]
 
             ctx = MetricContext(model, inputs, results.targets.to(device), exp, results.masks,
                                 results.spurious_masks, results.labels, explain_fn if label else None,
