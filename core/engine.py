@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,22 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
 def model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+_CLASS_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(state, shape): classes}
+
+
+def class_count(model: nn.Module, inputs: torch.Tensor) -> int:
+    """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward, kept per
+    model while its tensors and the input shape stay the same (replacing a head changes them)."""
+    from core.fastpath import tensor_state_key
+
+    key = (tensor_state_key(model), tuple(inputs.shape[1:]), inputs.device)
+    known = _CLASS_COUNTS.setdefault(model, {})
+    if key not in known:
+        known.clear()
+        known[key] = forward_logits(model, inputs[:1], None).shape[1]
+    return known[key]
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
@@ -161,13 +178,12 @@ class Engine:
                     logits = None
                     t = None if targets is None else as_target_tensor(targets, x.shape[0])
                 else:
-                    logits = forward_logits(model, x if want_logits else x[:1], self.batch_size)
-                    if targets is None:
-                        t = logits.argmax(1).cpu()
+                    if want_logits:
+                        logits = forward_logits(model, x, self.batch_size)
+                        t = logits.argmax(1).cpu() if targets is None else \
+                            as_target_tensor(targets, x.shape[0], logits.shape[1])
                     else:
-                        t = as_target_tensor(targets, x.shape[0], logits.shape[1])
-                    if not want_logits:
-                        logits = None
+                        logits, t = None, as_target_tensor(targets, x.shape[0], class_count(model, x))
                 td = t.to(device) if t is not None else None
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
                 self._fit_trainable(model, x, explainers, failures, isolate, requests)

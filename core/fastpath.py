@@ -32,7 +32,8 @@ _NO_FAST_PATH: weakref.WeakSet = weakref.WeakSet()  # models on which the fast p
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, folded copy)
 
 
-def _state_key(model: nn.Module) -> tuple:
+def tensor_state_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is replaced, resized or written to."""
     tensors = model.state_dict(keep_vars=True).values()
     return (model.training, *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
 
@@ -43,7 +44,7 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
     BatchNorm or the model cannot be copied and traced."""
     if not any(isinstance(m, _BN) for m in model.modules()):
         return model
-    key = _state_key(model)
+    key = tensor_state_key(model)
     hit = _FOLDED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -71,7 +72,7 @@ def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> t
     differ from ``folded``'s on batches of other sizes and rows."""
     import warnings
 
-    key = _state_key(model)
+    key = tensor_state_key(model)
     hit = _FROZEN.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
