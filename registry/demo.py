@@ -159,7 +159,8 @@ def story(client: Any, versions: dict[str, str]) -> bool:
         say("unexpected: the Clever Hans version was promoted")
         ok = False
     except GateRefused as exc:
-        say(f"xai promote refused the Clever Hans version, as it should:\n{exc}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        say(f"xai promote refused the Clever Hans version, as it should: {first} (failed checks in its table above)")
     champion = (client.get_registered_model(MODEL_NAME).aliases or {}).get("champion")
     say(f"{MODEL_NAME}@champion is version {champion}" if champion else f"{MODEL_NAME} has no champion")
     return ok and str(champion) == versions["clean"]
