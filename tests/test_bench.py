@@ -91,6 +91,17 @@ def test_gradient_suite_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert len(shared) == 1 and shared[0]["error"] is None
 
 
+def test_methods_filter_times_only_the_named_methods(tmp_path):
+    path = tmp_path / "out.json"
+    code = harness.main(["--quick", "--models", "tiny", "--suites", "gradient", "--size", "32",
+                         "--methods", "saliency,grad_cam_pp", "--json", str(path)])
+    assert code == 0
+    methods = {r["method"] for r in json.loads(path.read_text())["rows"]}
+    assert methods == {"saliency", "grad_cam_pp"}
+    assert harness.parse_args(["--methods", " a, b ,"]).methods == ["a", "b"]
+    assert harness.parse_args([]).methods is None
+
+
 @pytest.mark.parametrize("argv,expected", [([], (16, 112, 3)), (["--quick"], (2, 64, 1)),
                                            (["--quick", "--batch", "4"], (4, 64, 1))])
 def test_settings(argv, expected):
