@@ -74,6 +74,9 @@ class Explainer(Configurable):
     # Each row is explained from calls of the model on exactly the rows given (no batches of its own,
     # no changed parameters): lets the sanity check explain several randomized models in one batch.
     rowwise: ClassVar[bool] = False
+    # The map keeps the sign of the evidence (relevance for and against the class): reports draw
+    # the attributions with a diverging colormap, zero relevance leaving the image untinted.
+    signed: ClassVar[bool] = False
     # optional: a describer of what the method needs, for `xai plugins`
     family: ClassVar[str] = ""
 

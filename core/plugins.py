@@ -180,6 +180,15 @@ def get_host() -> PluginHost:
     return _host
 
 
+def explainer_flag(method: str, flag: str, host: PluginHost | None = None) -> bool:
+    """A class flag of explainer ``method`` (``rowwise``, ``signed``, ...); False for a method the
+    host does not know (a plugin that is gone: the conservative answer)."""
+    try:
+        return bool(getattr((host or get_host()).get("explainer", method), flag, False))
+    except Exception:  # noqa: BLE001 - unknown or broken plugin
+        return False
+
+
 def reset_host() -> None:
     """Forget the loaded plugins (tests, or after installing a plugin in-process)."""
     global _host

@@ -51,6 +51,26 @@ def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray
     return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
 
 
+def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | np.ndarray, alpha: float = 0.7,
+                   cmap: str = "bwr") -> np.ndarray:
+    """Signed relevance (H x W, any scale) over an image: red for the class, blue against it, each
+    pixel's opacity growing with sqrt(|relevance| / max |relevance|) (relevance is sparse: a few
+    peaks would hide the rest), so zero relevance leaves the image untinted (a min-max scaled map
+    would tint every pixel of no relevance)."""
+    img = to_numpy_image(image)
+    r = relevance.detach().cpu().float().numpy() if isinstance(relevance, torch.Tensor) else np.asarray(relevance, float)
+    r = np.nan_to_num(r)
+    if r.shape != img.shape[:2]:
+        t = torch.nn.functional.interpolate(torch.from_numpy(r)[None, None].float(), size=img.shape[:2],
+                                            mode="bilinear", align_corners=False)
+        r = t[0, 0].numpy()
+    peak = float(np.abs(r).max())
+    v = r / peak if peak > 0 else np.zeros_like(r)
+    heat = _lut(cmap)[np.clip(((v + 1) / 2 * 255).round(), 0, 255).astype(np.int64)]
+    w = (alpha * np.sqrt(np.abs(v)))[..., None]
+    return np.clip((1 - w) * img + w * heat, 0, 1)
+
+
 def png_bytes(image: np.ndarray | torch.Tensor, scale: int = 1) -> bytes:
     """An image in [0, 1] (H x W, H x W x 3 or C x H x W) as PNG bytes, optionally upscaled."""
     arr = to_numpy_image(image)

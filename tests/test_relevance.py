@@ -517,3 +517,29 @@ def test_bench_suite_runs_on_a_tiny_model():
         assert row.error is None and row.peer_error is None, row
         assert row.ours_over_limit > 0 and (row.peer is None or row.speedup > 0)
     assert _hooks(model) == 0
+
+
+def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted(functional_relu_cnn, images32,
+                                                                                  tmp_path):
+    """LRP / DeepLIFT maps keep their sign: the report draws relevance for the class in red, against
+    it in blue, and a pixel of zero relevance exactly as the image is (no background tint)."""
+    import numpy as np
+
+    from core.plugins import explainer_flag
+    from core.render import signed_overlay
+    from core.workflow import run
+
+    image = torch.full((3, 8, 8), 0.5)
+    relevance = torch.zeros(8, 8)
+    relevance[0, 0], relevance[3, 3] = 2.0, -1.0
+    out = signed_overlay(image, relevance)
+    assert out.shape == (8, 8, 3) and np.allclose(out[5:, 5:], 0.5)  # zero relevance: the image itself
+    assert out[0, 0, 0] > 0.6 > out[0, 0, 2]  # for the class: red
+    assert out[3, 3, 2] > 0.55 > out[3, 3, 0]  # against: blue
+    assert explainer_flag("lrp", "signed") and explainer_flag("deeplift", "signed")
+    assert not explainer_flag("saliency", "signed") and not explainer_flag("no_such_method", "signed")
+    images = (images32 - images32.min()) / (images32.max() - images32.min())
+    run(functional_relu_cnn, images32, ["lrp", "saliency"], images=images, reporters=["html"], out_dir=tmp_path,
+        progress=False)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("red: for the class, blue: against") == 1  # the lrp column only

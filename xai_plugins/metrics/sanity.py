@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from core.layers import share_default_layer
+from core.plugins import explainer_flag
 from xai_plugins import Explanation, Metric, MetricContext, hookimpl
 from xai_plugins.metrics.plots import line_plot, map_grid
 from xai_plugins.metrics.prefix_cache import PrefixCache
@@ -374,7 +375,7 @@ class Sanity(Metric):
         inputs, targets = context.inputs[:n], context.targets[:n]
         original = _subset(context.explanation, n)
         sims = list(cfg["similarities"])
-        stack_rows = int(cfg["stack_rows"]) if _rowwise(context.explanation.method) else 0
+        stack_rows = int(cfg["stack_rows"]) if explainer_flag(context.explanation.method, "rowwise") else 0
         out: dict[str, Any] = {}
         figures: dict[str, bytes] = {}
         images = context.results.images[:n] if context.results is not None else None
@@ -414,16 +415,6 @@ class Sanity(Metric):
                                              images[:k] if images is not None else None,
                                              "explanations of a model trained on permuted labels")
         return out
-
-
-def _rowwise(method: str) -> bool:
-    """Whether the explainer declares ``rowwise`` (unknown or unregistered: no)."""
-    from core.plugins import get_host
-
-    try:
-        return bool(getattr(get_host().get("explainer", method), "rowwise", False))
-    except Exception:  # noqa: BLE001 - a method the host does not know is simply not stacked
-        return False
 
 
 def _subset(exp: Explanation, n: int) -> Explanation:

@@ -27,6 +27,7 @@ from .rules import RULES, Rule, make_rule
 class _SignedExplainer(Explainer):
     family = "relevance"
     space = "input"
+    signed = True
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
         """Signed relevance summed over channels (positive = evidence for the class); the engine
