@@ -54,8 +54,8 @@ def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray
 def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | np.ndarray, alpha: float = 0.7,
                    cmap: str = "bwr") -> np.ndarray:
     """Signed relevance (H x W, any scale) over an image: red for the class, blue against it, each
-    pixel's opacity growing with sqrt(|relevance| / max |relevance|) (relevance is sparse: a few
-    peaks would hide the rest), so zero relevance leaves the image untinted (a min-max scaled map
+    pixel's opacity growing with sqrt(|relevance| / s), s the 99th percentile of |relevance| (clipped
+    at 1: relevance is sparse, a few peaks would hide the rest), so zero relevance leaves the image untinted (a min-max scaled map
     would tint every pixel of no relevance)."""
     img = to_numpy_image(image)
     r = relevance.detach().cpu().float().numpy() if isinstance(relevance, torch.Tensor) else np.asarray(relevance, float)
@@ -64,8 +64,8 @@ def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | n
         t = torch.nn.functional.interpolate(torch.from_numpy(r)[None, None].float(), size=img.shape[:2],
                                             mode="bilinear", align_corners=False)
         r = t[0, 0].numpy()
-    peak = float(np.abs(r).max())
-    v = r / peak if peak > 0 else np.zeros_like(r)
+    peak = float(np.percentile(np.abs(r), 99)) or float(np.abs(r).max())  # a few peaks must not hide the rest
+    v = np.clip(r / peak, -1, 1) if peak > 0 else np.zeros_like(r)
     heat = _lut(cmap)[np.clip(((v + 1) / 2 * 255).round(), 0, 255).astype(np.int64)]
     w = (alpha * np.sqrt(np.abs(v)))[..., None]
     return np.clip((1 - w) * img + w * heat, 0, 1)
