@@ -129,6 +129,29 @@ def test_stacked_steps_give_the_one_by_one_curve(fixture, order, request, images
         assert_unchanged(model, snap)
 
 
+def test_every_rowwise_explainer_keeps_its_promise(functional_relu_cnn, images32):
+    """Each built-in explainer that declares ``rowwise`` (and so gets stacked randomization steps in
+    the sanity metric) gives the one-by-one curve; CAM, which reads the linear layer's weights
+    itself, must not declare it."""
+    from core.plugins import explainer_flag, get_host
+
+    rowwise = [m for m in get_host().names("explainer") if explainer_flag(m, "rowwise")]
+    assert {"saliency", "grad_cam", "fem", "guided_backprop"} <= set(rowwise)
+    assert "cam" not in rowwise and "score_cam" not in rowwise
+    x, t = images32[:1], torch.tensor([1])
+    for method in rowwise:
+        def fn(m, xx, tt, method=method):
+            return explain(m, xx, tt, method=method, progress=False)
+
+        original = fn(functional_relu_cnn, x, t)
+        stacked = parameter_randomization(fn, functional_relu_cnn, x, t, original, similarities=("spearman",),
+                                          stack_rows=4)
+        plain = parameter_randomization(fn, functional_relu_cnn, x, t, original, similarities=("spearman",))
+        assert stacked.stacked_steps == len(plain.maps), method
+        for a, b in zip(stacked.maps, plain.maps):
+            assert torch.allclose(a, b, atol=1e-5), method
+
+
 def test_stacking_falls_back_for_an_explainer_with_batches_of_its_own(residual_net, images32):
     """An explainer that calls the model on rows it made itself: the stacked batch cannot follow
     it, so every step is explained one at a time, with the same curve."""

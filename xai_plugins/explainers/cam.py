@@ -115,6 +115,7 @@ class CAM(CAMExplainer):
     """
 
     name = "cam"
+    rowwise = False  # reads the linear layer's weights itself, not through the model's calls
     needs_layer_grad = False
     params = {"layer": None, "fc": None, "relu": False}
 
