@@ -543,3 +543,17 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
         progress=False)
     page = (tmp_path / "report.html").read_text()
     assert page.count("red: for the class, blue: against") == 1  # the lrp column only
+    # the MLflow reporter's map PNGs draw it the same way
+    import io
+
+    from PIL import Image
+
+    from xai_plugins.reporters.mlflow_reporter import map_pngs
+
+    pngs = map_pngs({"lrp": torch.rand(1, 8, 8)}, ["a.png"], image.unsqueeze(0), signed={"lrp": relevance[None]})
+    (name, png), = pngs.items()
+    assert name == "maps/lrp/000_a.png"
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float) / 255
+    scale = pixels.shape[0] // 8
+    assert np.allclose(pixels[-1, -1], 0.5, atol=0.01) and pixels[0, 0, 0] > 0.6 > pixels[0, 0, 2]
+    assert pixels.shape[0] == 8 * scale

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.render import colorize, display_scale, overlay, png_bytes
+from core.plugins import explainer_flag
+from core.render import colorize, display_scale, overlay, png_bytes, signed_overlay
 from xai_plugins import Reporter, RunResults, XAIError, hookimpl
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -59,14 +60,19 @@ def log_metrics(client: Any, run_id: str, values: dict[str, float], step: int = 
 
 
 def map_pngs(maps: dict[str, Any], names: list[str], images: Any = None, alpha: float = 0.5,
-             max_images: int | None = None) -> dict[str, bytes]:
+             max_images: int | None = None, signed: dict[str, Any] | None = None) -> dict[str, bytes]:
     """``maps/<method>/<NNN>_<image>.png`` -> PNG bytes, for B x H x W maps in [0, 1] per method;
-    each map over its image when ``images`` (B x 3 x H x W in [0, 1]) is given, else colorized."""
+    each map over its image when ``images`` (B x 3 x H x W in [0, 1]) is given, else colorized.
+    ``signed``: method -> B x H x W signed relevance, drawn red/blue over the image instead."""
     files: dict[str, bytes] = {}
+    signed = signed or {}
     for label, batch in maps.items():
         n = len(batch) if max_images is None else min(len(batch), max_images)
         for i in range(n):
-            picture = overlay(images[i], batch[i], alpha=alpha) if images is not None else colorize(batch[i])
+            if images is not None and label in signed:
+                picture = signed_overlay(images[i], signed[label][i])
+            else:
+                picture = overlay(images[i], batch[i], alpha=alpha) if images is not None else colorize(batch[i])
             stem = Path(names[i]).with_suffix("").name if i < len(names) else f"image_{i}"
             path = f"maps/{_FILE_BAD.sub('_', label)}/{i:03d}_{_FILE_BAD.sub('_', stem)}.png"
             files[path] = png_bytes(picture, display_scale(picture.shape[0]))
@@ -107,8 +113,10 @@ class MLflowReporter(Reporter):
         out_dir = Path(out_dir)
         client = MlflowClient(tracking_uri=self.config["tracking_uri"])
         run_id, own = self._run(mlflow, client)
+        signed = {label: exp.attributions.sum(dim=1) for label, exp in results.explanations.items()
+                  if exp.attributions.dim() == 4 and explainer_flag(exp.method, "signed")}
         files = map_pngs({label: exp.maps for label, exp in results.explanations.items()}, results.image_names,
-                         results.images, float(self.config["alpha"]), int(self.config["max_images"]))
+                         results.images, float(self.config["alpha"]), int(self.config["max_images"]), signed)
         for name in LOGGED_FILES:
             if (out_dir / name).is_file():
                 files[name] = (out_dir / name).read_bytes()
