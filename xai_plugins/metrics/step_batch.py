@@ -12,7 +12,7 @@ convolution or dense layer then runs once on one block and is repeated (``_Share
 row still getting its own input gradient.
 
 Only for explainers that explain each row from calls of the model on exactly the rows given
-(``Explainer.rowwise``: gradient and CAM methods, not IG or Score-CAM, which build batches of
+(``Explainer.rowwise``: gradient and Grad-CAM-family methods; not IG or Score-CAM, which build batches of
 their own). A call of the model on another number of rows, or a randomized layer that receives
 something other than the stacked rows, raises ``StackMismatch``; the caller then explains one step
 at a time instead. Nothing of the model changes: the re-initialized copies live beside it and
