@@ -29,6 +29,7 @@ from scipy import ndimage
 
 def readings(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layer: str = "features",
              threshold: float = 0.1) -> dict[str, float]:
+    from core.explainability_loss import cam_weighted_maps
     from xai_plugins.metrics.deconvolve_metrics import succinct_ratio
     from xai_plugins.toolkit import run_gradient_pass
 
@@ -36,8 +37,7 @@ def readings(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, laye
     a, g = gp.activations[layer], gp.gradients[layer]
     w = g.mean((2, 3), keepdim=True)
     pos = a.clamp(min=0)
-    heat = w.abs() * pos
-    heat = heat / heat.amax((1, 2, 3), keepdim=True).clamp_min(1e-12)
+    heat = cam_weighted_maps(a, g)
     active = heat > threshold
     peak = pos.amax((2, 3), keepdim=True)
     live = peak.flatten(1) > 0

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core.errors import ModelError, PluginError, XAIError
+from core.fastpath import tensor_state_key
 from core.hooks import preserved_model
 from core.isolation import call_with_timeout, check_tensor
 from core.layers import default_layer
@@ -90,8 +91,6 @@ _CLASS_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model 
 def class_count(model: nn.Module, inputs: torch.Tensor) -> int:
     """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward, kept per
     model while its tensors and the input shape stay the same (replacing a head changes them)."""
-    from core.fastpath import tensor_state_key
-
     key = (tensor_state_key(model), tuple(inputs.shape[1:]), inputs.device)
     known = _CLASS_COUNTS.setdefault(model, {})
     if key not in known:

@@ -6,10 +6,11 @@ gradients, SmoothGrad, Score-CAM): same function, same gradients with respect to
 - on CPU, for passes without gradients, inputs in channels-last memory format (oneDNN
   convolutions run faster on it), or better, the folded copy traced, frozen and optimized for
   inference (TorchScript: oneDNN fuses convolution + ReLU and keeps weights pre-packed; about 1.2x
-  the channels-last folded copy on ResNet-18). Only when the trace gives no warning (no
-  data-dependent control flow for it to freeze) and matches the folded copy on the first batch. Not with gradients: with PyTorch 2.14 on CPU, float32 input
-  gradients of ResNet-18 on channels-last inputs came out up to 7 % off (float64 and contiguous
-  float32 agree to 1e-6), so gradient passes keep the contiguous layout.
+  the channels-last folded copy on ResNet-18), only when the trace gives no warning (no
+  data-dependent control flow for it to freeze) and matches the folded copy on batches of
+  several sizes. Not with gradients: with PyTorch 2.14 on CPU, float32 input gradients of
+  ResNet-18 on channels-last inputs came out up to 7 % off (float64 and contiguous float32 agree
+  to 1e-6), so gradient passes keep the contiguous layout.
 
 Any failure of the fast path (a model that cannot be traced, a ``view`` that rejects
 channels-last tensors, ...) falls back to the model itself, for good: results never depend on it,

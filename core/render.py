@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.tensors import upsample
+
 _LUT_CACHE: dict[str, np.ndarray] = {}
 
 
@@ -53,18 +55,15 @@ def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray
 
 def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | np.ndarray, alpha: float = 0.7,
                    cmap: str = "bwr") -> np.ndarray:
-    """Signed relevance (H x W, any scale) over an image: red for the class, blue against it, each
-    pixel's opacity growing with sqrt(|relevance| / s), s the 99th percentile of |relevance| (clipped
-    at 1: relevance is sparse, a few peaks would hide the rest), so zero relevance leaves the image untinted (a min-max scaled map
-    would tint every pixel of no relevance)."""
+    """Signed relevance (H x W, any scale) over an image: red for the class, blue against it.
+
+    Each pixel's opacity grows with sqrt(|relevance| / s), s the 99th percentile of |relevance|
+    (clipped at 1: relevance is sparse, a few peaks would hide the rest), so zero relevance leaves
+    the image untinted (a min-max scaled map would tint every pixel of no relevance)."""
     img = to_numpy_image(image)
-    r = relevance.detach().cpu().float().numpy() if isinstance(relevance, torch.Tensor) else np.asarray(relevance, float)
-    r = np.nan_to_num(r)
-    if r.shape != img.shape[:2]:
-        t = torch.nn.functional.interpolate(torch.from_numpy(r)[None, None].float(), size=img.shape[:2],
-                                            mode="bilinear", align_corners=False)
-        r = t[0, 0].numpy()
-    peak = float(np.percentile(np.abs(r), 99)) or float(np.abs(r).max())  # a few peaks must not hide the rest
+    r = torch.as_tensor(relevance).detach().cpu().float().nan_to_num()
+    r = upsample(r[None], img.shape[:2])[0].numpy()
+    peak = float(np.percentile(np.abs(r), 99)) or float(np.abs(r).max())
     v = np.clip(r / peak, -1, 1) if peak > 0 else np.zeros_like(r)
     heat = _lut(cmap)[np.clip(((v + 1) / 2 * 255).round(), 0, 255).astype(np.int64)]
     w = (alpha * np.sqrt(np.abs(v)))[..., None]

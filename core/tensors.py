@@ -14,15 +14,11 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     Non-negative maps are divided by their maximum (zero keeps its meaning: no relevance); maps
     with negative values are min-max scaled. An all-constant map becomes all zeros.
     """
-    flat = maps.reshape(maps.shape[0], -1).float()
+    flat = torch.nan_to_num(maps.reshape(maps.shape[0], -1).float(), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
-    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):  # NaN or inf somewhere: count them as 0
-        flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
     shift = lo.clamp(max=0)
     span = hi - shift
-    out = (flat - shift) / span.clamp_min(eps)
-    out = torch.where(span > eps, out, 0.0) if bool((span <= eps).any()) else out
+    out = torch.where(span > eps, (flat - shift) / span.clamp_min(eps), 0.0)
     return out.clamp_(0, 1).reshape(maps.shape)
 
 

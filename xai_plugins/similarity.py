@@ -16,23 +16,27 @@ localization against masks (SIM, PCC, AUC, KL; review Table 1) and explanation d
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
-__all__ = ["ssim", "spearman", "pearson", "hog_similarity", "sim", "dice_at_quantile", "kl_divergence",
+__all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "dice_at_quantile", "kl_divergence",
            "auc_vs_mask", "SIMILARITIES"]
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    a = torch.as_tensor(a).detach().float().cpu()
-    b = torch.as_tensor(b).detach().float().cpu()
-    a = a.unsqueeze(0) if a.dim() == 2 else a
-    b = b.unsqueeze(0) if b.dim() == 2 else b
+def _batch(m: torch.Tensor) -> torch.Tensor:
+    m = torch.as_tensor(m).detach().float().cpu()
+    return m.unsqueeze(0) if m.dim() == 2 else m
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dim() != 3:
         raise ValueError(f"maps must both be B x H x W with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _batch(a), _batch(b)
+    _check_pair(a, b)
     return a.numpy().astype(np.float64), b.numpy().astype(np.float64)
 
 
@@ -57,28 +61,24 @@ def spearman(a: torch.Tensor, b: torch.Tensor, absolute: bool = False) -> torch.
     """Spearman rank correlation per image (ties get their average rank, as scipy.stats.spearmanr).
 
     ``absolute``: rank |a| and |b| (Adebayo et al.'s "with absolute value" variant)."""
-    x, y = _pair(a, b)
-    if absolute:
-        x, y = np.abs(x), np.abs(y)
-    n = x.shape[0]
-    return _row_pearson(_reference_ranks(a, x.reshape(n, -1), absolute), average_ranks(y.reshape(n, -1)))
+    return SpearmanReference(a, absolute)(b)
 
 
-_LAST_REFERENCE: tuple | None = None  # (weakref to the tensor, its version, absolute, its ranks)
+class SpearmanReference:
+    """Maps ranked once, then compared by Spearman correlation with any number of others (a sanity
+    check compares one original explanation with dozens of randomized ones)."""
 
+    def __init__(self, maps: torch.Tensor, absolute: bool = False):
+        self.maps, self.absolute = _batch(maps), absolute
+        self.ranks = self._ranks(self.maps.numpy().astype(np.float64))
 
-def _reference_ranks(source: torch.Tensor, values: np.ndarray, absolute: bool) -> np.ndarray:
-    """Ranks of the first argument, remembered for the very same unchanged tensor: a sanity check
-    compares one original explanation with dozens of randomized ones."""
-    global _LAST_REFERENCE
-    last = _LAST_REFERENCE
-    if isinstance(source, torch.Tensor) and last is not None and last[0]() is source \
-            and last[1] == source._version and last[2] == absolute and last[3].shape == values.shape:
-        return last[3]
-    ranks = average_ranks(values)
-    if isinstance(source, torch.Tensor):
-        _LAST_REFERENCE = (weakref.ref(source), source._version, absolute, ranks)
-    return ranks
+    def _ranks(self, x: np.ndarray) -> np.ndarray:
+        return average_ranks((np.abs(x) if self.absolute else x).reshape(x.shape[0], -1))
+
+    def __call__(self, other: torch.Tensor) -> torch.Tensor:
+        b = _batch(other)
+        _check_pair(self.maps, b)
+        return _row_pearson(self.ranks, self._ranks(b.numpy().astype(np.float64)))
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from core.explainability_loss import cam_weighted_maps
 from xai_plugins import Metric, MetricContext, hookimpl
 from xai_plugins.toolkit import batch_slices, conv_layers, preserved_model, resolve_layer, run_gradient_pass
 
@@ -31,8 +32,7 @@ from xai_plugins.toolkit import batch_slices, conv_layers, preserved_model, reso
 def succinct_ratio(activations: torch.Tensor, gradients: torch.Tensor, threshold: float = 0.1,
                    high_count: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(ratio, active area) per image (B each) of one layer's B x K x h x w activations."""
-    heat = gradients.mean(dim=(2, 3), keepdim=True).abs() * activations.clamp(min=0)
-    heat = heat / heat.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    heat = cam_weighted_maps(activations, gradients)
     active = heat > threshold
     counts = active.sum(dim=1)  # B x h x w: the combined matrix
     top = counts.flatten(1).amax(dim=1).view(-1, 1, 1)

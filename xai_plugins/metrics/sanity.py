@@ -40,8 +40,8 @@ from core.plugins import explainer_flag
 from xai_plugins import Explanation, Metric, MetricContext, hookimpl
 from xai_plugins.metrics.plots import line_plot, map_grid
 from xai_plugins.metrics.prefix_cache import PrefixCache
-from xai_plugins.metrics.step_batch import StackMismatch, StepBatch
-from xai_plugins.similarity import SIMILARITIES, spearman
+from xai_plugins.metrics.step_batch import StepBatch, nested
+from xai_plugins.similarity import SIMILARITIES, SpearmanReference
 
 _RESETS_EVERY_PARAMETER = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
                            nn.GroupNorm, nn.Embedding)
@@ -121,13 +121,23 @@ class RandomizationCurve:
         return [float(s.mean()) for s in self.scores[name]]
 
 
-def similarity(name: str, a: Explanation, b: Explanation) -> torch.Tensor:
-    """One similarity of two explanations of the same inputs, per image (see module docstring)."""
+def scorer(name: str, reference: Explanation) -> Callable[[Explanation], torch.Tensor]:
+    """One similarity to ``reference``, per image, as a function of the other explanation (see the
+    module docstring); rank-based ones rank the reference once."""
     if name == "spearman_signed":
-        return spearman(_signed(a), _signed(b))
+        signed = SpearmanReference(_signed(reference))
+        return lambda exp: signed(_signed(exp))
+    if name in ("spearman", "spearman_abs"):
+        ranked = SpearmanReference(reference.maps, absolute=name == "spearman_abs")
+        return lambda exp: ranked(exp.maps)
     if name not in SIMILARITIES:
         raise ValueError(f"unknown similarity {name!r}; known: spearman_signed, {', '.join(SIMILARITIES)}")
-    return SIMILARITIES[name](a.maps, b.maps)
+    return lambda exp: SIMILARITIES[name](reference.maps, exp.maps)
+
+
+def similarity(name: str, a: Explanation, b: Explanation) -> torch.Tensor:
+    """One similarity of two explanations of the same inputs, per image."""
+    return scorer(name, a)(b)
 
 
 def _signed(exp: Explanation) -> torch.Tensor:
@@ -166,9 +176,11 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
         original = explain(model, inputs, targets)
     curve = RandomizationCurve(order, names, {s: [] for s in similarities})
 
+    scorers = {s: scorer(s, original) for s in similarities}
+
     def record(exp: Explanation) -> None:
-        for s in similarities:
-            curve.scores[s].append(similarity(s, original, exp))
+        for s, score in scorers.items():
+            curve.scores[s].append(score(exp))
         curve.maps.append(exp.maps[:keep_maps].clone())
 
     if stack_rows // inputs.shape[0] >= 2 and len(names) >= 2:
@@ -194,11 +206,9 @@ def _stacked_steps(explain: ExplainFn, net: nn.Module, modules: list[nn.Module],
                    targets: torch.Tensor | None, seed: int, per_batch: int) -> Iterator[Explanation]:
     """Each step's explanation, ``per_batch`` steps per explanation of a stacked batch; stops early
     (the caller goes on one step at a time) when the explainer does not follow the stacked rows."""
-    copies = {m: reinitialized_copy(m, seed) for m in modules}
-    try:
-        stack = StepBatch(net, copies, inputs.shape[0])
-    except StackMismatch:
+    if nested(modules):  # checked before drawing any re-initialized copy
         return
+    stack = StepBatch(net, {m: reinitialized_copy(m, seed) for m in modules}, inputs.shape[0])
     b = inputs.shape[0]
     try:
         for first in range(0, len(modules), per_batch):

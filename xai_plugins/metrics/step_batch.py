@@ -41,8 +41,7 @@ class StepBatch:
     """
 
     def __init__(self, model: nn.Module, randomized: dict[nn.Module, nn.Module], rows: int):
-        subtrees = {m: set(m.modules()) - {m} for m in randomized}
-        if any(other in subtrees[m] for m in randomized for other in randomized):
+        if nested(list(randomized)):
             raise StackMismatch("a randomized layer contains another one")
         self.model, self.randomized, self.rows = model, randomized, rows
         self.flags: dict[nn.Module, list[bool]] = {}
@@ -91,7 +90,7 @@ class StepBatch:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not self._active:
                 return original(*args, **kwargs)
-            flags = self.flags.get(module, [False] * self.steps)
+            flags = self.flags[module]
             n = _rows(args, kwargs)
             if n != self.steps * self.rows:
                 self.mismatch = f"layer received {n} rows, not {self.steps * self.rows}"
@@ -111,6 +110,14 @@ class StepBatch:
 
 
 InputVJP = Callable[[torch.Tensor, torch.Size], torch.Tensor]
+_CONV_INPUT_GRADS = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
+                     nn.Conv3d: torch.nn.grad.conv3d_input}
+
+
+def nested(modules: list[nn.Module]) -> bool:
+    """Whether one of ``modules`` contains another (such layers cannot be wrapped separately)."""
+    inside = {sub for m in modules for sub in m.modules() if sub is not m}
+    return any(m in inside for m in modules)
 
 
 def _input_vjp(module: nn.Module) -> InputVJP | None:
@@ -120,13 +127,16 @@ def _input_vjp(module: nn.Module) -> InputVJP | None:
         return None
     if isinstance(module, nn.Linear):
         return lambda g, shape: g @ module.weight
-    grads = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
-             nn.Conv3d: torch.nn.grad.conv3d_input}
-    conv_input = grads.get(type(module))
+    conv_input = _CONV_INPUT_GRADS.get(type(module))
     if conv_input is None or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None
     return lambda g, shape: conv_input(shape, module.weight, g, module.stride, module.padding, module.dilation,
                                        module.groups)
+
+
+def _first_block_repeated(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: int) -> torch.Tensor:
+    y = fn(x[: x.shape[0] // m])
+    return y.repeat(m, *([1] * (y.dim() - 1)))
 
 
 class _SharedLinear(torch.autograd.Function):
@@ -138,9 +148,8 @@ class _SharedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP,  # type: ignore[override]
                 m: int) -> torch.Tensor:
-        y = fn(x[: x.shape[0] // m])
         ctx.vjp, ctx.shape = vjp, x.shape
-        return y.repeat(m, *([1] * (y.dim() - 1)))
+        return _first_block_repeated(fn, x, m)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
@@ -150,16 +159,16 @@ class _SharedLinear(torch.autograd.Function):
 def _shared_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, m: int) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _SharedLinear.apply(x, fn, vjp, m)
-    y = fn(x[: x.shape[0] // m])
-    return y.repeat(m, *([1] * (y.dim() - 1)))
+    return _first_block_repeated(fn, x, m)
 
 
 def _identical_blocks(x: Any, m: int) -> bool:
-    """Whether ``x`` is ``m`` equal blocks of rows (the same input for ``m`` steps)."""
+    """Whether ``x`` is ``m`` equal blocks of rows (the same input for ``m`` steps): one comparison,
+    one sync, no temporary."""
     if m < 2 or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % m:
         return False
     blocks = x.reshape(m, x.shape[0] // m, *x.shape[1:])
-    return all(torch.equal(blocks[0], blocks[j]) for j in range(1, m))
+    return torch.equal(blocks[1:], blocks[:1].expand_as(blocks[1:]))
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:

@@ -187,7 +187,7 @@ class HTMLReporter(Reporter):
             cells = [f"<td>{img_tag(png_bytes(image, scale), r.image_names[i])}<div class=cap>{cap}</div></td>"]
             for label in labels:
                 exp = r.explanations[label]
-                if signed.get(label) and exp.attributions.dim() == 4:
+                if signed[label] and exp.attributions.dim() == 4:
                     over = signed_overlay(image, exp.attributions[i].sum(0))
                 else:
                     over = overlay(image, exp.maps[i], alpha=alpha)
