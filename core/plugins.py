@@ -189,6 +189,13 @@ def explainer_flag(method: str, flag: str, host: PluginHost | None = None) -> bo
         return False
 
 
+def signed_relevance(explanations: dict[str, Any]) -> dict[str, Any]:
+    """label -> B x H x W channel-summed attributions, for the explanations whose method declares
+    ``signed`` (drawn red/blue instead of as a min-max heat map)."""
+    return {label: exp.attributions.sum(dim=1) for label, exp in explanations.items()
+            if exp.attributions.dim() == 4 and explainer_flag(exp.method, "signed")}
+
+
 def reset_host() -> None:
     """Forget the loaded plugins (tests, or after installing a plugin in-process)."""
     global _host

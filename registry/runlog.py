@@ -6,7 +6,8 @@ run left unfinished by a dead or failed attempt is deleted before the next attem
 so each version has exactly one live run per configuration.
 
 What is logged: every map as PNG (``maps/<method>/<NNN>_<image>.png``, over the probe image when the
-probe can be rebuilt, else the colorized map), the headline metrics and every scalar of results.json,
+probe can be rebuilt, else the colorized map; the signed relevance of LRP and DeepLIFT from
+``signed.npz`` drawn red/blue like the HTML report), the headline metrics and every scalar of results.json,
 ``results.json``, the self-contained ``report.html``, the gate verdict ``gate.json`` (also as tags
 ``xai.gate`` and metric ``gate/passed``), the DVC plots as CSV and ``model.json``.
 """
@@ -72,10 +73,15 @@ def _maps(out_dir: Path, report_dir: Path, names: list[str], workspace: Path) ->
         return {}
     with np.load(npz) as data:
         maps = {k: data[k] for k in data.files}
+    signed_npz = report_dir / "signed.npz"
+    signed: dict[str, np.ndarray] = {}
+    if signed_npz.is_file():
+        with np.load(signed_npz) as data:
+            signed = {k: data[k] for k in data.files if k in maps}
     images = _probe_images(workspace, out_dir)
     if images is not None and any(len(m) != len(images) for m in maps.values()):
         images = None
-    return map_pngs(maps, names, images)
+    return map_pngs(maps, names, images, signed=signed)
 
 
 def log_outputs(client: Any, run_id: str, result: dict[str, Any], workspace: Path) -> dict[str, Any]:

@@ -520,7 +520,7 @@ def test_bench_suite_runs_on_a_tiny_model():
 
 
 def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted(functional_relu_cnn, images32,
-                                                                                  tmp_path):
+                                                                                  tmp_path, monkeypatch):
     """LRP / DeepLIFT maps keep their sign: the report draws relevance for the class in red, against
     it in blue, and a pixel of zero relevance exactly as the image is (no background tint)."""
     import numpy as np
@@ -539,10 +539,14 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
     assert explainer_flag("lrp", "signed") and explainer_flag("deeplift", "signed")
     assert not explainer_flag("saliency", "signed") and not explainer_flag("no_such_method", "signed")
     images = (images32 - images32.min()) / (images32.max() - images32.min())
-    run(functional_relu_cnn, images32, ["lrp", "saliency"], images=images, reporters=["html"], out_dir=tmp_path,
-        progress=False)
+    results = run(functional_relu_cnn, images32, ["lrp", "saliency"], images=images, reporters=["html", "json"],
+                  out_dir=tmp_path, progress=False)
     page = (tmp_path / "report.html").read_text()
     assert page.count("red: for the class, blue: against") == 1  # the lrp column only
+    # the json reporter keeps the signed relevance beside maps.npz, for the registry worker's PNGs
+    with np.load(tmp_path / "signed.npz") as stored:
+        assert stored.files == ["lrp"]
+        assert np.allclose(stored["lrp"], results.explanations["lrp"].attributions.sum(1).numpy())
     # the MLflow reporter's map PNGs draw it the same way
     import io
 
@@ -557,3 +561,13 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
     scale = pixels.shape[0] // 8
     assert np.allclose(pixels[-1, -1], 0.5, atol=0.01) and pixels[0, 0, 0] > 0.6 > pixels[0, 0, 2]
     assert pixels.shape[0] == 8 * scale
+    # the registry worker reads both files back and draws lrp the same way (its probe images given)
+    import registry.runlog as runlog
+
+    monkeypatch.setattr(runlog, "_probe_images", lambda workspace, out_dir: images)
+    logged = runlog._maps(tmp_path, tmp_path, ["a", "b"], tmp_path)
+    assert set(logged) == {"maps/lrp/000_a.png", "maps/lrp/001_b.png", "maps/saliency/000_a.png",
+                           "maps/saliency/001_b.png"}
+    expected = map_pngs({"lrp": results.explanations["lrp"].maps[:1]}, ["a"], images[:1],
+                        signed={"lrp": results.explanations["lrp"].attributions[:1].sum(1)})
+    assert logged["maps/lrp/000_a.png"] == expected["maps/lrp/000_a.png"]

@@ -1,4 +1,6 @@
-"""The `json` reporter: every figure of a run, machine-readable (results.json + maps.npz)."""
+"""The `json` reporter: every figure of a run, machine-readable: results.json, maps.npz (every map)
+and signed.npz (the channel-summed relevance of methods whose sign matters, LRP and DeepLIFT, so a
+later reader such as the registry worker draws them red/blue)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.plugins import signed_relevance
 from xai_plugins import Reporter, RunResults, hookimpl
 
 
@@ -86,6 +89,10 @@ class JSONReporter(Reporter):
         if self.config["save_maps"] and results.explanations:
             np.savez_compressed(out_dir / "maps.npz", **{
                 label.replace("/", "_"): exp.maps.numpy() for label, exp in results.explanations.items()})
+            signed = signed_relevance(results.explanations)
+            if signed:
+                np.savez_compressed(out_dir / "signed.npz", **{
+                    label.replace("/", "_"): r.detach().cpu().numpy() for label, r in signed.items()})
         return path
 
 

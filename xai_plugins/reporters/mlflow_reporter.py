@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.plugins import explainer_flag
+from core.plugins import signed_relevance
 from core.render import colorize, display_scale, overlay, png_bytes, signed_overlay
 from xai_plugins import Reporter, RunResults, XAIError, hookimpl
 
@@ -113,8 +113,7 @@ class MLflowReporter(Reporter):
         out_dir = Path(out_dir)
         client = MlflowClient(tracking_uri=self.config["tracking_uri"])
         run_id, own = self._run(mlflow, client)
-        signed = {label: exp.attributions.sum(dim=1) for label, exp in results.explanations.items()
-                  if exp.attributions.dim() == 4 and explainer_flag(exp.method, "signed")}
+        signed = signed_relevance(results.explanations)
         files = map_pngs({label: exp.maps for label, exp in results.explanations.items()}, results.image_names,
                          results.images, float(self.config["alpha"]), int(self.config["max_images"]), signed)
         for name in LOGGED_FILES:
