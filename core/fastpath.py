@@ -69,11 +69,11 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (st
 
 def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | None:
     """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference, kept per model
-    until a parameter or buffer changes; None when that fails, the trace warns, or its outputs
-    differ from ``folded``'s on batches of other sizes and rows."""
+    until a parameter or buffer changes or the image size changes; None when that fails, the trace
+    warns, or its outputs differ from ``folded``'s on batches of other sizes and rows."""
     import warnings
 
-    key = tensor_state_key(model)
+    key = (tensor_state_key(model), tuple(x.shape[1:]), x.dtype)  # traced for one image size and dtype
     hit = _FROZEN.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -115,7 +115,8 @@ class FastForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.original = model
-        self.folded = None if model in _NO_FAST_PATH else _fold_batchnorm(model)
+        # a model in training mode uses batch statistics: folding eval-mode BatchNorm would change it
+        self.folded = None if model in _NO_FAST_PATH or model.training else _fold_batchnorm(model)
         self.checked = False
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:

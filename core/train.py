@@ -80,7 +80,8 @@ def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epo
 def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None, size: int = 32,
                     n_train: int = 3000, n_test: int = 400, epochs: int = 10, seed: int = 0,
                     watermark: str = "none", extra_loss: ExtraLoss | None = None,
-                    progress: bool = True, meta: dict | None = None) -> TrainResult:
+                    progress: bool = True, meta: dict | None = None, lr: float = 2e-3,
+                    batch_size: int = 32) -> TrainResult:
     """Generate `shapes` (clean or Clever Hans), train ``arch``, evaluate on a held-out split,
     and save a checkpoint with its preprocessing and class names when ``out`` is given."""
     train = make_shapes(n_train, size=size, seed=seed, watermark=watermark)
@@ -88,10 +89,10 @@ def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None,
     preprocess = Preprocess(size=size, **SHAPES_PREPROCESS)
     torch.manual_seed(seed)
     model = build_model(arch, len(train.class_names))
-    result = train_model(model, train, preprocess, epochs=epochs, seed=seed, extra_loss=extra_loss,
-                         progress=progress, test=test)
+    result = train_model(model, train, preprocess, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                         extra_loss=extra_loss, progress=progress, test=test)
     if out is not None:
         info = {"accuracy": result.accuracy, "dataset": "shapes", "watermark": watermark, "size": size,
-                "seed": seed, "epochs": epochs, **(meta or {})}
+                "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, **(meta or {})}
         save_checkpoint(out, result.model, arch, preprocess, train.class_names, info)
     return result

@@ -128,3 +128,19 @@ def test_html_escapes_untrusted_text(tmp_path, trained_cnn):
     html = (tmp_path / "report.html").read_text()
     assert "<script>alert" not in html and "onerror=alert(1)>" not in html and "&lt;script&gt;" in html
     assert res.explanations["grad_cam"].maps.shape == (1, 32, 32)
+
+
+def test_train_with_the_explainability_loss_records_its_recipe(tmp_path):
+    """`xai train --explainability-loss` at a token budget: a loadable checkpoint that records the loss
+    weights and the optimizer settings; a bad learning rate is one line and exit 2."""
+    out = tmp_path / "cnn.pt"
+    r = xai("train", "--out", out, "--n-train", 32, "--epochs", 1, "--lr", "1e-3", "--batch-size", 16,
+            "--explainability-loss", "--alpha", 0.2, "--beta", 0.1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "held-out accuracy" in r.stdout
+    payload = torch.load(out, weights_only=True)
+    info = payload["meta"]
+    assert info["explainability_loss"] == {"alpha": 0.2, "beta": 0.1}
+    assert info["lr"] == 1e-3 and info["batch_size"] == 16 and info["epochs"] == 1
+    bad = xai("train", "--out", tmp_path / "x.pt", "--lr", "0")
+    assert bad.returncode == 2 and "--lr" in bad.stderr and not (tmp_path / "x.pt").exists()

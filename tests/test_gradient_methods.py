@@ -274,6 +274,35 @@ class _ValueBranching(torch.nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class _PoolBySize(torch.nn.Module):
+    """Global pooling written as ``avg_pool2d(h, h.shape[-1])`` (an old CIFAR-ResNet idiom): a trace
+    bakes the kernel size of the image it saw into the graph. With BatchNorm, so it gets folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.nn.functional.avg_pool2d(h, h.shape[-1]).flatten(1))
+
+
+def test_fast_forward_follows_image_size_and_training_mode(images32, images64):
+    """The frozen copy is traced for one image size: another size gets its own (right) answer; a
+    model in training mode (batch statistics) is never replaced by its eval-mode folded copy."""
+    from xai_plugins.toolkit import fast_forward
+
+    torch.manual_seed(0)
+    model = _PoolBySize().eval()
+    with torch.no_grad():
+        for x in (images32, images64, images32):
+            assert torch.allclose(fast_forward(model)(x), model(x), atol=1e-5)
+    model.train()
+    x = torch.cat([images32, images32.flip(0) * 0.5])
+    assert torch.allclose(fast_forward(model)(x), model(x), atol=1e-5)
+
+
 def test_fast_forward_freezes_for_inference_only_what_it_can_trust(resnet18, functional_relu_cnn, images64):
     """Without gradients on CPU, the folded copy is traced, frozen and optimized for inference:
     same logits as the model. A model with value-dependent control flow is never frozen (the trace
