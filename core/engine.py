@@ -233,7 +233,9 @@ class Engine:
                 data = self.fit_data if self.fit_data is not None else FitData(x)
                 with torch.enable_grad():
                     self.fit_info[req.label] = call_with_timeout(
-                        lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root), self.timeout, req.label)
+                        lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root,
+                                                             input_shape=tuple(x.shape[1:])),
+                        self.timeout, req.label)
             except Exception as exc:
                 if not isolate:
                     raise

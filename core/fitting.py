@@ -2,7 +2,7 @@
 
 An explainer with ``trainable = True`` implements ``fit(model, data) -> state`` and
 ``load_state(state)``. ``ensure_fitted`` trains it once per (model fingerprint, explainer name,
-fit-relevant parameters) and stores the state under the fit store (``XAI_FIT_DIR``, default
+fit-relevant parameters, input shape) and stores the state under the fit store (``XAI_FIT_DIR``, default
 ``.xai/fitted``), so a second request for the same model version reuses it. The registry logs the
 stored files as MLflow artifacts of the model version's run. ``fit`` may checkpoint to
 ``explainer.checkpoint_path`` and resume from it after an interruption.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.datasets import ShapesData
+from core.errors import XAIError
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -81,15 +82,27 @@ def fit_key(explainer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def fit_path(explainer: Any, model: nn.Module, root: Path | None = None) -> Path:
+def fit_path(explainer: Any, model: nn.Module, root: Path | None = None,
+             input_shape: tuple[int, ...] | None = None) -> Path:
+    """Where the fitted state of ``explainer`` for ``model`` (and inputs of ``input_shape``, C x H x W:
+    a decoder or filter maps are learnt for one image size) is stored."""
     fp = model_fingerprint(model)[:16]
-    return (root or fit_root()) / fp / f"{explainer.name}-{fit_key(explainer)}.pt"
+    shape = "-" + "x".join(str(int(d)) for d in input_shape) if input_shape else ""
+    return (root or fit_root()) / fp / f"{explainer.name}-{fit_key(explainer)}{shape}.pt"
 
 
 def ensure_fitted(explainer: Any, model: nn.Module, data: Any = None, root: Path | None = None,
-                  force: bool = False) -> dict[str, Any]:
-    """Load the explainer's stored state for this model, or fit and store it. Returns info."""
-    path = fit_path(explainer, model, root)
+                  force: bool = False, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Load the explainer's stored state for this model and input shape (default: the fit data's),
+    or fit and store it. Returns info."""
+    if data is not None:
+        data = FitData.coerce(data)
+        shape = tuple(data.inputs.shape[1:])
+        if input_shape is not None and tuple(input_shape) != shape:
+            raise XAIError(f"{explainer.name}: the fit data are {'x'.join(map(str, shape))} but the inputs to "
+                           f"explain are {'x'.join(map(str, input_shape))}; fit on images of the same size")
+        input_shape = shape
+    path = fit_path(explainer, model, root, input_shape)
     if path.is_file() and not force:
         state = torch.load(path, map_location="cpu", weights_only=True)
         explainer.load_state(state)
@@ -98,7 +111,7 @@ def ensure_fitted(explainer: Any, model: nn.Module, data: Any = None, root: Path
         raise ValueError(f"{explainer.name} must be fitted first: pass fit data (none stored at {path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     explainer.checkpoint_path = path.with_suffix(".partial.pt")
-    state = explainer.fit(model, FitData.coerce(data))
+    state = explainer.fit(model, data)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)

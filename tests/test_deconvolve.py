@@ -57,6 +57,30 @@ def test_batched_scores_equal_the_algorithm_1_loop(index):
     assert fast.curve.sum(-1).abs().max() < 1e-12
 
 
+def test_a_reused_module_is_scored_and_read_at_its_last_call(residual_net, images32):
+    """One in-place nn.ReLU called three times: Algorithm 1, the filter evidence and the filter maps
+    all use its last call (the feature maps the classifier reads, as Grad-CAM does), not its first."""
+    model = residual_net.double()
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+    fast = filter_scores(model, "relu", (3, 16, 16), steps=3, batch_size=5)
+    slow = reference_scores(lambda z: model.fc(z.mean(dim=(2, 3))), (8, 16, 16), dtype=torch.float64)
+    assert (fast.scores - slow).abs().max() < 1e-12 and fast.scores.abs().max() > 1e-3
+    x = images32.double()
+    with torch.no_grad():
+        h = model.relu(model.bn1(model.conv1(x)))
+        last = model.relu(model.conv3(model.relu(model.bn2(model.conv2(h)) + h)))
+    evidence = layer_evidence(model, x, torch.tensor([0, 1]), "relu", fast.scores)
+    assert torch.allclose(evidence.activations, last)
+    seen = []
+    handle = model.conv3.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        maps = ascend_filters(model, "relu", (3, 16, 16), [0, 1], steps=2)
+    finally:
+        handle.remove()
+    assert maps.shape == (2, 3, 16, 16) and seen  # the ascent ran the model through the last call
+
+
 def _state(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
             [p.requires_grad for p in model.parameters()],
@@ -100,7 +124,7 @@ def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fi
     model = trained_cnn.model
     x = trained_cnn.preprocess.normalize(shapes_probe.images[:4])
     e = DeConvolve(layer="features", **FAST)
-    path = fit_path(e, model)
+    path = fit_path(e, model, input_shape=(3, 32, 32))
     assert not path.exists()
     explain(model, x, method="deconvolve", layer="features", text=False, **FAST)
     assert path.is_file()
@@ -125,7 +149,11 @@ def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fi
     # a different model version gets its own fit
     other = DeConvolve(layer="features", **FAST)
     changed = type(model)(len(trained_cnn.class_names))
-    assert fit_path(other, changed) != path
+    assert fit_path(other, changed, input_shape=(3, 32, 32)) != path
+    # so does another image size (the filter maps are images of the input's size)
+    explain(model, torch.nn.functional.interpolate(x, size=(40, 40)), method="deconvolve", layer="features",
+            text=False, **FAST)
+    assert fit_path(e, model, input_shape=(3, 40, 40)).is_file() and path.stat().st_mtime_ns == mtime
 
 
 def test_trained_cnn_explanation(trained_cnn, shapes_probe):
@@ -134,7 +162,7 @@ def test_trained_cnn_explanation(trained_cnn, shapes_probe):
     exp = explain(model, x, method="deconvolve", class_names=trained_cnn.class_names,
                   mean=pre.mean, std=pre.std, **FAST)
     e = DeConvolve(layer="features", **FAST)
-    e.load_state(torch.load(fit_path(e, model), weights_only=True))
+    e.load_state(torch.load(fit_path(e, model, input_shape=tuple(x.shape[1:])), weights_only=True))
     scores = e.state["scores"]
     t = exp.targets
     assert torch.allclose(exp.extras["filter_scores"], scores[:, t].T)

@@ -16,6 +16,7 @@ from torch import nn
 
 from core.api import explain
 from core.datasets import make_shapes
+from core.errors import XAIError
 from core.fitting import FitData, ensure_fitted, fit_path
 from core.plugin_api import MetricContext
 from xai_plugins.explainers.perception import PerceptionVisualization, perception_visualization, ssim
@@ -234,7 +235,7 @@ def test_training_resumes_from_its_checkpoint(trained_cnn, tmp_path):
     first.on_epoch_end = stop_after_2
     with pytest.raises(Interrupt):
         ensure_fitted(first, model, data, root=tmp_path / "b")
-    partial = fit_path(first, model, tmp_path / "b").with_suffix(".partial.pt")
+    partial = fit_path(first, model, tmp_path / "b", (3, 32, 32)).with_suffix(".partial.pt")
     assert torch.load(partial, weights_only=True)["epoch"] == 2
 
     resumed, seen = PerceptionVisualization(**params), []
@@ -257,7 +258,22 @@ def test_invariance_metric_trains_a_second_decoder(trained_cnn, shapes_probe, fi
     assert set(out) == {"ssim", "input_ssim_a", "input_ssim_b", "unpaired_ssim"}
     assert all(-1 <= v <= 1 for v in out.values())
     second = PerceptionVisualization(**{**exp.params, "seed": exp.params["seed"] + 1})
-    assert fit_path(second, model).is_file()  # the second decoder is stored like the first
+    assert fit_path(second, model, input_shape=(3, 32, 32)).is_file()  # stored like the first
+
+
+def test_another_image_size_gets_its_own_decoder(functional_relu_cnn, tmp_path, monkeypatch):
+    """A decoder is learnt for one image size: explaining the same model at another size fits a second
+    one instead of feeding the first a shape it cannot produce; fit data of another size are refused."""
+    monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    for shape in ((32, 32), (32, 48)):
+        exp = explain(functional_relu_cnn, torch.randn(4, 3, *shape), method=PV, progress=False,
+                      **{**TINY, "epochs": 1})
+        assert exp.maps.shape == (4, *shape)
+    assert len(list(tmp_path.rglob(f"{PV}-*.pt"))) == 2
+    with pytest.raises(XAIError, match="fit data are 3x32x32 but the inputs to explain are 3x16x16"):
+        explain(functional_relu_cnn, torch.randn(2, 3, 16, 16), method=PV, fit_data=torch.randn(4, 3, 32, 32),
+                progress=False, **{**TINY, "epochs": 1})
 
 
 # -- other architectures, parameters, the report ------------------------------------------------

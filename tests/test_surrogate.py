@@ -97,3 +97,10 @@ def test_input_features_render_filters(functional_relu_cnn, tmp_path, monkeypatc
     assert exp.extras["tree"]["features"] == "input" and exp.extras["path"].shape == (3, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_two_images_fit_on_themselves(functional_relu_cnn, images32, tmp_path, monkeypatch):
+    """The smallest batch that can fit (one training row, one held out): a tree, not NaN."""
+    monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
+    exp = explain(functional_relu_cnn, images32[:2], method="soft_tree", fit_epochs=2)
+    assert exp.maps.shape == (2, 32, 32) and torch.isfinite(exp.maps).all()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xai_plugins.explainers.deconvolve.scoring import layer_calls
 from xai_plugins.toolkit import batch_slices, resolve_layer
 
 
@@ -31,17 +32,20 @@ class _StopForward(Exception):
 
 
 class _UpTo:
-    """Run a model only up to a layer: a forward hook stores the output and stops the pass."""
+    """Run a model only up to a layer's ``call``-th call (its last for a reused module): a forward hook
+    stores the output and stops the pass."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.output, self.handle = module, None, None
+    def __init__(self, module: nn.Module, call: int = 1):
+        self.module, self.output, self.handle, self.call, self.calls = module, None, None, int(call), 0
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.output = output
-        raise _StopForward
+        self.calls += 1
+        if self.calls == self.call:
+            self.output = output
+            raise _StopForward
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self.output = None
+        self.output, self.calls = None, 0
         try:
             model(x)
         except _StopForward:
@@ -66,11 +70,13 @@ def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], f
     device = p.device if p is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(int(seed))
     module = resolve_layer(model, layer)[1]
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    calls = len(layer_calls(model, layer, input_shape, device, dtype))
     out = []
-    with torch.enable_grad(), _UpTo(module) as upto:
+    with torch.enable_grad(), _UpTo(module, calls) as upto:
         for sl in batch_slices(len(filters), batch_size):
             idx = torch.tensor(filters[sl], device=device)
-            x = _project(torch.randn(len(idx), *input_shape, generator=gen).to(device), rms).requires_grad_()
+            x = _project(torch.randn(len(idx), *input_shape, generator=gen).to(device, dtype), rms).requires_grad_()
             opt = torch.optim.Adam([x], lr=lr)
             for step in range(int(steps)):
                 act = upto(model, x)

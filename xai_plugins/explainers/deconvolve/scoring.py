@@ -40,15 +40,16 @@ class FilterScores:
 
 
 class _Replace:
-    """Forward hook: the first call of the module returns ``self.value`` instead of its output."""
+    """Forward hook: the ``call``-th call of the module (1-based; the last one of a module reused in
+    the forward, the call every other method reads) returns ``self.value`` instead of its output."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.value, self.calls = module, None, 0
+    def __init__(self, module: nn.Module, call: int = 1):
+        self.module, self.value, self.calls, self.call = module, None, 0, int(call)
         self.handle: Any = None
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         self.calls += 1
-        return self.value if self.calls == 1 else None
+        return self.value if self.calls == self.call else None
 
     def run(self, model: nn.Module, inputs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         self.value, self.calls = value, 0
@@ -62,12 +63,14 @@ class _Replace:
         self.handle.remove()
 
 
-def layer_output_shape(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
-                       dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
-    """C x h x w of ``layer``'s output for one input of ``input_shape`` (C x H x W)."""
+def layer_calls(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> list[tuple[int, ...]]:
+    """The output shape (without the batch) of every call of ``layer`` in one forward of one input
+    of ``input_shape``: more than one for a module reused in the forward (one ``nn.ReLU``)."""
     module = resolve_layer(model, layer)[1]
     seen: list[tuple[int, ...]] = []
-    handle = module.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[1:])) if not seen else None)
+    handle = module.register_forward_hook(
+        lambda m, a, out: seen.append(tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()))
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
@@ -75,9 +78,16 @@ def layer_output_shape(model: nn.Module, layer: str, input_shape: tuple[int, ...
         handle.remove()
     if not seen:
         raise RuntimeError(f"layer {layer!r} was not called in the forward pass")
-    if len(seen[0]) != 3:
-        raise ValueError(f"layer {layer!r} returns shape {seen[0]}, not C x h x w feature maps")
-    return seen[0]
+    return seen
+
+
+def layer_output_shape(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """C x h x w of ``layer``'s output (its last call) for one input of ``input_shape`` (C x H x W)."""
+    shape = layer_calls(model, layer, input_shape, device, dtype)[-1]
+    if len(shape) != 3:
+        raise ValueError(f"layer {layer!r} returns shape {shape}, not C x h x w feature maps")
+    return shape
 
 
 def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], steps: int = 5,
@@ -86,10 +96,11 @@ def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], st
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    calls = len(layer_calls(model, layer, input_shape, device, dtype))
     k, h, w = layer_output_shape(model, layer, input_shape, device, dtype)
     values = torch.linspace(0, 1, max(2, int(steps)), dtype=dtype)
     module = resolve_layer(model, layer)[1]
-    with torch.no_grad(), _Replace(module) as replace:
+    with torch.no_grad(), _Replace(module, calls) as replace:
         zero_in = torch.zeros(1, *input_shape, device=device, dtype=dtype)
         baseline = torch.softmax(replace.run(model, zero_in, torch.zeros(1, k, h, w, device=device, dtype=dtype)), 1)[0]
         pairs = [(float(v), f) for v in values[1:] for f in range(k)]  # (constant, filter), v > 0

@@ -62,7 +62,7 @@ def layer_evidence(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.
         model(inputs)
     if cap.output is None or cap.output.dim() != 4:
         raise RuntimeError(f"layer {layer!r} gave no B x K x h x w feature maps")
-    acts = cap.outputs[0].detach().clamp(min=0)
+    acts = cap.outputs[-1].detach().clamp(min=0)  # a reused module: its last call, as elsewhere
     if acts.shape[1] != score_matrix.shape[0]:
         raise RuntimeError(f"layer {layer!r} has {acts.shape[1]} filters but the fitted scores have "
                            f"{score_matrix.shape[0]}: refit for this model")

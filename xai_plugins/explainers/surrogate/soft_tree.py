@@ -68,7 +68,7 @@ class SoftDecisionTree(Explainer):
         vectors = feats.vectors(spatial)
         with torch.no_grad():
             logits = torch.cat([model(train.inputs[i:i + 256].to(device)) for i in range(0, len(train), 256)])
-        mean, std = vectors.mean(0), vectors.std(0).clamp_min(1e-6)
+        mean, std = vectors.mean(0), vectors.std(0, unbiased=False).clamp_min(1e-6)  # one train row: 0, not NaN
         z = (vectors - mean) / std
         targets = (logits.float() / cfg["temperature"]).softmax(1)
         torch.manual_seed(cfg["seed"])
