@@ -164,6 +164,8 @@ class Engine:
                 if not isolate:
                     raise
                 failures.append(Failure(req.method, req.label, "config", str(exc)))
+        if isinstance(model, torch.jit.ScriptModule):
+            self._refuse_python_methods(explainers, failures, isolate, requests)
         moved = device != original_device
         try:
             if moved:
@@ -203,6 +205,20 @@ class Engine:
         except KeyError:
             return req.method
 
+    def _refuse_python_methods(self, explainers, failures, isolate, requests) -> None:
+        """A TorchScript model: refuse the methods that hook its layers or change its backward."""
+        for req in requests:
+            e = explainers.get(req.label)
+            if e is None or not e.needs_python_modules():
+                continue
+            message = (f"{req.method} needs the model's Python modules (it hooks layers or changes the "
+                       "backward pass), which a TorchScript model does not expose: explain the nn.Module "
+                       "(an xai checkpoint) instead")
+            if not isolate:
+                raise XAIError(message)
+            failures.append(Failure(self._provider(req), req.label, "config", message))
+            explainers.pop(req.label)
+
     def _set_default_layers(self, model, x, explainers, failures, isolate, requests) -> None:
         for req in requests:
             e = explainers.get(req.label)
@@ -211,10 +227,11 @@ class Engine:
             if e.config["layer"] is None:
                 try:
                     e.config["layer"] = default_layer(model, x[:1])
-                except XAIError as exc:
+                except Exception as exc:  # noqa: BLE001 - one method's failure, not the run's
                     if not isolate:
                         raise
-                    failures.append(Failure(self._provider(req), req.label, "config", str(exc)))
+                    message = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
+                    failures.append(Failure(self._provider(req), req.label, "config", message))
                     explainers.pop(req.label)
             elif isinstance(e.config["layer"], nn.Module):
                 from core.layers import resolve_layer

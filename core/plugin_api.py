@@ -77,11 +77,20 @@ class Explainer(Configurable):
     # The map keeps the sign of the evidence (relevance for and against the class): reports draw
     # the attributions with a diverging colormap, zero relevance leaving the image untinted.
     signed: ClassVar[bool] = False
+    # The method intercepts the model's Python modules or operations (per-layer rules, a changed
+    # activation backward): a TorchScript model runs its own compiled graph, which such a method
+    # cannot see into, so it is refused rather than silently answered with plain gradients. Methods
+    # with a ``layer`` parameter or a ``relu_rule`` count as such without setting it.
+    python_modules: ClassVar[bool] = False
     # optional: a describer of what the method needs, for `xai plugins`
     family: ClassVar[str] = ""
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         raise NotImplementedError
+
+    def needs_python_modules(self) -> bool:
+        """Whether this configured method needs the model as Python modules (see ``python_modules``)."""
+        return self.python_modules or self.relu_rule is not None or self.needs_layer or "layer" in self.config
 
     def from_pass(self, gradient_pass: GradientPass) -> Any:
         """Compute the attributions from a shared forward/backward (only if ``shared_pass``)."""

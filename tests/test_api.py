@@ -109,3 +109,26 @@ def test_model_restored_when_method_raises(functional_relu_cnn, images32):
     with pytest.raises(Exception, match="no layer"):
         explain(functional_relu_cnn, images32, method="grad_cam", layer="nope")
     _assert_unchanged(functional_relu_cnn, snap)
+
+
+def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_methods(functional_relu_cnn, images32,
+                                                                                   tmp_path):
+    """A TorchScript file (what `xai explain --model` loads safely) runs its own graph: gradient and
+    perturbation methods work on it as on the module; methods that hook layers or change the ReLU
+    backward are refused in one line instead of returning plain gradients, and the other methods of
+    the same run still finish."""
+    from core.engine import Engine
+    from core.errors import XAIError
+
+    path = tmp_path / "net.pt"
+    torch.jit.trace(functional_relu_cnn, images32[:1]).save(str(path))
+    scripted = torch.jit.load(str(path))
+    ours = explain(scripted, images32, method="saliency").attributions
+    assert torch.allclose(ours, explain(functional_relu_cnn, images32, method="saliency").attributions, atol=1e-6)
+    for method in ("guided_backprop", "deconvnet", "lrp", "deeplift", "grad_cam", "perception_visualization"):
+        with pytest.raises(XAIError, match=f"^{method} needs the model's Python modules"):
+            explain(scripted, images32, method=method)
+    out = Engine(progress=False).run(scripted, images32, ["saliency", "grad_cam", "occlusion"], isolate=True)
+    assert set(out.explanations) == {"saliency", "occlusion"}
+    (failure,) = out.failures
+    assert failure.name == "grad_cam" and "\n" not in failure.message

@@ -28,6 +28,7 @@ class _SignedExplainer(Explainer):
     family = "relevance"
     space = "input"
     signed = True
+    python_modules = True  # per-layer rules on the model's own modules and functions
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
         """Signed relevance summed over channels (positive = evidence for the class); the engine
