@@ -33,10 +33,27 @@ _NO_FAST_PATH: weakref.WeakSet = weakref.WeakSet()  # models on which the fast p
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, folded copy)
 
 
+def content_checksum(tensors: list[torch.Tensor | None]) -> tuple[float, ...]:
+    """The sum and the L2 norm of each tensor, read in one host transfer: catches writes the
+    version counter misses (``weight.data.normal_()`` changes values without bumping it)."""
+    ts = [t.detach() for t in tensors if t is not None and t.numel()]
+    if not ts:
+        return ()
+    parts = [t.sum().double().reshape(1) for t in ts]
+    floats = [t for t in ts if t.is_floating_point()]
+    if floats:
+        parts += [n.double().reshape(1) for n in torch._foreach_norm(floats, 2)]
+    if len({p.device for p in parts}) > 1:
+        parts = [p.cpu() for p in parts]
+    return tuple(torch.cat(parts).tolist())
+
+
 def tensor_state_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``model`` is replaced, resized or written to."""
-    tensors = model.state_dict(keep_vars=True).values()
-    return (model.training, *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
+    """Changes whenever a parameter or buffer of ``model`` is replaced, resized or written to (also
+    through ``.data``, by the content checksum)."""
+    tensors = list(model.state_dict(keep_vars=True).values())
+    return (model.training, *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
+            content_checksum(tensors))
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -118,6 +135,9 @@ class FastForward(nn.Module):
         # a model in training mode uses batch statistics: folding eval-mode BatchNorm would change it
         self.folded = None if model in _NO_FAST_PATH or model.training else _fold_batchnorm(model)
         self.checked = False
+        # the frozen copy per image size, looked up once per stand-in (one method call: the model
+        # does not change while it runs, and the lookup reads every weight)
+        self.frozen: dict[tuple, torch.jit.ScriptModule | None] = {}
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if uses_channels_last(x, torch.is_grad_enabled()):
@@ -128,7 +148,10 @@ class FastForward(nn.Module):
         if self.folded is None:
             return self.original(x)
         if FREEZE_FOR_INFERENCE and uses_channels_last(x, torch.is_grad_enabled()) and not self.original.training:
-            frozen = _frozen_inference(self.original, self.folded, x)
+            size = (tuple(x.shape[1:]), x.dtype)
+            if size not in self.frozen:
+                self.frozen[size] = _frozen_inference(self.original, self.folded, x)
+            frozen = self.frozen[size]
             if frozen is not None:
                 return frozen(x)
         if self.checked:

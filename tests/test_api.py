@@ -132,3 +132,19 @@ def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_method
     assert set(out.explanations) == {"saliency", "occlusion"}
     (failure,) = out.failures
     assert failure.name == "grad_cam" and "\n" not in failure.message
+
+
+@pytest.mark.parametrize("method,params", [("lrp", {}), ("occlusion", {}), ("score_cam", {}),
+                                           ("integrated_gradients", {"steps": 8}), ("deeplift", {})])
+def test_weights_written_through_data_are_seen(residual_net, images32, method, params):
+    """Writes through ``.data`` do not bump a tensor's version counter: the caches of folded
+    BatchNorm, frozen inference copies and LRP rules must still see them (a content checksum)."""
+    model = residual_net
+    explain(model, images32, method=method, **params)  # fills the caches
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(-0.7)
+        model.bn1.running_mean.data.add_(0.3)
+    again = explain(model, images32, method=method, **params).attributions
+    fresh = explain(copy.deepcopy(model), images32, method=method, **params).attributions
+    assert torch.allclose(again, fresh, atol=1e-5)
