@@ -29,6 +29,8 @@ class ImageSet:
 
 def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> torch.Tensor:
     """Read one file into a C x H x W tensor in [0, 1] at the model's size, or raise InputError."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path.name}: broken link (points to {str(path.readlink())!r})")
     if not path.is_file():
         raise InputError(f"{path.name}: not a file")
     if path.stat().st_size == 0:
@@ -51,10 +53,16 @@ def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> tor
                                 "1": "1-bit", "CMYK": "CMYK", "I": "32-bit integer", "F": "float"}.get(mode, mode)
                         raise InputError(f"{path.name}: image is {what} but the model expects "
                                          f"{preprocess.channels}-channel {expected}; convert it or pass --convert")
-                    img = img.convert(expected)
+                    img = _wide_gray(img) if mode in _WIDE_GRAY else img.convert(expected)
                 if preprocess.hw is not None and (h, w) != preprocess.hw:
                     img = img.resize((preprocess.hw[1], preprocess.hw[0]), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+                arr = np.asarray(img, dtype=np.float32)
+                if img.mode == "F":  # a wide grayscale image, already scaled to [0, 1]
+                    arr = np.clip(arr, 0.0, 1.0)
+                    if expected == "RGB":
+                        arr = np.repeat(arr[..., None], 3, axis=2)
+                else:
+                    arr = arr / 255.0
     except InputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -69,6 +77,25 @@ def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> tor
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+_WIDE_GRAY = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # 16/32-bit and float grayscale modes
+
+
+def _wide_gray(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as a float ("F") image in [0, 1], scaled by its bit
+    depth (PIL's own conversion to 8 bits clips 16-bit values, turning most pixels white)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "I":  # 16-bit files often open as 32-bit "I": scale by the depth their values fit
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 4294967295.0
+        arr = arr - min(0.0, float(arr.min()))
+    else:  # float: [0, 1] as is, else its own range
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr, top = (arr, 1.0) if lo >= 0 and hi <= 1 else (arr - lo, max(hi - lo, 1e-12))
+    return Image.fromarray((np.nan_to_num(arr) / top).astype(np.float32), mode="F")
+
+
 def find_images(folder: Path) -> list[tuple[Path, str | None]]:
     """(file, class folder name or None) for a flat folder or one subfolder per class."""
     if not folder.exists():
@@ -78,10 +105,10 @@ def find_images(folder: Path) -> list[tuple[Path, str | None]]:
     found: list[tuple[Path, str | None]] = []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir():
-            for f in sorted(entry.iterdir()):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            for f in sorted(entry.iterdir()):  # not only files: a broken link is reported, not dropped
+                if not f.is_dir() and f.suffix.lower() in IMAGE_SUFFIXES:
                     found.append((f, entry.name))
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
             found.append((entry, None))
     if not found:
         raise InputError(f"no images in {str(folder)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -45,6 +45,9 @@ def _bad_folder(probe: Path, tmp: Path) -> Path:
     Image.new("L", (32, 32), 128).save(folder / "gray.png")
     Image.new("RGBA", (32, 32), (1, 2, 3, 4)).save(folder / "rgba.png")
     Image.new("1", (9000, 5000)).save(folder / "enormous.png")
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "deep16.png")  # 16-bit grayscale
+    os.symlink(tmp / "nowhere.png", folder / "broken.png")
     return folder
 
 
@@ -70,17 +73,34 @@ def test_bad_images_each_reported_good_ones_kept(probe, tmp_path, trained_cnn_pa
     r = xai("explain", "--model", trained_cnn_path, "--images", folder, "--methods", "grad_cam", "--out", out)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    for name in ("corrupt.png", "truncated.png", "empty.png", "tiny.png", "gray.png", "rgba.png", "enormous.png"):
+    for name in ("corrupt.png", "truncated.png", "empty.png", "tiny.png", "gray.png", "rgba.png", "enormous.png",
+                 "deep16.png", "broken.png"):
         assert sum(name in ln for ln in lines) == 1, (name, r.stderr)
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "broken link" in r.stderr
     results = json.loads((out / "results.json").read_text())
     assert sorted(i["name"] for i in results["images"]) == ["good_0.png", "good_1.png", "good_2.png"]
-    assert len(results["skipped_inputs"]) == 7
-    # --convert accepts grayscale and RGBA
+    assert len(results["skipped_inputs"]) == 9
+    # --convert accepts grayscale (8- and 16-bit) and RGBA
     r2 = xai("explain", "--model", trained_cnn_path, "--images", folder, "--methods", "grad_cam", "--out",
              tmp_path / "out2", "--convert")
     names = {i["name"] for i in json.loads((tmp_path / "out2" / "results.json").read_text())["images"]}
-    assert {"gray.png", "rgba.png"} <= names and r2.returncode != 0
+    assert {"gray.png", "rgba.png", "deep16.png"} <= names and r2.returncode != 0
+
+
+def test_sixteen_bit_grayscale_is_scaled_by_its_depth(tmp_path):
+    """PIL's own 8-bit conversion clips 16-bit values (almost every pixel white): --convert scales them."""
+    from core.images import load_image
+    from core.preprocess import Preprocess
+
+    pre = Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3)
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    image = load_image(tmp_path / "ramp.png", pre, convert=True)
+    assert image.shape == (3, 32, 32) and torch.equal(image[0], image[2])
+    assert torch.allclose(image[0], torch.from_numpy(ramp / 65535.0).float(), atol=1e-4)
+    Image.fromarray(ramp).resize((48, 40)).save(tmp_path / "big.png")
+    resized = load_image(tmp_path / "big.png", pre, convert=True)
+    assert resized.shape == (3, 32, 32) and 0.4 < float(resized.mean()) < 0.6
 
 
 @pytest.mark.parametrize("case", ["unknown_method", "no_images", "bad_model", "missing_model", "bad_output",
