@@ -124,7 +124,8 @@ class CAM(CAMExplainer):
         if fc.in_features != activations.shape[1]:
             raise InputError(f"cam needs a model ending in global average pooling + linear: the linear layer "
                              f"takes {fc.in_features} features but layer {self.config['layer']!r} has "
-                             f"{activations.shape[1]} channels; pass fc= or use grad_cam")
+                             f"{activations.shape[1]} channels; pass layer= (the layer before the pooling), "
+                             "fc=, or use grad_cam")
         return fc.weight[gradient_pass.targets.to(fc.weight.device)]
 
     def linear(self, model: torch.nn.Module) -> torch.nn.Linear:
