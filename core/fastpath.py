@@ -56,13 +56,14 @@ def tensor_state_key(model: nn.Module) -> tuple:
             content_checksum(tensors))
 
 
-def _fold_batchnorm(model: nn.Module) -> nn.Module:
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+def _fold_batchnorm(model: nn.Module, key: tuple) -> nn.Module:
     """A copy with eval-mode BatchNorm folded into the preceding convolutions, kept (one copy per
-    model) until a parameter or buffer of the model changes; the model itself when there is no
-    BatchNorm or the model cannot be copied and traced."""
-    if not any(isinstance(m, _BN) for m in model.modules()):
-        return model
-    key = tensor_state_key(model)
+    model) until a parameter or buffer of the model changes (``key``: its ``tensor_state_key``); the
+    model itself when it cannot be copied and traced."""
     hit = _FOLDED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -84,13 +85,15 @@ FREEZE_FOR_INFERENCE = os.environ.get("XAI_NO_FREEZE") != "1"
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, frozen or None)
 
 
-def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | None:
+def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor,
+                      state: tuple) -> torch.jit.ScriptModule | None:
     """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference, kept per model
-    until a parameter or buffer changes or the image size changes; None when that fails, the trace
+    until a parameter or buffer changes (``state``: the model's ``tensor_state_key``) or the image
+    size changes; None when that fails, the trace
     warns, or its outputs differ from ``folded``'s on batches of other sizes and rows."""
     import warnings
 
-    key = (tensor_state_key(model), tuple(x.shape[1:]), x.dtype)  # traced for one image size and dtype
+    key = (state, tuple(x.shape[1:]), x.dtype)  # traced for one image size and dtype
     hit = _FROZEN.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -133,11 +136,22 @@ class FastForward(nn.Module):
         super().__init__()
         self.original = model
         # a model in training mode uses batch statistics: folding eval-mode BatchNorm would change it
-        self.folded = None if model in _NO_FAST_PATH or model.training else _fold_batchnorm(model)
+        usable = model not in _NO_FAST_PATH and not model.training
+        # the model's state read at most once per stand-in (one method call: the model does not
+        # change while it runs, and the key reads every weight); the frozen copy once per image size
+        self._state: tuple | None = None
+        if not usable:
+            self.folded = None
+        else:
+            self.folded = _fold_batchnorm(model, self.state) if _has_batchnorm(model) else model
         self.checked = False
-        # the frozen copy per image size, looked up once per stand-in (one method call: the model
-        # does not change while it runs, and the lookup reads every weight)
         self.frozen: dict[tuple, torch.jit.ScriptModule | None] = {}
+
+    @property
+    def state(self) -> tuple:
+        if self._state is None:
+            self._state = tensor_state_key(self.original)
+        return self._state
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if uses_channels_last(x, torch.is_grad_enabled()):
@@ -150,7 +164,7 @@ class FastForward(nn.Module):
         if FREEZE_FOR_INFERENCE and uses_channels_last(x, torch.is_grad_enabled()) and not self.original.training:
             size = (tuple(x.shape[1:]), x.dtype)
             if size not in self.frozen:
-                self.frozen[size] = _frozen_inference(self.original, self.folded, x)
+                self.frozen[size] = _frozen_inference(self.original, self.folded, x, self.state)
             frozen = self.frozen[size]
             if frozen is not None:
                 return frozen(x)

@@ -90,7 +90,7 @@ class Explainer(Configurable):
 
     def needs_python_modules(self) -> bool:
         """Whether this configured method needs the model as Python modules (see ``python_modules``)."""
-        return self.python_modules or self.relu_rule is not None or self.needs_layer or "layer" in self.config
+        return self.python_modules or self.relu_rule is not None or "layer" in self.config
 
     def from_pass(self, gradient_pass: GradientPass) -> Any:
         """Compute the attributions from a shared forward/backward (only if ``shared_pass``)."""

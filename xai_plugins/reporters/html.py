@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from core.plugins import explainer_flag
+from core.plugins import signed_relevance
 from core.render import data_uri, display_scale, overlay, png_bytes, signed_overlay
 from xai_plugins import Reporter, RunResults, hookimpl
 
@@ -164,9 +164,9 @@ class HTMLReporter(Reporter):
             for name, tensor in (r.explanations[label].extras.get("images") or {}).items():
                 if isinstance(tensor, torch.Tensor):
                     extra_cols.append((label, name))
-        signed = {label: explainer_flag(r.explanations[label].method, "signed") for label in labels}
+        signed = signed_relevance({label: r.explanations[label] for label in labels})
         legend = "<br><small>red: for the class, blue: against</small>"
-        head = "<th>input</th>" + "".join(f"<th>{esc(lab)}{legend if signed[lab] else ''}</th>" for lab in labels) + \
+        head = "<th>input</th>" + "".join(f"<th>{esc(lab)}{legend if lab in signed else ''}</th>" for lab in labels) + \
             "".join(f"<th>{esc(lab)}: {esc(name)}</th>" for lab, name in extra_cols)
         scale = display_scale(r.images.shape[-2])
         names = r.class_names
@@ -187,8 +187,8 @@ class HTMLReporter(Reporter):
             cells = [f"<td>{img_tag(png_bytes(image, scale), r.image_names[i])}<div class=cap>{cap}</div></td>"]
             for label in labels:
                 exp = r.explanations[label]
-                if signed[label] and exp.attributions.dim() == 4:
-                    over = signed_overlay(image, exp.attributions[i].sum(0))
+                if label in signed:
+                    over = signed_overlay(image, signed[label][i])
                 else:
                     over = overlay(image, exp.maps[i], alpha=alpha)
                 text = exp.extras.get("text")

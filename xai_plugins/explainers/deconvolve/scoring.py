@@ -81,26 +81,19 @@ def layer_calls(model: nn.Module, layer: str, input_shape: tuple[int, ...], devi
     return seen
 
 
-def layer_output_shape(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
-                       dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
-    """C x h x w of ``layer``'s output (its last call) for one input of ``input_shape`` (C x H x W)."""
-    shape = layer_calls(model, layer, input_shape, device, dtype)[-1]
-    if len(shape) != 3:
-        raise ValueError(f"layer {layer!r} returns shape {shape}, not C x h x w feature maps")
-    return shape
-
-
 def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], steps: int = 5,
                   batch_size: int = 256) -> FilterScores:
     """Algorithm 1 for every filter of ``layer`` in batched passes (model in eval mode, no grad)."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    calls = len(layer_calls(model, layer, input_shape, device, dtype))
-    k, h, w = layer_output_shape(model, layer, input_shape, device, dtype)
+    shapes = layer_calls(model, layer, input_shape, device, dtype)
+    if len(shapes[-1]) != 3:  # the last call: the one a reused module's consumers read
+        raise ValueError(f"layer {layer!r} returns shape {shapes[-1]}, not C x h x w feature maps")
+    k, h, w = shapes[-1]
     values = torch.linspace(0, 1, max(2, int(steps)), dtype=dtype)
     module = resolve_layer(model, layer)[1]
-    with torch.no_grad(), _Replace(module, calls) as replace:
+    with torch.no_grad(), _Replace(module, len(shapes)) as replace:
         zero_in = torch.zeros(1, *input_shape, device=device, dtype=dtype)
         baseline = torch.softmax(replace.run(model, zero_in, torch.zeros(1, k, h, w, device=device, dtype=dtype)), 1)[0]
         pairs = [(float(v), f) for v in values[1:] for f in range(k)]  # (constant, filter), v > 0

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from core.fastpath import content_checksum
+
 from .ops import version_key
 from .rules import stabilize
 
@@ -43,6 +45,18 @@ def model_cache(model: torch.nn.Module) -> dict:
     if cache is None:
         cache = {}
         _CACHES[model] = cache
+    return cache
+
+
+def checked_model_cache(model: torch.nn.Module) -> dict:
+    """``model_cache``, emptied first when the model's values changed since it was filled: one
+    content checksum per explanation catches writes through ``.data``, which bump no version
+    counter and so slip past ``version_key``."""
+    cache = model_cache(model)
+    contents = content_checksum(list(model.state_dict(keep_vars=True).values()))
+    if cache.get("contents") != contents:
+        cache.clear()
+        cache["contents"] = contents
     return cache
 
 

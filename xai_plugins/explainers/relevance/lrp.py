@@ -114,7 +114,7 @@ class _Session:
     def __init__(self, model: nn.Module, composite: Composite, canonize: bool, stabilizer: float,
                  n_layers: int | None = None):
         self.composite, self.canonize, self.stabilizer = composite, canonize, stabilizer
-        self.cache = canon.model_cache(model)
+        self.cache = canon.checked_model_cache(model)
         self.modules: dict[int, tuple[str, nn.Module]] = {}
         for name, module in model.named_modules():
             w = getattr(module, "weight", None)

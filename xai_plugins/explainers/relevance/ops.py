@@ -22,8 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.fastpath import content_checksum
-
 RELU_FUNCS = frozenset({F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_})
 ACTIVATION_FUNCS = frozenset({
     torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, F.softplus, F.elu,
@@ -170,7 +168,7 @@ class LinearOp:
 
 
 def version_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identity + in-place version + storage + content checksum of tensors: changes whenever their
-    values may have (the checksum: writes through ``.data`` do not bump the version)."""
+    """Identity + in-place version + storage of tensors: changes whenever their values may have,
+    except through ``.data`` (no version bump): ``checked_model_cache`` covers that, once a call."""
     return tuple((id(t), t._version, t.data_ptr(), str(t.device), t.dtype) if t is not None else None
-                 for t in tensors) + content_checksum(list(tensors))
+                 for t in tensors)
