@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.redact import redact_text
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -198,7 +200,7 @@ class Queue:
              backoff_cap: float = 600.0) -> Job | None:
         """Record a failed attempt: back to queued after a backoff while attempts remain, else failed.
         Returns the updated job, or None when the job was no longer ours."""
-        now = time.time()
+        now, error = time.time(), redact_text(error)
         with self.tx() as c:
             if not self._owned(c, job):
                 return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import XAIError
+from core.redact import redact_text
 from registry import runlog
 from registry.names import InvalidNameError, check_name, check_version
 from registry.queue import Job, Queue
@@ -55,7 +56,13 @@ class WorkerConfig:
 
 
 def describe(exc: BaseException, uri: str) -> JobError:
-    """Turn any exception of an attempt into a clear, one-line reason."""
+    """Turn any exception of an attempt into a clear, one-line reason, secrets masked (the reason
+    goes to the log, the queue's ``last_error`` and the version's ``xai.error`` tag)."""
+    error = _describe(exc, uri)
+    return JobError(redact_text(error.reason), error.retryable)
+
+
+def _describe(exc: BaseException, uri: str) -> JobError:
     if isinstance(exc, JobError):
         return exc
     if isinstance(exc, InvalidNameError):
@@ -193,7 +200,8 @@ class Worker:
             for key, value in tags.items():
                 client.set_model_version_tag(job.model, job.version, key, value)
         except Exception as exc:  # MLflow down, or the version does not exist
-            log.info("job %d: could not tag the failure on the version (%s)", job.id, str(exc).splitlines()[0][:200])
+            log.info("job %d: could not tag the failure on the version (%s)", job.id,
+                     redact_text(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
 
     # -- one attempt -------------------------------------------------------------------------
     def execute(self, job: Job, uri: str) -> tuple[str, dict[str, Any]]:
