@@ -28,7 +28,7 @@ from core.errors import XAIError
 from core.redact import redact_text
 from registry import runlog
 from registry.names import InvalidNameError, check_name, check_version
-from registry.queue import Job, Queue
+from registry.queue import Job, Queue, QueueError
 from registry.state import State, experiment_name, tracking_uri
 
 log = logging.getLogger("xai.registry")
@@ -96,15 +96,20 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        queue = Queue(self.queue_path)
+        queue: Queue | None = None
         try:
             while not self._stop.wait(self.lease / 3):
-                if not queue.heartbeat(self.job, self.lease):
-                    self.lost = True
-                    log.warning("job %d: lease lost (another worker took it over)", self.job.id)
-                    return
+                try:
+                    queue = queue or Queue(self.queue_path)
+                    if not queue.heartbeat(self.job, self.lease):
+                        self.lost = True
+                        log.warning("job %d: lease lost (another worker took it over)", self.job.id)
+                        return
+                except QueueError as exc:  # a locked or full database: try again at the next beat
+                    log.warning("job %d: heartbeat not recorded: %s", self.job.id, exc)
         finally:
-            queue.close()
+            if queue is not None:
+                queue.close()
 
 
 class Worker:
@@ -146,7 +151,14 @@ class Worker:
         done = 0
         stop = stop or threading.Event()
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
-            job = self.queue.claim(self.name, self.config.lease)
+            try:
+                job = self.queue.claim(self.name, self.config.lease)
+            except QueueError as exc:  # locked, disk full, corrupt: wait, do not die
+                log.error("worker: %s; trying again in %.0fs", exc, self.config.backoff)
+                if once:
+                    break
+                stop.wait(self.config.backoff)
+                continue
             if job is None:
                 if once:
                     break
@@ -169,7 +181,12 @@ class Worker:
                 log.warning("job %d: finished after its lease was lost; the new holder reuses run %s",
                             job.id, run_id)
                 return False
-            self.queue.complete(job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")})
+            try:
+                self.queue.complete(job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")})
+            except QueueError as exc:  # the run is logged: the retry after the lease finds it complete
+                log.error("job %d: done, but not recorded in the queue (%s); it is retried when its lease "
+                          "runs out and reuses run %s", job.id, exc, run_id)
+                return False
             log.info("job %d %s %s: done in %.1fs, gate %s, run %s", job.id, job.model, job.version,
                      time.monotonic() - started, verdict.get("status"), run_id)
             return True
@@ -178,7 +195,13 @@ class Worker:
             return False
 
     def failed(self, job: Job, error: JobError, uri: str) -> None:
-        updated = self.queue.fail(job, error.reason, error.retryable, self.config.backoff, self.config.backoff_cap)
+        try:
+            updated = self.queue.fail(job, error.reason, error.retryable, self.config.backoff,
+                                      self.config.backoff_cap)
+        except QueueError as exc:  # e.g. the disk is full: the lease runs out and the job is retried
+            log.error("job %d %s %s failed: %s; not recorded in the queue (%s): retried when its lease "
+                      "runs out", job.id, job.model, job.version, error.reason, exc)
+            return
         if updated is None:
             log.warning("job %d failed after its lease was lost: %s", job.id, error.reason)
             return
