@@ -115,10 +115,12 @@ class Queue:
                 self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
-                with self.tx() as c:
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            c.execute(statement)
+                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not {"jobs", "deliveries", "events"} <= tables:  # readers never wait for a writer's lock
+                    with self.tx() as c:
+                        for statement in SCHEMA.split(";"):
+                            if statement.strip():
+                                c.execute(statement)
             except BaseException:
                 self.conn.close()
                 raise
