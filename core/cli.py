@@ -12,7 +12,8 @@ import click
 import torch
 import yaml
 
-from core.errors import InputError, XAIError
+from core.errors import InputError, XAIError, one_line
+from core.redact import redact_text
 
 
 def _host():
@@ -98,6 +99,47 @@ def print_summary(results, report_paths: dict[str, str]) -> None:
         click.echo(f"{name} report: {path}")
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """The ``--config`` YAML: a mapping with optional ``methods`` (a mapping or list) and ``metrics``."""
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"--config {str(path)!r}: cannot read it: {one_line(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"--config {str(path)!r}: expected a mapping with methods: and metrics:, "
+                         f"not a {type(cfg).__name__}")
+    if not isinstance(cfg.get("methods", {}), (dict, list)):
+        raise InputError(f"--config {str(path)!r}: 'methods' must be a mapping of name -> params (or a list)")
+    if not isinstance(cfg.get("metrics", []), list) or not all(isinstance(m, str) for m in cfg.get("metrics", [])):
+        raise InputError(f"--config {str(path)!r}: 'metrics' must be a list of metric names")
+    return cfg
+
+
+def _parse_device(spec: str) -> str | torch.device:
+    if spec == "auto":
+        return spec
+    try:
+        return torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or another torch device") from None
+
+
+def check_device(device: torch.device) -> torch.device:
+    """``device`` if this machine has it, else a one-line ``InputError``."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {device}: no CUDA device on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type not in ("cpu", "meta"):
+        try:
+            torch.empty(1, device=device)
+        except Exception:
+            raise InputError(f"--device {device}: not available on this machine") from None
+    return device
+
+
 @cli.command()
 @click.option("--model", "model_spec", required=True, help="Checkpoint/TorchScript file, or models:/NAME/VERSION.")
 @click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path),
@@ -135,8 +177,10 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
     method_params = parse_params(params)
     metric_list = [m for m in metrics.split(",") if m.strip()]
     method_cfg: Any = {m.strip(): method_params.get(m.strip(), {}) for m in methods.split(",") if m.strip()}
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {str(out_dir)!r} is an existing file, not a folder")
     if config_file:
-        cfg = yaml.safe_load(config_file.read_text()) or {}
+        cfg = _read_config(config_file)
         method_cfg = cfg.get("methods", method_cfg)
         metric_list = cfg.get("metrics", metric_list)
     reporter_list = [r for r in reporters.split(",") if r.strip()]
@@ -148,10 +192,10 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
                          "\"mean\": [...], \"std\": [...]}'")
     imgs = load_folder(images_dir, pre, loaded.class_names, convert=convert, limit=limit)
     for s in imgs.skipped:
-        click.echo(f"error: {s['reason']}", err=True)
+        click.echo(f"error: {one_line(s['reason'])}", err=True)
     if not imgs.names:
         raise InputError(f"none of the images in {str(images_dir)!r} could be read")
-    dev = resolve_device(device, None)
+    dev = check_device(resolve_device(_parse_device(device), None))
     model = loaded.model.to(dev)
     targets: Any = None
     if target == "label":
@@ -174,7 +218,7 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
                            out_dir=out_dir, batch_size=batch_size, device=dev, timeout=timeout,
                            progress=not no_progress, meta=meta, skipped_inputs=imgs.skipped)
     for f in results.failures:
-        click.echo(f"error: {f.stage} {f.name} failed ({f.kind}): {f.message}", err=True)
+        click.echo(one_line(f"error: {f.stage} {f.name} failed ({f.kind}): {redact_text(f.message)}"), err=True)
     print_summary(results, results.meta.get("reports", {}))
     if results.failures or imgs.skipped:
         sys.exit(1)
@@ -298,11 +342,19 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except XAIError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(redact_text(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug, still one line (XAI_DEBUG=1 shows the traceback)
+        import os
+
+        if os.environ.get("XAI_DEBUG"):
+            raise
+        text = one_line(redact_text(f"{type(exc).__name__}: {exc}"))[:500]
+        click.echo(f"error: internal error, {text} (XAI_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """``text`` on one line: newlines and other control characters escaped (``\\n``), so a file
+    name or a plugin's message cannot forge a second ``error:`` line."""
+    out = []
+    for ch in str(text):
+        if ch in "\n\r":
+            out.append(repr(ch)[1:-1])
+        elif not ch.isprintable() and ch != "\t":
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class XAIError(Exception):
     """A user-facing error: its message is shown as is, without a traceback."""
 

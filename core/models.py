@@ -25,6 +25,7 @@ from core.preprocess import Preprocess
 
 CHECKPOINT_FORMAT = "xai-checkpoint/1"
 ARCHITECTURES = ("deconvolve_cnn", "resnet18")
+MAX_CLASSES = 100_000  # a checkpoint's class count beyond this is an error, not a memory blow-up
 
 
 class DeConvolveCNN(nn.Module):
@@ -87,13 +88,39 @@ def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") ->
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{source}: not an xai checkpoint (a bare state_dict has no architecture); "
                          "save with `xai train`, core.models.save_checkpoint, or TorchScript")
-    model = build_model(payload["arch"], int(payload["num_classes"]))
+    arch, num_classes, state = payload.get("arch"), payload.get("num_classes"), payload.get("state_dict")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ModelError(f"{source}: checkpoint 'arch' must be one of {', '.join(ARCHITECTURES)}, not {arch!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ModelError(f"{source}: checkpoint 'num_classes' must be a whole number 1-{MAX_CLASSES}, "
+                         f"not {str(num_classes)[:40]!r}")
+    if not isinstance(state, dict):
+        raise ModelError(f"{source}: checkpoint 'state_dict' must be a mapping of tensors")
+    model = build_model(arch, num_classes)
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"{source}: weights do not fit architecture {payload['arch']}: {exc}") from exc
+        raise ModelError(f"{source}: weights do not fit architecture {arch} with {num_classes} classes "
+                         f"({state_dict_mismatch(str(exc))})") from None
     pre = Preprocess.from_dict(payload["preprocess"]) if payload.get("preprocess") else None
     return LoadedModel(model.eval(), pre, payload.get("class_names"), payload.get("meta"), payload["arch"])
+
+
+def state_dict_mismatch(message: str) -> str:
+    """torch's multi-line ``load_state_dict`` error in one line: what is missing, unexpected, or
+    of another shape (counts and the first name of each)."""
+    import re
+
+    parts = []
+    for kind in ("Missing key(s)", "Unexpected key(s)"):
+        found = re.search(re.escape(kind) + r' in state_dict: ([^.]*(?:\.[^ ."][^.]*)*)\.', message)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{kind.split()[0].lower()} {len(keys)} key(s), e.g. {keys[0]}" if keys else kind)
+    shapes = re.findall(r"size mismatch for ([^:]+):", message)
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {shapes[0]}")
+    return "; ".join(parts) or message.strip().splitlines()[0][:200]
 
 
 def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
@@ -112,7 +139,9 @@ def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
                     warnings.simplefilter("ignore", FutureWarning)
                     model = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:
-                raise ModelError(f"cannot load TorchScript model {str(path)!r}: {exc}") from exc
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                detail = lines[0][:200] if lines else type(exc).__name__
+                raise ModelError(f"cannot load TorchScript model {str(path)!r}: {detail}") from None
             return LoadedModel(model.eval(), None, None)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -20,7 +20,10 @@ A section may instead name a file: ``gate: {policy: policies/default.yaml}``. ``
 the document the json reporter writes (``metrics[method][key]``, ``global_metrics``,
 ``failures``). It fails closed: a check whose metric is missing, not a number, or whose metric or
 explanation is recorded as failed does not pass (``required: false`` makes a missing value skip
-instead). ``gate_main`` is ``xai gate``: table on stdout, verdict JSON, exit 0 pass / 1 fail / 2 error.
+instead). ``method: "*"`` expands to every method the run was asked for (``meta.methods_requested``),
+the ones that failed included, so a failed method fails the check; a wildcard that matches no method
+fails. A policy without checks fails unless it says ``allow_empty: true``. A failure of the model
+itself (``stage: model``, e.g. non-finite outputs) fails every check. ``gate_main`` is ``xai gate``: table on stdout, verdict JSON, exit 0 pass / 1 fail / 2 error.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Policy:
     checks: list[Check] = field(default_factory=list)
     name: str = "policy"
     source: str | None = None
+    allow_empty: bool = False  # an empty policy passes only when it says so
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -93,9 +97,12 @@ def load_policy(spec: dict | list | str | Path | Policy) -> Policy:
         spec = {"checks": spec}
     if not isinstance(spec, dict):
         raise PolicyError(f"a policy is a mapping with 'checks', not {type(spec).__name__}")
-    unknown = sorted(set(spec) - {"checks", "name", "description"})
+    unknown = sorted(set(spec) - {"checks", "name", "description", "allow_empty"})
     if unknown:
-        raise PolicyError(f"unknown policy key {unknown[0]!r}; known: checks, name, description")
+        raise PolicyError(f"unknown policy key {unknown[0]!r}; known: checks, name, description, allow_empty")
+    allow_empty = spec.get("allow_empty", False)
+    if not isinstance(allow_empty, bool):
+        raise PolicyError("allow_empty must be true or false")
     raw = spec.get("checks") or []
     if not isinstance(raw, list):
         raise PolicyError("'checks' must be a list")
@@ -104,7 +111,7 @@ def load_policy(spec: dict | list | str | Path | Policy) -> Policy:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise PolicyError(f"check name {dup[0]!r} is used twice")
-    return Policy(checks, str(spec.get("name") or (Path(source).stem if source else "policy")), source)
+    return Policy(checks, str(spec.get("name") or (Path(source).stem if source else "policy")), source, allow_empty)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -188,11 +195,15 @@ def evaluate(policy: Policy | dict | str | Path, results: dict | str | Path) -> 
         return error_verdict("results have no 'metrics' mapping", policy)
     rows = [row for check in policy.checks for row in _evaluate_check(check, results)]
     failed = [r for r in rows if not r["passed"]]
-    status = "failed" if failed else "passed"
-    verdict: dict[str, Any] = {"passed": not failed, "status": status, "policy": policy.name,
-                               "summary": f"{len(rows) - len(failed)} of {len(rows)} checks passed", "checks": rows}
-    if not rows:
-        verdict["warning"] = "the policy has no checks: nothing was verified"
+    empty = not rows and not policy.allow_empty
+    status = "failed" if failed or empty else "passed"
+    summary = f"{len(rows) - len(failed)} of {len(rows)} checks passed"
+    if empty:
+        summary = "the policy has no checks: nothing was verified (allow_empty: true to pass anyway)"
+    verdict: dict[str, Any] = {"passed": status == "passed", "status": status, "policy": policy.name,
+                               "summary": summary, "checks": rows}
+    if not rows and policy.allow_empty:
+        verdict["warning"] = "the policy has no checks (allow_empty): nothing was verified"
     if policy.source:
         verdict["policy_file"] = policy.source
     if source:
@@ -207,12 +218,22 @@ def error_verdict(message: str, policy: Policy | None = None) -> dict[str, Any]:
     return verdict
 
 
+def requested_methods(results: dict) -> list[str]:
+    """Every method label the run was asked for: the request list the run recorded, plus the methods
+    that produced explanations or metrics and those recorded as failed (explain or fit)."""
+    meta = results.get("meta") if isinstance(results.get("meta"), dict) else {}
+    asked = meta.get("methods_requested") if isinstance(meta.get("methods_requested"), list) else []
+    failed = {str(f.get("name")) for f in results.get("failures") or []
+              if isinstance(f, dict) and f.get("stage", "explain") in ("explain", "fit") and f.get("name")}
+    return sorted({str(m) for m in asked} | set(results.get("metrics") or {}) | set(results.get("methods") or {})
+                  | failed)
+
+
 def _methods(check: Check, results: dict) -> list[str | None]:
     if check.method is None:
         return [None]
     if check.method == "*":
-        found = sorted(set(results.get("metrics") or {}) | set(results.get("methods") or {}))
-        return found or ["*"]
+        return requested_methods(results) or ["*"]  # "*" itself: a row that fails (nothing matched)
     return [check.method] if isinstance(check.method, str) else list(check.method)
 
 
@@ -233,7 +254,9 @@ def _evaluate_check(check: Check, results: dict) -> list[dict[str, Any]]:
                 other += check.margin
             row["threshold"] = other
         row["value"] = value
-        if why or other_why:
+        if method == "*":
+            row["reason"] = "the wildcard method '*' matches no method of this run"
+        elif why or other_why:
             reason = why or f"comparison value: {other_why}"
             if not check.required and (why or "").startswith("missing"):
                 row.update(passed=True, skipped=True, reason=f"not computed ({reason}); optional check")
@@ -272,6 +295,8 @@ def lookup(results: dict, method: str | None, key: str) -> tuple[float | None, s
 def _failure(results: dict, method: str | None, metric_name: str) -> str | None:
     for f in results.get("failures") or []:
         name = str(f.get("name", ""))
+        if f.get("stage") == "model":
+            return f"the model failed ({f.get('kind', '?')}): {f.get('message', '')}"
         hit = name == metric_name or (method is not None and name == f"{metric_name}:{method}") \
             or (method is None and name == f"{metric_name}:_model") \
             or (method is not None and name == method and f.get("stage", "explain") in ("explain", "fit"))

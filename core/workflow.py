@@ -103,6 +103,17 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
             results.timings[f"metric:{name}:{key}"] = time.perf_counter() - start
 
 
+def nonfinite_outputs(logits: torch.Tensor) -> list[Failure]:
+    """A ``model`` failure when the model's outputs hold NaN or inf (the gate fails every check on
+    it; reports still get written, the numbers shown as null)."""
+    bad = ~torch.isfinite(logits.detach()).all(dim=1)
+    if not bool(bad.any()):
+        return []
+    rows = bad.nonzero().flatten().tolist()
+    return [Failure("model", "model", "nan", f"the model's outputs are not finite (NaN or inf) for "
+                    f"{len(rows)} of {logits.shape[0]} image(s), first index {rows[0]}", "model")]
+
+
 def write_reports(results: RunResults, out_dir: Path, reporter_names: list[str], host: PluginHost,
                   reporter_params: dict[str, dict] | None = None) -> dict[str, str]:
     """Run every reporter (isolated); then broadcast ``xai_report_ready``. Returns name -> path."""
@@ -154,6 +165,8 @@ def run(model: nn.Module, inputs: torch.Tensor, methods: Any, *, images: torch.T
         class_names=class_names, masks=masks, spurious_masks=spurious_masks,
         explanations=out.explanations, failures=list(out.failures),
         skipped_inputs=list(skipped_inputs or []), meta=dict(meta or {}))
+    results.meta["methods_requested"] = [r.label for r in requests]
+    results.failures.extend(nonfinite_outputs(out.logits))
     for label, exp in out.explanations.items():
         results.timings[label] = exp.seconds
     if engine.fit_info:

@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from core.errors import XAIError
+from core.redact import redact_text
 from core.types import RunResults
 from pipelines import layout, store
 from pipelines.params import read_params, version_entry
@@ -105,6 +107,7 @@ def resolve(ctx: StageContext) -> None:
 # -- explain -------------------------------------------------------------------------------------
 def explain(ctx: StageContext) -> None:
     from core.engine import parse_requests
+    from core.workflow import nonfinite_outputs
     from pipelines.probe import load_fit_data
 
     loaded, _ = ctx.model()
@@ -115,15 +118,17 @@ def explain(ctx: StageContext) -> None:
     device = ctx.device()
     engine = ctx.engine(device, load_fit_data(ctx.params.get("fit_data"), pre))
     out = engine.run(loaded.model.to(device), probe.inputs, requests, targets=probe.targets, isolate=True)
+    failures = out.failures + nonfinite_outputs(out.logits)
     store.save_explanations(ctx.out / layout.EXPLANATIONS, out.explanations, out.targets, out.logits,
-                            out.failures, engine.fit_info)
-    for f in out.failures:
+                            failures, engine.fit_info)
+    for f in failures:
         print(f"warning: {f.name} failed ({f.kind}): {f.message}", file=sys.stderr)
     print(f"explained {len(probe.names)} images with {len(out.explanations)}/{len(requests)} methods on {device}")
 
 
 def base_results(ctx: StageContext, loaded, info: dict[str, Any]) -> tuple[RunResults, Any]:
     """RunResults rebuilt from the probe and explanations.pt (no metrics yet), and the preprocessing."""
+    from core.engine import parse_requests
     probe, pre = ctx.probe(loaded)
     saved = store.load_explanations(ctx.out / layout.EXPLANATIONS)
     logits = saved["logits"]
@@ -135,7 +140,8 @@ def base_results(ctx: StageContext, loaded, info: dict[str, Any]) -> tuple[RunRe
         skipped_inputs=list(probe.skipped),
         timings={label: e.seconds for label, e in saved["explanations"].items()},
         meta={"model": {**ctx.entry, "fingerprint": info["fingerprint"], "arch": info["arch"]},
-              "probe": ctx.section("probe", {}), "pipeline": {"key": ctx.key}})
+              "probe": ctx.section("probe", {}), "pipeline": {"key": ctx.key},
+              "methods_requested": [r.label for r in parse_requests(ctx.section("methods", {}))]})
     if saved["fitted"]:
         results.meta["fitted"] = saved["fitted"]
     return results, pre
@@ -164,8 +170,16 @@ def headline(results: RunResults) -> dict[str, Any]:
     return out
 
 
+def path_segment(name: str) -> str:
+    """One file or folder name from a plugin-given name (a metric key, a method label): every
+    character outside ``A-Z a-z 0-9 . _ -`` becomes ``_`` and dots cannot lead, so ``../x`` or
+    ``a/b`` never leave the folder they are written in."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".") or "_"
+
+
 def write_plots(results: RunResults, folder: Path) -> list[Path]:
-    """Every curve-valued metric as ``<metric>/<method>.csv`` (step, value); always confidence.csv."""
+    """Every curve-valued metric as ``<metric>/<method>.csv`` (step, value); always confidence.csv.
+    Names come from plugins, so each becomes a :func:`path_segment` inside ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for label, values in [*results.metrics.items(), ("model", results.global_metrics)]:
@@ -173,7 +187,7 @@ def write_plots(results: RunResults, folder: Path) -> list[Path]:
             points = None if key.endswith(NOT_CURVES) else store.curve(value)
             if points is None:
                 continue
-            path = folder / key / f"{label.replace('/', '_')}.csv"
+            path = folder / path_segment(key) / f"{path_segment(label)}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w", newline="") as fh:
                 w = csv.writer(fh)
@@ -294,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         STAGES[args.stage](ctx)
     except Exception as exc:
         if not isinstance(exc, XAIError):
-            traceback.print_exc()
+            print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         message = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
-        print(f"error: stage {args.stage}@{args.key} failed: {message}", file=sys.stderr)
+        print(f"error: stage {args.stage}@{args.key} failed: {redact_text(message)}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from core.redact import redact_text
+
 WORKSPACE = click.option("--workspace", "-w", type=click.Path(path_type=Path), default=None,
                          help="Pipeline workspace (default: $XAI_WORKSPACE, else the nearest folder at or above "
                               "the current one holding dvc.yaml, else the current folder).")
@@ -32,6 +34,9 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "alembic", "mlflow.store", "mlflow.tracking", "git", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from core.redact import install_log_redaction
+
+    install_log_redaction()
 
 
 def _client(ws: Path):
@@ -195,7 +200,7 @@ def queue_cmd(workspace, as_json):
         return
     for j in jobs:
         when = f" next try {time.strftime('%H:%M:%S', time.localtime(j.next_run_at))}" if j.state == "queued" else ""
-        err = f"  {j.last_error.splitlines()[0][:100]}" if j.last_error and j.state != "done" else ""
+        err = f"  {redact_text(j.last_error.splitlines()[0][:100])}" if j.last_error and j.state != "done" else ""
         click.echo(f"{j.id:>5}  {j.model} {j.version:<5} {j.state:<8} attempts {j.attempts}/{j.max_attempts}{when}{err}")
     counts = queue.counts()
     click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "the queue is empty")

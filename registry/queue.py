@@ -18,10 +18,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.errors import XAIError
+from core.redact import redact_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -40,6 +43,30 @@ CREATE TABLE IF NOT EXISTS events(
   worker TEXT, detail TEXT);
 """
 DELIVERY_KEEP_S = 7 * 24 * 3600.0
+
+
+class QueueError(XAIError):
+    """The queue database cannot be used now: locked by another process, corrupt, or the disk is
+    full. One line; the listener answers 503 with Retry-After, the worker waits and tries again."""
+
+
+@contextmanager
+def translated(path: Path) -> Iterator[None]:
+    """sqlite errors of the queue database as one-line ``QueueError``s saying what is wrong."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        text = str(exc)
+        lowered = text.lower()
+        if "locked" in lowered or "busy" in lowered:
+            why = "is locked by another process (try again when it is done)"
+        elif "full" in lowered:
+            why = "cannot grow: the disk is full"
+        elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+            why = "is corrupt (move it aside; `xai sync` enqueues the registry's versions again)"
+        else:
+            why = f"failed: {text}"
+        raise QueueError(f"queue database {str(path)!r} {why} ({type(exc).__name__}: {text})") from None
 
 
 @dataclass
@@ -75,32 +102,45 @@ def backoff_delay(attempts: int, base: float, cap: float) -> float:
 class Queue:
     """A handle on the queue database; cheap to create, one per thread."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 60.0, shared: bool = False):
+        """``busy_timeout``: seconds to wait for a lock held by another process; ``shared``: the
+        handle may be used from several threads (the caller serializes the calls)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        with self.tx() as c:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    c.execute(statement)
+        with translated(self.path):
+            self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout, isolation_level=None,
+                                        check_same_thread=not shared)
+            try:
+                self.conn.row_factory = sqlite3.Row
+                self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not {"jobs", "deliveries", "events"} <= tables:  # readers never wait for a writer's lock
+                    with self.tx() as c:
+                        for statement in SCHEMA.split(";"):
+                            if statement.strip():
+                                c.execute(statement)
+            except BaseException:
+                self.conn.close()
+                raise
 
     def close(self) -> None:
         self.conn.close()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE), so claims never race."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        """A write transaction taken up front (BEGIN IMMEDIATE), so claims never race. sqlite
+        errors (locked, disk full, corrupt) leave as ``QueueError``, the transaction rolled back."""
+        with translated(self.path):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
 
     def _event(self, c: sqlite3.Connection, job_id: int | None, kind: str, worker: str | None = None,
                detail: str | None = None) -> None:
@@ -198,7 +238,7 @@ class Queue:
              backoff_cap: float = 600.0) -> Job | None:
         """Record a failed attempt: back to queued after a backoff while attempts remain, else failed.
         Returns the updated job, or None when the job was no longer ours."""
-        now = time.time()
+        now, error = time.time(), redact_text(error)
         with self.tx() as c:
             if not self._owned(c, job):
                 return None
@@ -233,12 +273,14 @@ class Queue:
         return [Job(**dict(r)) for r in rows]
 
     def jobs(self, state: str | None = None) -> list[Job]:
-        rows = self.conn.execute("SELECT * FROM jobs WHERE (? IS NULL OR state=?) ORDER BY id",
-                                 (state, state)).fetchall()
+        with translated(self.path):
+            rows = self.conn.execute("SELECT * FROM jobs WHERE (? IS NULL OR state=?) ORDER BY id",
+                                     (state, state)).fetchall()
         return [Job(**dict(r)) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        with translated(self.path):
+            rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rows}
 
     def events(self, job_id: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.redact import redact_text
 from registry.models import _experiment_id
 from xai_plugins.reporters.mlflow_reporter import flat_metrics, log_files, log_metrics, map_pngs
 
@@ -122,7 +123,7 @@ def finish(client: Any, run_id: str, verdict: dict[str, Any]) -> None:
 
 
 def fail(client: Any, run_id: str, reason: str) -> None:
-    client.set_tag(run_id, "xai.error", reason[:5000])
+    client.set_tag(run_id, "xai.error", redact_text(reason)[:5000])
     client.set_terminated(run_id, "FAILED")
 
 

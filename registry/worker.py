@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import XAIError
+from core.redact import redact_text
 from registry import runlog
 from registry.names import InvalidNameError, check_name, check_version
-from registry.queue import Job, Queue
+from registry.queue import Job, Queue, QueueError
 from registry.state import State, experiment_name, tracking_uri
 
 log = logging.getLogger("xai.registry")
@@ -55,7 +56,13 @@ class WorkerConfig:
 
 
 def describe(exc: BaseException, uri: str) -> JobError:
-    """Turn any exception of an attempt into a clear, one-line reason."""
+    """Turn any exception of an attempt into a clear, one-line reason, secrets masked (the reason
+    goes to the log, the queue's ``last_error`` and the version's ``xai.error`` tag)."""
+    error = _describe(exc, uri)
+    return JobError(redact_text(error.reason), error.retryable)
+
+
+def _describe(exc: BaseException, uri: str) -> JobError:
     if isinstance(exc, JobError):
         return exc
     if isinstance(exc, InvalidNameError):
@@ -89,15 +96,20 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        queue = Queue(self.queue_path)
+        queue: Queue | None = None
         try:
             while not self._stop.wait(self.lease / 3):
-                if not queue.heartbeat(self.job, self.lease):
-                    self.lost = True
-                    log.warning("job %d: lease lost (another worker took it over)", self.job.id)
-                    return
+                try:
+                    queue = queue or Queue(self.queue_path)
+                    if not queue.heartbeat(self.job, self.lease):
+                        self.lost = True
+                        log.warning("job %d: lease lost (another worker took it over)", self.job.id)
+                        return
+                except QueueError as exc:  # a locked or full database: try again at the next beat
+                    log.warning("job %d: heartbeat not recorded: %s", self.job.id, exc)
         finally:
-            queue.close()
+            if queue is not None:
+                queue.close()
 
 
 class Worker:
@@ -139,7 +151,14 @@ class Worker:
         done = 0
         stop = stop or threading.Event()
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
-            job = self.queue.claim(self.name, self.config.lease)
+            try:
+                job = self.queue.claim(self.name, self.config.lease)
+            except QueueError as exc:  # locked, disk full, corrupt: wait, do not die
+                log.error("worker: %s; trying again in %.0fs", exc, self.config.backoff)
+                if once:
+                    break
+                stop.wait(self.config.backoff)
+                continue
             if job is None:
                 if once:
                     break
@@ -162,7 +181,12 @@ class Worker:
                 log.warning("job %d: finished after its lease was lost; the new holder reuses run %s",
                             job.id, run_id)
                 return False
-            self.queue.complete(job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")})
+            try:
+                self.queue.complete(job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")})
+            except QueueError as exc:  # the run is logged: the retry after the lease finds it complete
+                log.error("job %d: done, but not recorded in the queue (%s); it is retried when its lease "
+                          "runs out and reuses run %s", job.id, exc, run_id)
+                return False
             log.info("job %d %s %s: done in %.1fs, gate %s, run %s", job.id, job.model, job.version,
                      time.monotonic() - started, verdict.get("status"), run_id)
             return True
@@ -171,7 +195,13 @@ class Worker:
             return False
 
     def failed(self, job: Job, error: JobError, uri: str) -> None:
-        updated = self.queue.fail(job, error.reason, error.retryable, self.config.backoff, self.config.backoff_cap)
+        try:
+            updated = self.queue.fail(job, error.reason, error.retryable, self.config.backoff,
+                                      self.config.backoff_cap)
+        except QueueError as exc:  # e.g. the disk is full: the lease runs out and the job is retried
+            log.error("job %d %s %s failed: %s; not recorded in the queue (%s): retried when its lease "
+                      "runs out", job.id, job.model, job.version, error.reason, exc)
+            return
         if updated is None:
             log.warning("job %d failed after its lease was lost: %s", job.id, error.reason)
             return
@@ -193,7 +223,8 @@ class Worker:
             for key, value in tags.items():
                 client.set_model_version_tag(job.model, job.version, key, value)
         except Exception as exc:  # MLflow down, or the version does not exist
-            log.info("job %d: could not tag the failure on the version (%s)", job.id, str(exc).splitlines()[0][:200])
+            log.info("job %d: could not tag the failure on the version (%s)", job.id,
+                     redact_text(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
 
     # -- one attempt -------------------------------------------------------------------------
     def execute(self, job: Job, uri: str) -> tuple[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ import torch
 
 from core.plugins import signed_relevance
 from core.render import data_uri, display_scale, overlay, png_bytes, signed_overlay
-from xai_plugins import Reporter, RunResults, hookimpl
+from xai_plugins import Reporter, RunResults, hookimpl, redact_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}
@@ -34,7 +34,8 @@ td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left;vertical-align:to
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """Text for the page: secrets masked (URI passwords, api_key=...), then HTML-escaped."""
+    return html.escape(redact_text(value), quote=True)
 
 
 def img_tag(png: bytes, alt: str, title: str = "") -> str:

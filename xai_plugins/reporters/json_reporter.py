@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from core.plugins import signed_relevance
-from xai_plugins import Reporter, RunResults, hookimpl
+from xai_plugins import Reporter, RunResults, hookimpl, redact
 
 
 def jsonable(value: Any) -> Any:
-    """Convert tensors, numpy values and paths to JSON types; NaN/inf become null."""
+    """Convert tensors, numpy values and paths to JSON types; NaN/inf become null (the run records
+non-finite model outputs as a failure, so a null never hides one)."""
     if isinstance(value, torch.Tensor):
         return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
     if isinstance(value, np.ndarray):
@@ -47,7 +48,7 @@ def results_dict(results: RunResults) -> dict[str, Any]:
     for i, name in enumerate(results.image_names):
         t, p = int(results.targets[i]), int(results.predictions[i])
         row = {"name": name, "target": t, "prediction": p,
-               "probability": float(results.probabilities[i, p])}
+               "probability": jsonable(float(results.probabilities[i, p]))}
         if names:
             row["target_name"], row["prediction_name"] = names[t], names[p]
         if results.labels is not None:
@@ -57,17 +58,17 @@ def results_dict(results: RunResults) -> dict[str, Any]:
     methods = {}
     for label, exp in results.explanations.items():
         extras = {k: v for k, v in exp.extras.items() if k != "images"}
-        methods[label] = {"method": exp.method, "params": jsonable(exp.params), "seconds": exp.seconds,
-                          "seconds_per_image": exp.seconds / max(1, len(results.image_names)),
-                          "attribution_shape": list(exp.attributions.shape), "extras": jsonable(extras)}
+        methods[label] = {"method": exp.method, "params": redact(jsonable(exp.params)), "seconds": jsonable(exp.seconds),
+                          "seconds_per_image": jsonable(exp.seconds / max(1, len(results.image_names))),
+                          "attribution_shape": list(exp.attributions.shape), "extras": redact(jsonable(extras))}
     return {
-        "meta": jsonable(results.meta),
+        "meta": redact(jsonable(results.meta)),
         "images": images,
         "methods": methods,
         "metrics": jsonable(results.metrics),
         "global_metrics": jsonable(results.global_metrics),
-        "failures": [f.as_dict() for f in results.failures],
-        "skipped_inputs": results.skipped_inputs,
+        "failures": redact([f.as_dict() for f in results.failures]),
+        "skipped_inputs": redact(jsonable(results.skipped_inputs)),
         "timings": jsonable(results.timings),
         "figures": sorted(results.figures),
     }
