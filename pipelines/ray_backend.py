@@ -34,6 +34,7 @@ from core.errors import XAIError
 
 ENV_ADDRESS, ENV_POOL, ENV_ACTORS = "XAI_RAY_ADDRESS", "XAI_RAY_POOL", "XAI_RAY_ACTORS"
 NAMESPACE = "xai"
+ACTOR_ENV = ("PYTHONPATH", "XAI_DISABLED_PLUGINS", "XAI_NO_PROGRESS", "XAI_TIMEOUT")
 MAX_RESTARTS = 3  # a lost actor (process or node) is started again this many times ...
 MAX_TASK_RETRIES = 3  # ... and the shard it was running is retried
 
@@ -179,11 +180,25 @@ def start_pool(address: str | None, actors: int, gpus_per_actor: float, pool: st
     if gpus_per_actor > resources.get("GPU", 0):
         raise XAIError(f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster at {address or '(local)'} has "
                        f"{resources.get('GPU', 0):g} GPU(s)")
+    # the actors see the plugins the worker sees (the code itself must be installed on every node)
+    env = {k: os.environ[k] for k in ACTOR_ENV if os.environ.get(k)}
     cls = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=MAX_RESTARTS,
-                     max_task_retries=MAX_TASK_RETRIES, max_concurrency=2)(ShardActor)
+                     max_task_retries=MAX_TASK_RETRIES, max_concurrency=2,
+                     runtime_env={"env_vars": env} if env else None)(ShardActor)
     handles = [cls.options(name=actor_name(pool, i), get_if_exists=True).remote() for i in range(actors)]
-    ray.get([h.pid.remote() for h in handles], timeout=300)  # started (imports paid) before the first job
+    _gather(ray, [h.pid.remote() for h in handles], "starting the actors")  # warm before the first job
     return {ENV_ADDRESS: ray.get_runtime_context().gcs_address, ENV_POOL: pool, ENV_ACTORS: str(actors)}
+
+
+def stop_pool(env: dict[str, str]) -> None:
+    """End the actors of a pool started by :func:`start_pool` (from the process that started it)."""
+    import ray
+
+    for i in range(int(env[ENV_ACTORS])):
+        try:
+            ray.kill(ray.get_actor(actor_name(env[ENV_POOL], i), namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # already gone
+            pass
 
 
 def pool_handles() -> tuple[Any, list[Any]]:
