@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from core.errors import ModelError
@@ -47,6 +46,8 @@ class DeConvolveCNN(nn.Module):
 
 def resnet18_small(num_classes: int = 4) -> nn.Module:
     """torchvision ResNet-18 with a stem for 32-64 px images."""
+    import torchvision  # here, not at the top: stages with a DeConvolve CNN never pay its import
+
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

@@ -34,7 +34,7 @@ import torch
 from core.errors import XAIError
 from core.redact import redact_text
 from core.types import RunResults
-from pipelines import layout, store
+from pipelines import layout, ray_backend, store
 from pipelines.params import read_params, version_entry
 
 HEADLINE_SKIP = ("random_pointing", "mask_fraction", "seconds", "reused_calls")  # baselines and timings
@@ -115,12 +115,19 @@ def explain(ctx: StageContext) -> None:
     requests = parse_requests(ctx.section("methods", {}))
     if not requests:
         raise XAIError("params.yaml lists no methods")
-    device = ctx.device()
-    engine = ctx.engine(device, load_fit_data(ctx.params.get("fit_data"), pre))
-    out = engine.run(loaded.model.to(device), probe.inputs, requests, targets=probe.targets, isolate=True)
+    fit_data = load_fit_data(ctx.params.get("fit_data"), pre)
+    if ray_backend.enabled():  # the same engine run, sharded over the worker's warm actors
+        device = "the Ray cluster"
+        out, fit_info = ray_backend.explain(ctx.out, probe.inputs, probe.targets, requests, ctx.batch_size,
+                                            ctx.timeout, fit_data)
+    else:
+        device = ctx.device()
+        engine = ctx.engine(device, fit_data)
+        out = engine.run(loaded.model.to(device), probe.inputs, requests, targets=probe.targets, isolate=True)
+        fit_info = engine.fit_info
     failures = out.failures + nonfinite_outputs(out.logits)
     store.save_explanations(ctx.out / layout.EXPLANATIONS, out.explanations, out.targets, out.logits,
-                            failures, engine.fit_info)
+                            failures, fit_info)
     for f in failures:
         print(f"warning: {f.name} failed ({f.kind}): {f.message}", file=sys.stderr)
     print(f"explained {len(probe.names)} images with {len(out.explanations)}/{len(requests)} methods on {device}")
@@ -214,13 +221,19 @@ def evaluate(ctx: StageContext) -> None:
     validate_names([], list(config), [])
     requests = parse_requests(ctx.section("methods", {}))
     fit_data = load_fit_data(ctx.params.get("fit_data"), pre)
-    device = ctx.device()
-    model = loaded.model.to(device)
-    engine = ctx.engine(device, fit_data)
     n_before = len(results.failures)
     data = (fit_data.inputs, fit_data.labels) if fit_data is not None and fit_data.labels is not None else None
-    with torch.enable_grad():
-        compute_metrics(results, model, engine, list(config), requests, get_host(), config, data)
+    if ray_backend.enabled():  # one (metric, method) pair per call on the worker's warm actors
+        device = "the Ray cluster"
+        per_method = {name: get_host().get("metric", name).per_method for name in config}
+        ray_backend.evaluate(ctx.out, results, list(config), per_method, requests, config, ctx.batch_size,
+                             ctx.timeout, fit_data, data)
+    else:
+        device = ctx.device()
+        engine = ctx.engine(device, fit_data)
+        with torch.enable_grad():
+            compute_metrics(results, loaded.model.to(device), engine, list(config), requests, get_host(), config,
+                            data)
     store.save_evaluation(ctx.out / layout.EVALUATION, results.metrics, results.global_metrics, results.figures,
                           results.failures[n_before:], results.timings,
                           {"skipped_metrics": results.meta.get("skipped_metrics", {})})

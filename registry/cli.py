@@ -140,14 +140,27 @@ def listen(workspace, host, port, public_url, register_webhook, poll_interval, g
 @click.option("--backoff", default=10.0, show_default=True, help="First retry delay; doubles per attempt.")
 @click.option("--backoff-cap", default=900.0, show_default=True)
 @click.option("--job-timeout", default=3600.0, show_default=True, help="Seconds one pipeline run may take.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: each stage computes in its own process. ray: explain/evaluate shard the probe "
+                   "set over warm Ray actors (docs/scale.md).")
+@click.option("--ray-address", help="Ray head node (HOST:PORT, or 'auto'); default: start a local Ray.")
+@click.option("--actors", default=2, show_default=True, help="Ray actors in the pool (one model each).")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, help="GPUs each Ray actor holds.")
 @click.option("-v", "--verbose", is_flag=True)
-def worker(workspace, once, max_jobs, lease, poll, backoff, backoff_cap, job_timeout, verbose):
+def worker(workspace, once, max_jobs, lease, poll, backoff, backoff_cap, job_timeout, backend, ray_address,
+           actors, gpus_per_actor, verbose):
     """Run the pipeline for queued versions, log one MLflow run each, tag the versions."""
     from registry.worker import Worker, WorkerConfig
 
     setup_logging(verbose)
     w = Worker(resolve_workspace(workspace), WorkerConfig(lease, poll, backoff, backoff_cap, job_timeout))
     w.acquire()
+    if backend == "ray":
+        from pipelines.ray_backend import start_pool
+
+        # an unreachable cluster or missing GPUs: XAIError, one line, exit 2 (core.cli.main)
+        w.stage_env = start_pool(ray_address, actors, gpus_per_actor, pool=f"xai-worker-{os.getpid()}")
+        click.echo(f"worker: {actors} Ray actor(s) on {w.stage_env['XAI_RAY_ADDRESS']}", err=True)
     click.echo(f"worker {w.name} on {w.workspace}", err=True)
     try:
         n = w.run(once=once, max_jobs=max_jobs)

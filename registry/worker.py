@@ -121,6 +121,7 @@ class Worker:
         self.uri = uri
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = Queue(self.state.queue_db)
+        self.stage_env: dict[str, str] = {}  # added to the stages' environment (the Ray backend's pool)
         self._lock_fd: int | None = None
         for key, value in CLIENT_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -243,7 +244,7 @@ class Worker:
         else:
             try:
                 result = run_version(self.workspace, name, version, uri=f"models:/{name}/{version}",
-                                     env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id},
+                                     env={**self.stage_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id},
                                      timeout=self.config.job_timeout)
                 verdict = runlog.log_outputs(client, run_id, result, self.workspace)
                 runlog.finish(client, run_id, verdict)

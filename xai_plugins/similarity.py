@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+
+
+def rankdata(values: np.ndarray, axis: int) -> np.ndarray:
+    """``scipy.stats.rankdata``, imported on first use (1-2 s that most pipeline stages never need)."""
+    from scipy.stats import rankdata as scipy_rankdata
+
+    return scipy_rankdata(values, axis=axis)
+
 
 __all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "dice_at_quantile", "kl_divergence",
            "auc_vs_mask", "SIMILARITIES"]

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from xai_plugins import Describer, hookimpl
 
@@ -53,6 +52,8 @@ def region_facts(heatmap: Any, threshold: float = 0.5) -> RegionFacts | None:
     total = weights.sum()
     cy = float((weights * (ys + 0.5)).sum() / total / h)
     cx = float((weights * (xs + 0.5)).sum() / total / w)
+    from scipy import ndimage  # here: scipy's import is paid only when a text is described
+
     labels, n = ndimage.label(region, structure=np.ones((3, 3)))
     sizes = ndimage.sum(region, labels, index=range(1, n + 1)) if n else np.zeros(0)
     biggest = int(np.argmax(sizes)) + 1 if n else 0
