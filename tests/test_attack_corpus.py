@@ -398,11 +398,19 @@ def test_out_that_is_a_file_is_one_line(capsys, tmp_path, images):
 
 
 def test_fake_torchscript_is_one_line(capsys, tmp_path, images):
-    fake = tmp_path / "fake.pt"
-    with zipfile.ZipFile(fake, "w") as zf:
-        zf.writestr("fake/code/__torch__.py", "def forward(self):\n  this is not python\n")
-        zf.writestr("fake/constants.pkl", b"\x80\x02garbage")
-        zf.writestr("fake/data.pkl", b"\x80\x02more garbage")
+    """A TorchScript archive whose code is not TorchScript (torch's error spans several lines)."""
+    import warnings
+
+    real, fake = tmp_path / "real.pt", tmp_path / "fake.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(real))
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(fake, "w") as out:
+        for name in src.namelist():
+            data = src.read(name)
+            if "/code/" in name and name.endswith(".py"):
+                data = b"class Linear(Module):\n  def forward(self, x):\n    return this is not torchscript(\n"
+            out.writestr(name, data)
     code, lines = _explain(capsys, fake, images, tmp_path / "out")
     assert code == 2 and len(lines) == 1 and "TorchScript" in lines[0], lines
 
