@@ -378,6 +378,8 @@ class Engine:
     def _assemble(label: str, e: Explainer, chunks, x, targets, seconds) -> Explanation:
         attrs = chunks[0][0] if len(chunks) == 1 else torch.cat([c[0] for c in chunks])
         extras = merge_extras([c[1] for c in chunks], x.shape[0])
+        if isinstance(e.config.get("layer"), str):
+            extras.setdefault("layer", e.config["layer"])  # the layer actually read (default or given)
         maps = e.to_map(attrs)
         if maps.dim() == 4:
             maps = maps.squeeze(1)

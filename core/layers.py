@@ -1,7 +1,15 @@
-"""Finding layers by dotted name, and a sensible default layer for CAM-style methods."""
+"""Finding layers by dotted name, reading their outputs as maps, and a sensible default layer.
+
+A layer's output is read as B x C x h x w whatever its layout (``spatial_view``): channels first
+(CNNs), channels last (B x h x w x C: Swin, timm ConvNeXt's inner blocks) or tokens (B x N x D:
+ViT/DeiT; class, distillation or register tokens first are dropped and the rest laid back on the
+patch grid found from the input size). Every method that reads a layer goes through it, so the
+activations and their gradients are reshaped the same way.
+"""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -11,6 +19,7 @@ from core.errors import XAIError
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout,
           nn.Dropout2d, nn.Identity)
+MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens before the patch tokens
 _default_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -28,28 +37,109 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     raise XAIError(f"model has no layer {layer!r}; top-level layers: {', '.join(candidates)}")
 
 
-def default_layer(model: nn.Module, example: torch.Tensor) -> str:
-    """The deepest spatial feature layer: the output of the last convolutional stage.
+def _fits(grid: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an h x w grid tiles an H x W input with one stride (rounding up or down)."""
+    h, w = grid
+    if h < 1 or w < 1:
+        return False
+    stride = size[0] / h
+    return abs(size[1] / stride - w) < 1.0 and stride >= 1.0
 
-    Runs one sample through the model, finds the last 4-D output with spatial size > 1 produced
-    by a module that is not a pooling/identity layer, and names the outermost module that returns
-    that very tensor (``layer4`` for a ResNet, ``features`` for a VGG, the last ReLU or conv of a
-    plain CNN). Cached per model and input shape.
+
+def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
+    """``(prefix, h, w)``: the patch grid of ``tokens`` tokens for an H x W input, with the fewest
+    prefix tokens (class, distillation, registers) in front; None when no grid fits."""
+    best = None
+    for patch in range(1, max(size) + 1):
+        for rounding in (math.floor, math.ceil):
+            h, w = int(rounding(size[0] / patch)), int(rounding(size[1] / patch))
+            prefix = tokens - h * w
+            if h >= 1 and w >= 1 and 0 <= prefix <= MAX_PREFIX_TOKENS and (best is None or prefix < best[0]):
+                best = (prefix, h, w)
+        if best is not None and best[0] == 0:
+            break
+    return best
+
+
+def layout_of(output: torch.Tensor, size: tuple[int, int]) -> str | None:
+    """"nchw", "nhwc", "tokens" or None (not readable as a map) for a layer output and input size."""
+    if output.dim() == 4:
+        if _fits(tuple(output.shape[1:3]), size) and not _fits(tuple(output.shape[2:4]), size):
+            return "nhwc"
+        return "nchw"
+    if output.dim() == 3 and token_grid(output.shape[1], size) is not None:
+        return "tokens"
+    return None
+
+
+def spatial_view(output: torch.Tensor, size: tuple[int, int], name: str = "layer") -> torch.Tensor:
+    """``output`` of layer ``name`` as B x C x h x w for an input of spatial size ``size``.
+
+    Channels-last outputs are permuted; token outputs lose their prefix tokens and are laid on the
+    patch grid. A pure re-indexing: applied to the gradient of the output it gives the gradient of
+    the view. Anything else is a one-line error naming the layer and its output shape.
+    """
+    layout = layout_of(output, size)
+    if layout == "nchw":
+        return output
+    if layout == "nhwc":
+        return output.permute(0, 3, 1, 2)
+    if layout == "tokens":
+        prefix, h, w = token_grid(output.shape[1], size)  # type: ignore[misc]
+        return output[:, prefix:].transpose(1, 2).reshape(output.shape[0], output.shape[2], h, w)
+    raise XAIError(f"layer {name!r} outputs shape {tuple(output.shape)}, which cannot be read as a map of "
+                   f"the {size[0]}x{size[1]} input (expected B x C x H x W, B x H x W x C or B x N x D tokens)")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or (
+        hasattr(module, "qkv") and hasattr(module, "num_heads") and "Attention" in type(module).__name__)
+
+
+def _first_norm(block: nn.Module) -> str | None:
+    for name, child in block.named_children():
+        if isinstance(child, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(child).__name__.lower():
+            return name
+    return None
+
+
+def default_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The layer CAM-style methods read by default.
+
+    - A token transformer (ViT, DeiT: blocks with global attention on B x N x D tokens): the last
+      block's first norm (``encoder.layers.encoder_layer_11.ln_1``, ``blocks.11.norm1``), where
+      pytorch-grad-cam's documentation puts it: the final norm feeds only the class token to the
+      head, so gradients of the patch tokens there are zero.
+    - Otherwise the deepest spatial feature layer: the last 4-D output with spatial size > 1 of a
+      module that is not a pooling, identity or LayerNorm layer, named by the outermost module that
+      returns that very tensor (``layer4`` for a ResNet, ``features`` for a VGG or torchvision
+      Swin, ``layers`` for a timm Swin: the last stage's output).
+
+    Runs one sample through the model. Cached per model and input shape.
     """
     key = (tuple(example.shape[1:]),)
     cached = _default_cache.get(model)
     if cached and key in cached:
         return cached[key]
+    size = tuple(example.shape[-2:])
     order: list[tuple[str, torch.Tensor]] = []
+    blocks: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = []
+    attention_parents = {n.rsplit(".", 1)[0] for n, m in model.named_modules() if "." in n and _is_attention(m)}
     for name, module in model.named_modules():
         if not name:
             continue
 
         def hook(mod, args, output, name=name):
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and min(output.shape[-2:]) > 1 \
-                    and not isinstance(mod, _POOLS):
-                order.append((name, output))
+            if not isinstance(output, torch.Tensor):
+                return
+            if name in attention_parents:
+                blocks.append((name, mod, output))
+            if output.dim() == 4 and not isinstance(mod, _POOLS) and not isinstance(mod, nn.LayerNorm) \
+                    and type(mod).__name__ != "Permute":
+                spatial = spatial_view(output, size, name)
+                if min(spatial.shape[-2:]) > 1:
+                    order.append((name, output))
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -58,11 +148,17 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     finally:
         for h in handles:
             h.remove()
-    if not order:
-        raise XAIError("could not find a convolutional layer with a spatial output; pass layer=")
-    last = order[-1][1]
-    names = [n for n, t in order if t is last]
-    best = min(names, key=lambda n: (n.count("."), len(n)))
+    best = None
+    if blocks and layout_of(blocks[-1][2], size) == "tokens":
+        block_name, block, _ = blocks[-1]
+        norm = _first_norm(block)
+        best = f"{block_name}.{norm}" if norm else block_name
+    elif order:
+        last = order[-1][1]
+        names = [n for n, t in order if t is last]
+        best = min(names, key=lambda n: (n.count("."), len(n)))
+    if best is None:
+        raise XAIError("could not find a convolutional or token layer with a spatial output; pass layer=")
     _default_cache.setdefault(model, {})[key] = best
     return best
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from core.fastpath import uses_channels_last
 from core.hooks import ReLURule, capture_layers, switchable_relu
-from core.layers import resolve_layer
+from core.layers import resolve_layer, spatial_view
 from core.tensors import select_targets
 
 
@@ -88,12 +88,15 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     if input_grad:
         result.input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
         offset = 1
+    size = tuple(inputs.shape[-2:])
     for i, name in enumerate(layer_names):
+        # B x C x h x w whatever the layer's layout (channels last, tokens): activations and
+        # gradients go through the same re-indexing
         act = caps[name].output.detach()
-        result.activations[name] = act
+        result.activations[name] = spatial_view(act, size, name)
         if backward:
             g = grads[offset + i]
-            result.gradients[name] = g if g is not None else torch.zeros_like(act)
+            result.gradients[name] = spatial_view(g if g is not None else torch.zeros_like(act), size, name)
     return result
 
 

@@ -126,7 +126,21 @@ class CAM(CAMExplainer):
                              f"takes {fc.in_features} features but layer {self.config['layer']!r} has "
                              f"{activations.shape[1]} channels; pass layer= (the layer before the pooling), "
                              "fc=, or use grad_cam")
+        self.check_gap_head(fc, activations, gradient_pass.logits)
         return fc.weight[gradient_pass.targets.to(fc.weight.device)]
+
+    def check_gap_head(self, fc: torch.nn.Linear, activations: torch.Tensor, logits: torch.Tensor) -> None:
+        """Refuse unless the logits are fc(mean over positions of the layer), checked on these inputs
+        (a ViT's head reads the class token, a ConvNeXt's a normalized pool: not CAM models)."""
+        with torch.no_grad():
+            pooled = F.linear(activations.mean(dim=(2, 3)).to(fc.weight.dtype), fc.weight, fc.bias).float()
+        ref = logits.float().to(pooled.device)
+        scale = float(ref.abs().max()) + 1e-6
+        if pooled.shape != ref.shape or float((pooled - ref).abs().max()) > 1e-3 * scale:
+            raise InputError(f"cam needs a model ending in global average pooling + linear: the logits are not "
+                             f"the linear layer applied to the spatial mean of layer {self.config['layer']!r} "
+                             "(checked on these inputs); pass layer= (the layer before the pooling), fc=, "
+                             "or use grad_cam")
 
     def linear(self, model: torch.nn.Module) -> torch.nn.Linear:
         fc = self.config["fc"]
