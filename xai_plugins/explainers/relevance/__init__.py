@@ -73,7 +73,7 @@ class LRP(_SignedExplainer):
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         return lrp_relevance(model, inputs, targets, self._composite, bool(self.config["canonize"]),
-                   float(self.config["stabilizer"]))
+                             float(self.config["stabilizer"]), bool(self.config["zero_bias"]))
 
 
 class DeepLift(_SignedExplainer):

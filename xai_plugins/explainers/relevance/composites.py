@@ -20,7 +20,13 @@ epsilon_plus_box            z^B          z+              epsilon
 deep_taylor                 z^B          z+              z+                 (Montavon et al. 2017)
 gamma_epsilon_zero          z^B          gamma in the lower third, epsilon in the middle third,
                                          LRP-0 in the upper third (by depth, any layer type)
+attn_lrp                    epsilon      epsilon         epsilon            LXT's AttnLRP (ICML 2024)
 ==========================  ===========  ==============  =================  ======================
+
+Every composite takes the same rules for the non-linear operations of transformers and modern CNNs
+(``nonlinear.py``: AttnLRP's identity rule for normalizations and activations, its softmax rule, the
+uniform rule for products of activations, squeeze-excitation gates as constants); ``attn_lrp`` is
+AttnLRP as the paper and LXT run it on ViTs: epsilon on every linear layer (gradient x input).
 
 ``*_flat`` apply flat to the first layer of either kind, the others to the first convolution.
 """
@@ -142,6 +148,7 @@ COMPOSITES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "epsilon_plus_box": lambda c: LayerMapComposite(_plus(c), _eps(c), _box(c), name="epsilon_plus_box"),
     "deep_taylor": lambda c: LayerMapComposite(_plus(c), _plus(c), _box(c), ("conv", "linear"),
                                                name="deep_taylor"),
+    "attn_lrp": lambda c: LayerMapComposite(_eps(c), _eps(c), name="attn_lrp"),
     "gamma_epsilon_zero": lambda c: DepthComposite(
         [(1 / 3, _gamma(c)), (2 / 3, _eps(c)), (float("inf"), zero(_cfg(c)[0]))], _box(c),
         name="gamma_epsilon_zero"),

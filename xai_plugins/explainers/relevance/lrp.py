@@ -23,10 +23,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import attention
 from . import canonizers as canon
+from . import nonlinear as nl
 from .composites import COMPOSITES, Composite, LayerInfo, make_composite
 from .ops import (
     ACTIVATION_FUNCS,
@@ -34,6 +37,7 @@ from .ops import (
     CONV_FUNCS,
     MAXPOOL_FUNCS,
     LinearOp,
+    ModuleTracker,
     activation_fn,
     add_operands,
     first_arg,
@@ -48,6 +52,41 @@ _LINEAR_FUNCS = frozenset({*CONV_FUNCS, torch.nn.functional.linear})
 _KEEPS_SIGN = frozenset({*MAXPOOL_FUNCS, *AVGPOOL_FUNCS, torch.flatten, torch.Tensor.flatten, torch.Tensor.view,
                          torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
                          torch.nn.functional.dropout, torch.nn.functional.adaptive_max_pool2d})
+
+
+_SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
+_MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm})
+_MUL = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.mul_})
+_DIV = frozenset({torch.div, torch.Tensor.div, torch.Tensor.div_})
+_ADD_SUB = {torch.add: 1.0, torch.Tensor.add: 1.0, torch.Tensor.add_: 1.0, torch.sub: -1.0, torch.Tensor.sub: -1.0,
+            torch.Tensor.sub_: -1.0}
+# a product with the output of one of these is a gate (squeeze-excitation, explicit SiLU x * sigmoid(x))
+_GATES = frozenset({torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.sigmoid_, F.hardsigmoid})
+_MEAN = frozenset({torch.mean, torch.Tensor.mean})  # token / spatial averages: proportional split
+_RMS_NORM = getattr(F, "rms_norm", None)
+# normalizations whose statistics mix samples or groups in ways no rule here covers: refused
+_REFUSED = {F.group_norm: "group normalization has no LRP rule here",
+            F.instance_norm: "instance normalization has no LRP rule here",
+            F.local_response_norm: "local response normalization has no LRP rule here"}
+
+
+def _active(t: Any) -> bool:
+    """An activation (depends on the input): parameters are frozen for the explained forward."""
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters and buffers without ``requires_grad`` for the block (restored after), so that every
+    tensor requiring a gradient is an activation and everything else a constant of the rules."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -112,8 +151,14 @@ class _Session:
     """State of one explanation: rule assignment, canonization, per-layer relevance sums."""
 
     def __init__(self, model: nn.Module, composite: Composite, canonize: bool, stabilizer: float,
-                 n_layers: int | None = None):
+                 n_layers: int | None = None, zero_bias: bool = False):
         self.composite, self.canonize, self.stabilizer = composite, canonize, stabilizer
+        self.keep_bias = not zero_bias
+        self.tracker = ModuleTracker(model)
+        self.batch: int | None = None
+        self.constants: list[torch.Tensor] = []
+        self.absorbed: dict[str, torch.Tensor] = {}
+        self.gates: dict[int, torch.Tensor] = {}
         self.cache = canon.checked_model_cache(model)
         self.modules: dict[int, tuple[str, nn.Module]] = {}
         for name, module in model.named_modules():
@@ -128,6 +173,18 @@ class _Session:
         self.nonneg: dict[int, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor | None] = {}
 
+    def absorb(self, kind: str):
+        """A callback adding a rule's absorbed relevance (a tensor, batch or windows first) to ``kind``."""
+        def add(r: torch.Tensor) -> None:
+            total = r.detach().reshape(self.batch, -1).sum(1)
+            self.absorbed[kind] = self.absorbed[kind] + total if kind in self.absorbed else total
+        return add
+
+    def constant_leaf(self, t: torch.Tensor) -> torch.Tensor:
+        leaf = t.detach().requires_grad_(True)
+        self.constants.append(leaf)
+        return leaf
+
     def layer_info(self, op: LinearOp) -> LayerInfo:
         name, module = self.modules.get(id(op.weight), (f"{op.kind}{self.count}", None))
         seen = self.names.get(name, 0)
@@ -140,6 +197,9 @@ class _Session:
         self.kind_count[op.kind] += 1
         return info
 
+    def is_gate(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and self.gates.get(id(t)) is t
+
     def is_nonneg(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self.nonneg.get(id(t)) is t
 
@@ -149,7 +209,11 @@ class _Session:
         return t
 
     def record(self, name: str, relevance: torch.Tensor) -> None:
-        self.sums[name] = relevance.detach().flatten(1).sum(1)
+        r = relevance.detach()
+        if self.batch is not None and r.dim() > 2 and r.shape[0] != self.batch and r.shape[1] == self.batch:
+            r = r.transpose(0, 1)  # sequence-first tokens (nn.MultiheadAttention's L x N x E)
+        # windows of a sample are consecutive (Swin: B * windows x tokens x C)
+        self.sums[name] = r.reshape(self.batch, -1).sum(1) if self.batch else r.flatten(1).sum(1)
 
 
 class _RelevanceMode(TorchFunctionMode):
@@ -186,15 +250,24 @@ class _RelevanceMode(TorchFunctionMode):
                 out = canon.PassFn.apply(x, lambda t: func(t, **rest))
                 node.y_ref = out.detach()
                 return out
-            return canon.PassFn.apply(x, lambda t: func(t, **rest))
+            return self._batch_norm(func, x, bn, rest)
         relu = is_relu_call(func, args, kwargs)
         if relu or func in ACTIVATION_FUNCS:
             out = canon.PassFn.apply(first_arg(args, kwargs), activation_fn(func, args, kwargs))
+            if func in _GATES:
+                s.gates[id(out)] = out
             return s.mark_nonneg(out) if relu else out
         if s.canonize:
             operands = add_operands(func, args, kwargs)
-            if operands is not None:
+            if operands is not None and _active(operands[0]) and _active(operands[1]):
                 return canon.SumFn.apply(operands[0], operands[1], s.stabilizer)
+        handled = self._modern(func, args, kwargs)
+        if handled is not NotImplemented:
+            return handled
+        if func in _MEAN and _active(first_arg(args, kwargs)):
+            rest = args[1:]
+            kw = {k: v for k, v in kwargs.items() if k != "input"}
+            return canon.NormFn.apply(first_arg(args, kwargs), lambda t: func(t, *rest, **kw), s.stabilizer)
         if func in AVGPOOL_FUNCS:
             rest = args[1:]
             kw = {k: v for k, v in kwargs.items() if k != "input"}
@@ -208,6 +281,108 @@ class _RelevanceMode(TorchFunctionMode):
             elif out is args[0] or out is None:  # modified in place (x -= 1, x[i] = v): no longer known
                 s.nonneg.pop(id(args[0]), None)
         return out
+
+
+    # -- transformers and modern CNNs (see nonlinear.py, attention.py) -----------------------------
+    def refuse(self, what: str) -> None:
+        from xai_plugins import InputError
+
+        raise InputError(f"lrp cannot explain {self.s.tracker.current()}: {what}")
+
+    def _call(self, func, *args, **kwargs):
+        return self.__torch_function__(func, (), args, kwargs)
+
+    def _batch_norm(self, func, x, bn, rest):
+        if bn["training"] or bn.get("running_var") is None:
+            self.refuse("a batch norm using batch statistics (no running statistics) has no LRP rule")
+        scale = torch.rsqrt(bn["running_var"].detach() + bn["eps"])
+        if bn["weight"] is not None:
+            scale = scale * bn["weight"].detach()
+        scale = scale.view(1, -1, *([1] * (x.dim() - 2)))
+        return nl.LinearizedFn.apply(x, lambda t: func(t, **rest), nl.ScaleLinear(scale), self.s.stabilizer,
+                                     self.s.keep_bias)
+
+    def _modern(self, func, args, kwargs):
+        """The rule of a transformer / modern-CNN operation, or NotImplemented for any other."""
+        s = self.s
+        if func in _REFUSED:
+            self.refuse(_REFUSED[func])
+        if func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward:
+            try:
+                if func is F.multi_head_attention_forward:
+                    return attention.multi_head_attention(self._call, args, kwargs)
+                return attention.sdpa(self._call, args, kwargs)
+            except attention.Unsupported as exc:
+                self.refuse(str(exc))
+        if func in (torch.cat, torch.concat) and not kwargs.get("out"):
+            parts = list(first_arg(args, kwargs, "tensors"))
+            if any(_active(t) for t in parts) and not all(_active(t) for t in parts):
+                # constant parts (class / register tokens): leaves, so their relevance is measured
+                parts = [t if _active(t) or not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                         else s.constant_leaf(t) for t in parts]
+                rest = {k: v for k, v in kwargs.items() if k != "tensors"}
+                return func(parts, *args[1:], **rest)
+            return NotImplemented
+        if func in _SOFTMAX:
+            x = first_arg(args, kwargs)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            if not _active(x):
+                return func(*args, **kwargs)
+            return nl.SoftmaxFn.apply(x, dim, kwargs.get("dtype"), s.absorb("softmax"))
+        if func is F.layer_norm or (func is _RMS_NORM and func is not None):
+            x = first_arg(args, kwargs)
+            names = ("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm else \
+                ("input", "normalized_shape", "weight", "eps")
+            a = dict(zip(names, args))
+            a.update(kwargs)
+            if not _active(x):
+                return func(*args, **kwargs)
+            eps = a.get("eps") if a.get("eps") is not None else (1e-5 if func is F.layer_norm else
+                                                              torch.finfo(x.dtype).eps)
+            lin = nl.NormLinear(x, len(tuple(a["normalized_shape"])), a.get("weight"), eps, func is F.layer_norm)
+            rest = {k: v for k, v in a.items() if k != "input"}
+            keep = s.keep_bias or a.get("bias") is None
+            return nl.LinearizedFn.apply(x, lambda t: func(t, **rest), lin, s.stabilizer, keep)
+        if func in _MATMUL or func in _MUL or func in _DIV or func in _ADD_SUB:
+            if "out" in kwargs or len(args) + len(kwargs) != 2:
+                return NotImplemented
+            a = args[0]
+            b = args[1] if len(args) > 1 else next(iter(kwargs.values()))
+            act_a, act_b = _active(a), _active(b)
+            if not (act_a or act_b):
+                return NotImplemented
+            if func in _MATMUL:
+                if act_a and act_b:
+                    return nl.BilinearFn.apply(a, b, torch.matmul, s.stabilizer)
+                return NotImplemented  # x @ W with a constant W: autograd (as F.linear without a rule)
+            if func in _MUL:
+                if act_a and act_b:
+                    if s.is_gate(b) or s.is_gate(a):
+                        main, gate = (a, b) if s.is_gate(b) else (b, a)
+                    elif a.shape == b.shape:
+                        return nl.BilinearFn.apply(a, b, torch.mul, s.stabilizer)
+                    else:
+                        main, gate = (a, b) if a.numel() >= b.numel() else (b, a)
+                    return nl.GateFn.apply(main, gate)  # squeeze-excitation: the gate is a constant factor
+                x, c = (a, b) if act_a else (b, a)
+                return canon.PassFn.apply(x, lambda t: torch.mul(t, c))  # layer scale, attention scale
+            if func in _DIV:
+                if act_a and not act_b:
+                    return canon.PassFn.apply(a, lambda t: torch.div(t, b))
+                return NotImplemented
+            sign = _ADD_SUB[func]
+            if act_a and act_b:
+                return NotImplemented  # same-shaped residual additions were handled above
+            x, c, slope = (a, b, 1.0) if act_a else (b, a, sign)
+            combine = torch.sub if sign < 0 else torch.add
+
+            def op(t: torch.Tensor) -> torch.Tensor:  # out of place, also for add_ / sub_
+                return combine(t, c) if act_a else combine(c, t)
+
+            if not s.keep_bias and slope > 0:  # zero_bias: the constant takes no share
+                return canon.PassFn.apply(x, op)
+            return nl.LinearizedFn.apply(x, op, nl.ScaleLinear(slope), s.stabilizer, s.keep_bias)
+        return NotImplemented
 
 
 class _CountMode(TorchFunctionMode):
@@ -233,7 +408,8 @@ def count_layers(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def lrp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite: Composite,
-        canonize: bool = True, stabilizer: float = 1e-6) -> tuple[torch.Tensor, dict[str, Any]]:
+        canonize: bool = True, stabilizer: float = 1e-6, zero_bias: bool = False
+        ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Input relevance (B x C x H x W) for each sample's target logit, and per-layer relevance sums.
 
     ``extras["layer_relevance"]``: ``{"output": R at the logit (= S_c), <layer>: sum of the relevance
@@ -241,23 +417,31 @@ def lrp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite
     every entry equals the logit (conservation, Eq. 11).
     """
     x = inputs.detach().clone().requires_grad_(True)
-    with eval_mode(model):
+    with eval_mode(model), frozen_parameters(model):
         n_layers = count_layers(model, x) if composite.needs_depth else None
-        session = _Session(model, composite, canonize, stabilizer, n_layers)
+        session = _Session(model, composite, canonize, stabilizer, n_layers, zero_bias)
+        session.batch = x.shape[0]
         with torch.enable_grad():
-            with _RelevanceMode(session):
+            with session.tracker, _RelevanceMode(session):
                 logits = model(x)
             session.outputs.clear()
             session.nonneg.clear()
+            session.gates.clear()
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                 raise ValueError("LRP needs a model returning B x classes logits")
             index = targets.to(logits.device).long().view(-1, 1)
             score = logits.detach().gather(1, index)
             seed = torch.zeros_like(logits).scatter_(1, index, score)  # Eq. 11: R_out = S_c(x)
-            (relevance,) = torch.autograd.grad(logits, x, seed)
+            leaves = [c for c in session.constants if c.shape[0] in (1, x.shape[0])]
+            relevance, *absorbed = torch.autograd.grad(logits, [x, *leaves], seed, allow_unused=True)
     sums = {"output": score.squeeze(1)}
     sums.update({k: v for k, v in session.sums.items() if v is not None})
-    return relevance.detach(), {"layer_relevance": sums}
+    constant = torch.zeros_like(score.squeeze(1))
+    for r in absorbed:
+        if r is not None:
+            constant = constant + r.detach().reshape(r.shape[0], -1).sum(1)
+    taken = {"constants": constant, **session.absorbed}
+    return relevance.detach(), {"layer_relevance": sums, "absorbed_relevance": taken}
 
 
 _KNOWN_RULES = RULES + ("lrp_0",)

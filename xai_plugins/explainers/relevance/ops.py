@@ -25,8 +25,13 @@ import torch.nn.functional as F
 RELU_FUNCS = frozenset({F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_})
 ACTIVATION_FUNCS = frozenset({
     torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, F.softplus, F.elu,
-    F.leaky_relu, F.gelu, F.silu, F.relu6, F.hardtanh,
+    F.leaky_relu, F.gelu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.mish,
+    torch.Tensor.sigmoid_, torch.Tensor.tanh_, torch.sigmoid_, torch.tanh_,
 })
+# in-place element-wise activations, executed out of place (their forward must not overwrite a tensor
+# that a rule saved for its backward pass)
+_OUT_OF_PLACE = {torch.Tensor.sigmoid_: torch.sigmoid, torch.Tensor.tanh_: torch.tanh, torch.sigmoid_: torch.sigmoid,
+                 torch.tanh_: torch.tanh}
 ADD_FUNCS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_})
 CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
@@ -50,13 +55,16 @@ def first_arg(args: tuple, kwargs: dict, name: str = "input") -> torch.Tensor:
     return args[0] if args else kwargs[name]
 
 
-_INPLACE_POSITION = {F.elu: 1, F.leaky_relu: 1, F.relu6: 0, F.hardtanh: 2, F.silu: 0}
+_INPLACE_POSITION = {F.elu: 1, F.leaky_relu: 1, F.relu6: 0, F.hardtanh: 2, F.silu: 0, F.hardswish: 0,
+                     F.hardsigmoid: 0, F.mish: 0}
 
 
 def activation_fn(func: Any, args: tuple, kwargs: dict):
     """``x -> func(x, *its other arguments)``, executed out of place (in-place flags dropped)."""
     if is_relu_call(func, args, kwargs):
         return torch.relu
+    if func in _OUT_OF_PLACE:
+        return _OUT_OF_PLACE[func]
     rest = tuple(args[1:])
     kw = {k: v for k, v in kwargs.items() if k not in ("input", "inplace")}
     if func in _INPLACE_POSITION:
@@ -172,3 +180,35 @@ def version_key(*tensors: torch.Tensor | None) -> tuple:
     except through ``.data`` (no version bump): ``checked_model_cache`` covers that, once a call."""
     return tuple((id(t), t._version, t.data_ptr(), str(t.device), t.dtype) if t is not None else None
                  for t in tensors)
+
+
+class ModuleTracker:
+    """The dotted name of the innermost module of ``model`` running now (for one-line refusals that
+    name the module): global forward pre/post hooks for the ``with`` block only, nothing on the model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): (n or type(m).__name__) for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self._handles: list = []
+
+    def __enter__(self) -> ModuleTracker:
+        from torch.nn.modules import module as nn_module
+
+        def pre(module, _args):
+            self.stack.append(f"{self.names.get(id(module), '?')} ({type(module).__name__})")
+
+        def post(module, _args, _out):
+            if self.stack:
+                self.stack.pop()
+
+        self._handles = [nn_module.register_module_forward_pre_hook(pre),
+                         nn_module.register_module_forward_hook(post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "the model's forward"
