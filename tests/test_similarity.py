@@ -73,9 +73,9 @@ def test_sim_kl_dice_and_auc_on_known_cases():
     assert sim(inside, mask).item() == pytest.approx(1.0)
     assert sim(outside, mask).item() == pytest.approx(0.0)
     assert sim(torch.ones(1, 10, 10), mask).item() == pytest.approx(0.5)
-    assert kl_divergence(mask, inside).item() == pytest.approx(0.0, abs=1e-6)
-    assert kl_divergence(mask, torch.ones(1, 10, 10)).item() == pytest.approx(np.log(2), abs=1e-4)
-    assert kl_divergence(mask, outside).item() > 10
+    assert kl_divergence(inside, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_divergence(torch.ones(1, 10, 10), mask).item() == pytest.approx(np.log(2), abs=1e-4)
+    assert kl_divergence(outside, mask).item() > 10
     assert auc_vs_mask(inside + 0.01 * torch.rand(1, 10, 10), mask).item() == pytest.approx(1.0)
     assert auc_vs_mask(outside, mask).item() == pytest.approx(0.0)
     assert auc_vs_mask(torch.ones(1, 10, 10), mask).item() == pytest.approx(0.5)

@@ -27,8 +27,9 @@ def rankdata(values: np.ndarray, axis: int) -> np.ndarray:
     return scipy_rankdata(values, axis=axis)
 
 
-__all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "dice_at_quantile", "kl_divergence",
-           "auc_vs_mask", "SIMILARITIES"]
+__all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "cc", "nss", "dice_at_quantile",
+           "kl_divergence", "auc_vs_mask", "auc_judd", "auc_borji", "auc_shuffled", "uniform_nonfixations",
+           "SIMILARITIES"]
 
 
 def _batch(m: torch.Tensor) -> torch.Tensor:
@@ -168,16 +169,23 @@ def _distribution(x: np.ndarray) -> np.ndarray:
 
 def sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SIM, histogram intersection of the L1-normalized maps: sum_i min(P_i, Q_i), in [0, 1]
-    (Judd et al.; the review's Table 1 "SIM")."""
+    (Judd et al.; the review's Table 1 "SIM"; pysaliency ``SIM``). Symmetric: ``sim(maps, density)``."""
     x, y = _pair(a, b)
     return torch.from_numpy(np.minimum(_distribution(x), _distribution(y)).sum(axis=1)).float()
 
 
-def kl_divergence(target: torch.Tensor, prediction: torch.Tensor, eps: float = 2.2204e-16) -> torch.Tensor:
-    """KL(target || prediction) of the L1-normalized maps, as the MIT saliency benchmark:
-    sum_i Q_i log(eps + Q_i / (P_i + eps)) with Q the target (e.g. a mask), P the prediction.
-    0 for identical distributions, larger is worse."""
-    q, p = _pair(target, prediction)
+def cc(maps: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """CC (PCC), Pearson's linear correlation of a map with a fixation density, per image
+    (Bylinskii et al. 2019, section 3.4; pysaliency ``CC``). A constant map scores 0 (pysaliency
+    too); two equal constants score 1 where pysaliency gives NaN."""
+    return pearson(maps, density)
+
+
+def kl_divergence(maps: torch.Tensor, density: torch.Tensor, eps: float = 2.2204e-16) -> torch.Tensor:
+    """KL(density || map) of the L1-normalized maps, as the MIT saliency benchmark
+    (pysaliency ``MIT_KLDiv(map, density)``): sum_i Q_i log(eps + Q_i / (P_i + eps)) with Q the
+    density (e.g. a gaze map or a mask), P the map. 0 for identical distributions, larger is worse."""
+    p, q = _pair(maps, density)
     q, p = _distribution(q), _distribution(p)
     return torch.from_numpy((q * np.log(eps + q / (p + eps))).sum(axis=1)).float()
 
@@ -209,6 +217,88 @@ def auc_vs_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = u / (n_pos * n_neg)
     return torch.from_numpy(np.where((n_pos > 0) & (n_neg > 0), auc, 0.5)).float()
+
+
+def _fixations(maps: torch.Tensor, fixations: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x, f = _pair(maps, fixations)
+    n = x.shape[0]
+    return x.reshape(n, -1), f.reshape(n, -1) > 0
+
+
+def nss(maps: torch.Tensor, fixations: torch.Tensor) -> torch.Tensor:
+    """NSS, the mean of the standardized map (zero mean, unit standard deviation, ddof 0 as
+    pysaliency; the MIT code uses ddof 1) at the fixated pixels, per image (Peters et al. 2005;
+    Bylinskii et al. 2019, section 3.3). A constant map scores 0."""
+    x, fix = _fixations(maps, fixations)
+    std = x.std(axis=1, keepdims=True)
+    z = (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+    count = fix.sum(axis=1)
+    return torch.from_numpy(np.where(count > 0, (z * fix).sum(axis=1) / np.maximum(count, 1), 0.0)).float()
+
+
+def _auc_exact(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Area under the ROC curve over every threshold: P(pos > neg) + P(pos = neg) / 2."""
+    if positives.size == 0 or negatives.size == 0:
+        return 0.5
+    neg = np.sort(negatives)
+    below = np.searchsorted(neg, positives, side="left")
+    equal = np.searchsorted(neg, positives, side="right") - below
+    return float((below + 0.5 * equal).sum() / (positives.size * neg.size))
+
+
+def _auc_judd_one(positives: np.ndarray, negatives: np.ndarray) -> float:
+    if positives.size == 0 or negatives.size == 0:
+        return 0.5
+    pos, neg = np.sort(positives), np.sort(negatives)
+    top = max(pos[-1], neg[-1]) + 1
+    bottom = min(pos[0], neg[0])
+    thresholds = np.sort(np.concatenate([[top], positives, [bottom]]))[::-1]
+    tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
+    fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
+    tpr, fpr = np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])
+    return float(np.trapezoid(tpr, fpr))
+
+
+def auc_judd(maps: torch.Tensor, fixations: torch.Tensor) -> torch.Tensor:
+    """AUC-Judd: ROC of the map as a detector of fixated pixels against every unfixated pixel,
+    thresholds at the map's values at the fixations (Judd et al. 2009; Bylinskii et al. 2019,
+    section 3.1; pysaliency ``AUC_Judd(jitter=False)``: no random jitter, ties are kept)."""
+    x, fix = _fixations(maps, fixations)
+    return torch.tensor([_auc_judd_one(xi[fi], xi[~fi]) for xi, fi in zip(x, fix)], dtype=torch.float32)
+
+
+def uniform_nonfixations(fixations: torch.Tensor, splits: int = 100, seed: int = 0) -> list[np.ndarray]:
+    """The nonfixations of AUC-Borji: per image, ``splits`` x (number of fixations) flat pixel
+    indices drawn uniformly with replacement (as the MIT code's randi), from a seeded generator."""
+    f = _batch(fixations)
+    rng = np.random.default_rng(seed)
+    size = f.shape[-1] * f.shape[-2]
+    return [rng.integers(0, size, size=(splits, int((fi > 0).sum()))) for fi in f]
+
+
+def auc_borji(maps: torch.Tensor, fixations: torch.Tensor, splits: int = 100, seed: int = 0) -> torch.Tensor:
+    """AUC-Borji: ROC of the map's values at the fixations against its values at as many pixels
+    drawn uniformly (``uniform_nonfixations``), averaged over ``splits`` draws (Borji et al. 2013;
+    Bylinskii et al. 2019, section 3.1). Every threshold, not the MIT code's steps of 0.1."""
+    x, fix = _fixations(maps, fixations)
+    draws = uniform_nonfixations(fixations, splits, seed)
+    out = [np.mean([_auc_exact(xi[fi], xi[d]) for d in di]) if fi.any() else 0.5
+           for xi, fi, di in zip(x, fix, draws)]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def auc_shuffled(maps: torch.Tensor, fixations: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Shuffled AUC: ROC of the map's values at the image's fixations against its values at the
+    fixations of the other images of the batch (each counted as often as it occurs), which
+    discounts centre bias (Zhang et al. 2008; Bylinskii et al. 2019, section 3.1; pysaliency
+    ``AUC(nonfixations="shuffled")``, every threshold). ``other``: B x H x W fixation counts to
+    use instead of the rest of the batch."""
+    x, fix = _fixations(maps, fixations)
+    counts = fix.astype(np.int64)
+    pool = counts.sum(axis=0, keepdims=True) - counts if other is None else \
+        _batch(other).numpy().reshape(x.shape[0], -1).astype(np.int64)
+    return torch.tensor([_auc_exact(xi[fi], np.repeat(xi, np.maximum(ci, 0))) if fi.any() else 0.5
+                         for xi, fi, ci in zip(x, fix, pool)], dtype=torch.float32)
 
 
 def _spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

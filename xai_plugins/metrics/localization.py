@@ -4,7 +4,11 @@ relevance on a known shortcut.
 - ``localization``: pointing game and relevance mass accuracy, with the random baselines that
   make them readable, and the saliency-benchmark measures of the review's Table 1 computed against
   the object mask (read as a fixation density map): SIM (histogram intersection), PCC (Pearson),
-  AUC (ROC of the map as a detector of mask pixels) and KL(mask || map).
+  AUC (ROC of the map as a detector of mask pixels) and KL(mask || map). ``context.masks`` may
+  also be a fixation density (float B x H x W, not only 0/1): SIM, PCC and KL against it; or
+  fixation points (integer B x K x 2, (y, x) in pixels of the input, negative rows are padding):
+  NSS, AUC-Judd, AUC-Borji and shuffled AUC (``xai_plugins.similarity``). Binary masks, boolean or
+  0/1 floats, score as before.
 - ``shortcut``: the share of the relevance that falls on a known spurious region, e.g. the
   Clever Hans watermark of `shapes` (``context.spurious_masks``); ``shortcut.area`` is what a
   uniform map would score and ``shortcut.ratio`` = share / area. The region is dilated by
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from xai_plugins import Metric, MetricContext, hookimpl
-from xai_plugins.similarity import auc_vs_mask, kl_divergence, pearson, sim
+from xai_plugins.similarity import auc_borji, auc_judd, auc_shuffled, auc_vs_mask, cc, kl_divergence, nss, sim
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> torch.Tensor:
@@ -55,9 +59,43 @@ def fit_masks(masks: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return masks
 
 
+def target_kind(target: torch.Tensor) -> str:
+    """"points" (integer B x K x 2), "density" (float, not only 0/1) or "mask"."""
+    if target.dim() == 3 and target.shape[-1] == 2 and not target.dtype.is_floating_point and target.dtype != torch.bool:
+        return "points"
+    if target.dtype.is_floating_point and not bool(((target == 0) | (target == 1)).all()):
+        return "density"
+    return "mask"
+
+
+def fit_density(density: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """A non-negative density at the maps' resolution (area average when shrinking, bilinear else)."""
+    density = density.float().cpu().clamp(min=0)
+    if density.shape[-2:] != maps.shape[-2:]:
+        shrink = density.shape[-1] >= maps.shape[-1]
+        density = torch.nn.functional.interpolate(density.unsqueeze(1), size=maps.shape[-2:],
+                                                  mode="area" if shrink else "bilinear").squeeze(1)
+    return density
+
+
+def points_to_fixations(points: torch.Tensor, size: tuple[int, int], maps: torch.Tensor) -> torch.Tensor:
+    """Boolean B x h x w fixation maps at the maps' resolution from (y, x) points given in pixels
+    of an input of ``size``; rows with a negative coordinate are padding."""
+    b, (h, w), (mh, mw) = points.shape[0], size, maps.shape[-2:]
+    fix = torch.zeros(b, mh, mw, dtype=torch.bool)
+    pts = points.long().cpu()
+    valid = (pts >= 0).all(-1) & (pts[..., 0] < h) & (pts[..., 1] < w)
+    idx = torch.nonzero(valid)
+    ys = (pts[idx[:, 0], idx[:, 1], 0] * mh) // h
+    xs = (pts[idx[:, 0], idx[:, 1], 1] * mw) // w
+    fix[idx[:, 0], ys, xs] = True
+    return fix
+
+
 class Localization(Metric):
     """Pointing game and relevance mass against ground-truth object masks, and the review's
-    Table 1 measures (SIM, PCC, AUC, KL) against the same masks.
+    Table 1 measures (SIM, PCC, AUC, KL) against the same masks; SIM, PCC, KL against a fixation
+    density, NSS and the three AUCs against fixation points (module docstring).
 
     ``random_pointing`` and ``mask_fraction`` are what a map with no information scores: the
     expected pointing game of a uniformly random point and the relevance mass of a uniform map.
@@ -70,6 +108,16 @@ class Localization(Metric):
 
     def compute(self, context: MetricContext) -> dict[str, float]:
         maps = context.explanation.maps.float().cpu()
+        kind = target_kind(context.masks)
+        if kind == "density":
+            density = fit_density(context.masks, maps)
+            return {"sim": float(sim(maps, density).mean()), "pcc": float(cc(maps, density).mean()),
+                    "kl": float(kl_divergence(maps, density).mean())}
+        if kind == "points":
+            fix = points_to_fixations(context.masks, tuple(context.inputs.shape[-2:]), maps)
+            return {"nss": float(nss(maps, fix).mean()), "auc_judd": float(auc_judd(maps, fix).mean()),
+                    "auc_borji": float(auc_borji(maps, fix).mean()),
+                    "auc_shuffled": float(auc_shuffled(maps, fix).mean())}
         masks = fit_masks(context.masks, maps)
         frac = masks.reshape(masks.shape[0], -1).float().mean(1)
         target = masks.float()
@@ -79,9 +127,9 @@ class Localization(Metric):
             "random_pointing": float(frac.mean()),
             "mask_fraction": float(frac.mean()),
             "sim": float(sim(maps, target).mean()),
-            "pcc": float(pearson(maps, target).mean()),
+            "pcc": float(cc(maps, target).mean()),
             "auc": float(auc_vs_mask(maps, masks).mean()),
-            "kl": float(kl_divergence(target, maps).mean()),
+            "kl": float(kl_divergence(maps, target).mean()),
         }
 
 
