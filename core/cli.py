@@ -234,13 +234,15 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (cosine-annealed over the epochs).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Epochs of linear learning-rate warm-up.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--explainability-loss", is_flag=True, help="Add DeConvolve's explainability loss (Eq. 1).")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="Weight of the active-area term.")
 @click.option("--beta", default=0.05, show_default=True, type=float, help="Weight of the dispersion term.")
 @click.option("--no-progress", is_flag=True)
-def train(arch, out, watermark, size, n_train, epochs, lr, batch_size, seed, explainability_loss, alpha, beta,
+def train(arch, out, watermark, size, n_train, epochs, lr, batch_size, warmup, seed, explainability_loss, alpha, beta,
           no_progress):
     """Train a reference model on the synthetic `shapes` data set and save a checkpoint."""
     from core.train import train_reference
@@ -253,7 +255,8 @@ def train(arch, out, watermark, size, n_train, epochs, lr, batch_size, seed, exp
         extra = ExplainabilityLoss(alpha=alpha, beta=beta)
         meta = {"explainability_loss": {"alpha": alpha, "beta": beta}}
     result = train_reference(arch, out, size=size, n_train=n_train, epochs=epochs, seed=seed, watermark=watermark,
-                             extra_loss=extra, progress=not no_progress, meta=meta, lr=lr, batch_size=batch_size)
+                             extra_loss=extra, progress=not no_progress, meta=meta, lr=lr, batch_size=batch_size,
+                             warmup=warmup)
     click.echo(f"trained {arch} ({'Clever Hans' if watermark == 'shortcut' else 'clean'}): "
                f"held-out accuracy {result.accuracy:.1%}; saved {out}")
 

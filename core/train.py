@@ -6,6 +6,7 @@ loss, Eq. 1) so any training-time regularizer plugs in without copying the loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,27 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prepr
     return correct / max(1, labels.numel())
 
 
+def _schedule(epochs: int, steps_per_epoch: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor of optimizer step ``i``: a linear warm-up over the first ``warmup``
+    epochs, times a cosine annealed once per epoch (the factor of torch's CosineAnnealingLR)."""
+    warm_steps = warmup * steps_per_epoch
+
+    def factor(i: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * (i // steps_per_epoch) / max(1, epochs)))
+        return cosine * (min(1.0, (i + 1) / warm_steps) if warm_steps > 0 else 1.0)
+
+    return factor
+
+
 def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epochs: int = 10,
                 lr: float = 2e-3, batch_size: int = 32, seed: int = 0, extra_loss: ExtraLoss | None = None,
-                progress: bool = True, test: ShapesData | None = None) -> TrainResult:
-    """Adam + cross-entropy (+ ``extra_loss(model, inputs, labels, logits)``), seeded."""
+                progress: bool = True, test: ShapesData | None = None, warmup: float = 0.0) -> TrainResult:
+    """Adam + cross-entropy (+ ``extra_loss(model, inputs, labels, logits)``), seeded; the learning
+    rate warms up linearly over ``warmup`` epochs, then follows a cosine over the epochs."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(epochs, steps_per_epoch, warmup))
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -64,9 +79,9 @@ def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += float(loss.detach()) * yb.numel()
             n += yb.numel()
-        sched.step()
         record = {"epoch": epoch + 1, "loss": total / max(1, n)}
         if test is not None:
             record["accuracy"] = evaluate(model, test.images, test.labels, preprocess)
@@ -81,18 +96,23 @@ def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None,
                     n_train: int = 3000, n_test: int = 400, epochs: int = 10, seed: int = 0,
                     watermark: str = "none", extra_loss: ExtraLoss | None = None,
                     progress: bool = True, meta: dict | None = None, lr: float = 2e-3,
-                    batch_size: int = 32) -> TrainResult:
+                    batch_size: int = 16, warmup: float = 1.0) -> TrainResult:
     """Generate `shapes` (clean or Clever Hans), train ``arch``, evaluate on a held-out split,
-    and save a checkpoint with its preprocessing and class names when ``out`` is given."""
+    and save a checkpoint with its preprocessing and class names when ``out`` is given.
+
+    The default budget (3000 images, 10 epochs, Adam 2e-3 warmed up over the first epoch, batch 16)
+    converges on every seed: at batch 32 without warm-up the plain CNN stalled at 61-66 % on some
+    seeds, and another CPU's float sums act like another seed (``python -m bench.train_seeds``)."""
     train = make_shapes(n_train, size=size, seed=seed, watermark=watermark)
     test = make_shapes(n_test, size=size, seed=seed + 10_000, watermark=watermark)
     preprocess = Preprocess(size=size, **SHAPES_PREPROCESS)
     torch.manual_seed(seed)
     model = build_model(arch, len(train.class_names))
     result = train_model(model, train, preprocess, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                         extra_loss=extra_loss, progress=progress, test=test)
+                         extra_loss=extra_loss, progress=progress, test=test, warmup=warmup)
     if out is not None:
         info = {"accuracy": result.accuracy, "dataset": "shapes", "watermark": watermark, "size": size,
-                "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, **(meta or {})}
+                "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                "warmup": warmup, **(meta or {})}
         save_checkpoint(out, result.model, arch, preprocess, train.class_names, info)
     return result

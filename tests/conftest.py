@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models of every architecture kind the methods must handle, and the
 reference CNNs trained on `shapes` (trained once, cached under tests/.cache keyed by the source of
-the data, model and training code so a change retrains)."""
+the data, model and training code so a change retrains).
+
+``XAI_TEST_MODEL_SEED`` (default 0) picks the training seed of the reference CNNs: another CPU's
+floating-point sums act like another seed, so the assertions on trained models are checked against
+several seeds (see tests/test_seed_stability.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ os.environ.setdefault("XAI_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "tests" / ".cache"
 TRAIN_SIZE = 32
+TEST_MODEL_SEED = int(os.environ.get("XAI_TEST_MODEL_SEED", "0"))
 
 
 def _code_hash() -> str:
@@ -26,15 +31,22 @@ def _code_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def _trained(watermark: str, arch: str = "deconvolve_cnn"):
-    from core.models import load_model
+def trained_path(watermark: str, seed: int = TEST_MODEL_SEED, arch: str = "deconvolve_cnn") -> Path:
+    """The cached checkpoint of ``arch`` trained on `shapes` with ``seed`` (trained on first use)."""
     from core.train import train_reference
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{arch}-{watermark}-{_code_hash()}.pt"
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    path = CACHE / f"{arch}-{watermark}{suffix}-{_code_hash()}.pt"
     if not path.exists():
-        train_reference(arch, path, size=TRAIN_SIZE, watermark=watermark, progress=False)
-    return load_model(path)
+        train_reference(arch, path, size=TRAIN_SIZE, watermark=watermark, seed=seed, progress=False)
+    return path
+
+
+def _trained(watermark: str, seed: int = TEST_MODEL_SEED, arch: str = "deconvolve_cnn"):
+    from core.models import load_model
+
+    return load_model(trained_path(watermark, seed, arch))
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +64,7 @@ def clever_hans_cnn():
 
 @pytest.fixture(scope="session")
 def trained_cnn_path(trained_cnn) -> Path:
-    return next(CACHE.glob(f"deconvolve_cnn-none-{_code_hash()}.pt"))
+    return trained_path("none")
 
 
 @pytest.fixture(scope="session")
