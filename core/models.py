@@ -25,6 +25,7 @@ from core.preprocess import Preprocess
 CHECKPOINT_FORMAT = "xai-checkpoint/1"
 ARCHITECTURES = ("deconvolve_cnn", "resnet18")
 MAX_CLASSES = 100_000  # a checkpoint's class count beyond this is an error, not a memory blow-up
+TIMM_PREFIX = "timm:"  # "timm:<model name>": any timm architecture (the optional extra ``timm``)
 
 
 class DeConvolveCNN(nn.Module):
@@ -54,22 +55,60 @@ def resnet18_small(num_classes: int = 4) -> nn.Module:
     return model
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+def known_architecture(arch: str | None) -> bool:
+    """Whether ``build_model`` can rebuild ``arch`` (a reference model or ``timm:<name>``)."""
+    return bool(arch) and (arch in ARCHITECTURES or arch.startswith(TIMM_PREFIX))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm architectures need the optional extra: pip install 'xai-mlops[timm]'") from None
+    return timm
+
+
+def build_model(arch: str, num_classes: int, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A reference model, or ``timm:<name>`` built by timm offline (``pretrained=False``) with
+    ``arch_kwargs`` (img_size, depth, embed_dim, ...) as given to ``timm.create_model``."""
     if arch == "deconvolve_cnn":
         return DeConvolveCNN(num_classes)
     if arch == "resnet18":
         return resnet18_small(num_classes)
-    raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    if arch.startswith(TIMM_PREFIX):
+        name, timm = arch[len(TIMM_PREFIX):], _timm()
+        if not timm.is_model(name):
+            raise ModelError(f"unknown timm architecture {name!r}")
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(arch_kwargs or {}))
+        except TypeError as exc:
+            raise ModelError(f"timm architecture {name!r}: {exc}") from None
+    raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}, {TIMM_PREFIX}<name>")
+
+
+def timm_preprocess(model: nn.Module) -> Preprocess:
+    """timm's own preprocessing of a timm model (mean, std, input size from its pretrained_cfg;
+    the size its patch embedding was built for, when it has one), to store with the model."""
+    config = _timm().data.resolve_data_config({}, model=model)
+    channels, height, width = config["input_size"]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:  # a transformer built for another size than its config's (img_size=...)
+        height, width = (built, built) if isinstance(built, int) else tuple(built)
+    return Preprocess(size=(int(height), int(width)), mean=[float(v) for v in config["mean"]],
+                      std=[float(v) for v in config["std"]], channels=int(channels))
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, preprocess: Preprocess,
-                    class_names: list[str], meta: dict[str, Any] | None = None) -> Path:
-    """Write a weights-only checkpoint holding everything needed to rebuild and feed the model."""
+                    class_names: list[str], meta: dict[str, Any] | None = None,
+                    arch_kwargs: dict[str, Any] | None = None) -> Path:
+    """Write a weights-only checkpoint holding everything needed to rebuild and feed the model
+    (``arch_kwargs``: the constructor arguments of a ``timm:`` architecture, primitives only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(class_names),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "preprocess": preprocess.as_dict(), "class_names": list(class_names), "meta": dict(meta or {})}
+               "preprocess": preprocess.as_dict(), "class_names": list(class_names), "meta": dict(meta or {}),
+               "arch_kwargs": dict(arch_kwargs or getattr(model, "xai_arch_kwargs", None) or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -90,14 +129,20 @@ def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") ->
         raise ModelError(f"{source}: not an xai checkpoint (a bare state_dict has no architecture); "
                          "save with `xai train`, core.models.save_checkpoint, or TorchScript")
     arch, num_classes, state = payload.get("arch"), payload.get("num_classes"), payload.get("state_dict")
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ModelError(f"{source}: checkpoint 'arch' must be one of {', '.join(ARCHITECTURES)}, not {arch!r}")
+    if not isinstance(arch, str) or not (arch in ARCHITECTURES or arch.startswith(TIMM_PREFIX)):
+        raise ModelError(f"{source}: checkpoint 'arch' must be one of {', '.join(ARCHITECTURES)} or "
+                         f"{TIMM_PREFIX}<name>, not {str(arch)[:60]!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
         raise ModelError(f"{source}: checkpoint 'num_classes' must be a whole number 1-{MAX_CLASSES}, "
                          f"not {str(num_classes)[:40]!r}")
     if not isinstance(state, dict):
         raise ModelError(f"{source}: checkpoint 'state_dict' must be a mapping of tensors")
-    model = build_model(arch, num_classes)
+    arch_kwargs = payload.get("arch_kwargs")
+    if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
+        raise ModelError(f"{source}: checkpoint 'arch_kwargs' must be a mapping")
+    model = build_model(arch, num_classes, arch_kwargs)
+    if arch_kwargs:
+        model.xai_arch_kwargs = dict(arch_kwargs)  # written back when saved again
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -32,6 +32,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "xai_plugins.explainers.surrogate",
     "xai_plugins.explainers.deconvolve",
     "xai_plugins.explainers.perception",
+    "xai_plugins.explainers.transformer",
     "xai_plugins.metrics.localization",
     "xai_plugins.metrics.sanity",
     "xai_plugins.metrics.faithfulness",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from core.fitting import model_fingerprint
-from core.models import ARCHITECTURES, LoadedModel, load_model, save_checkpoint
+from core.models import LoadedModel, known_architecture, load_model, save_checkpoint
 from core.preprocess import Preprocess
 from pipelines import layout
 
@@ -25,7 +25,7 @@ def save_resolved(loaded: LoadedModel, out_dir: Path, source: dict[str, str]) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / layout.MODEL
     model = loaded.model.eval()
-    if loaded.arch in ARCHITECTURES and loaded.class_names and loaded.preprocess is not None:
+    if known_architecture(loaded.arch) and loaded.class_names and loaded.preprocess is not None:
         save_checkpoint(path, model, loaded.arch, loaded.preprocess, loaded.class_names, loaded.meta)
         fmt = "xai-checkpoint"
     else:

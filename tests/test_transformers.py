@@ -96,3 +96,38 @@ def test_swin_default_layer_is_its_last_stage():
     exp = explain(model, x, method="grad_cam")
     assert exp.extras["layer"] == "layers"  # the stages' container returns the last stage's output
     assert torch.isfinite(exp.maps).all() and exp.maps.std() > 0
+
+
+def test_timm_checkpoint_loads_with_timms_preprocessing_and_explains_from_the_cli(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from core.models import load_model, save_checkpoint, timm_preprocess
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    model = tiny_timm("vit_tiny_patch16_224", **kwargs)
+    pre = timm_preprocess(model)
+    assert pre.hw == (32, 32) and pre.mean == pytest.approx(list(model.pretrained_cfg["mean"]))
+    path = save_checkpoint(tmp_path / "vit.pt", model, "timm:vit_tiny_patch16_224", pre, list("abcde"),
+                           arch_kwargs=kwargs)
+    loaded = load_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.model(x), model(x), atol=1e-5)
+    assert loaded.preprocess == pre and loaded.arch == "timm:vit_tiny_patch16_224"
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XAI_NO_PROGRESS": "1"}
+
+    def xai(*args):
+        return subprocess.run([sys.executable, "-m", "core.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=root)
+
+    assert xai("data", "shapes", "--out", tmp_path / "data", "--n", "3", "--seed", "5").returncode == 0
+    r = xai("explain", "--model", path, "--images", tmp_path / "data" / "images", "--methods", "grad_cam,cam",
+            "--out", tmp_path / "out")
+    assert "Traceback" not in r.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "grad_cam" in json.dumps(results) and "global average pooling" in json.dumps(results)
