@@ -10,14 +10,11 @@ of AttnLRP's softmax rule (Eq. 13), which is not conservative by design.
 
 from __future__ import annotations
 
-import copy
-import types
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.suite_attn_lrp import lxt_attn_lrp, lxt_relevance
 from core.api import explain
 from xai_plugins import InputError
 from xai_plugins.explainers.relevance import lrp_relevance
@@ -159,75 +156,6 @@ def test_attn_lrp_conserves_on_swin():
 
 
 # -- AttnLRP against LXT ---------------------------------------------------------------------------
-def _lxt_modules() -> tuple[types.ModuleType, types.ModuleType]:
-    """LXT 2.1's ``lxt.efficient.rules`` and ``.patches``, loaded by file: the package's ``__init__``
-    imports its patches for Hugging Face models, which fail on transformers 5
-    (``transformers.modeling_attn_mask_utils`` is gone); the two modules need only torch."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.find_spec("lxt")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("lxt (the AttnLRP oracle, pip install lxt==2.1) is not installed")
-    root = list(spec.submodule_search_locations)[0]
-    loaded = []
-    for name in ("rules", "patches"):
-        full = f"lxt.efficient.{name}"
-        if full not in sys.modules:
-            if "lxt.efficient" not in sys.modules:
-                package = types.ModuleType("lxt.efficient")
-                package.__path__ = [f"{root}/efficient"]
-                sys.modules["lxt.efficient"] = package
-            mspec = importlib.util.spec_from_file_location(full, f"{root}/efficient/{name}.py")
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[full] = module
-            mspec.loader.exec_module(module)
-        loaded.append(sys.modules[full])
-    return loaded[0], loaded[1]
-
-
-def _lxt_grad_x_input(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """LXT 2.1's AttnLRP (``lxt.efficient``: gradient x input with its rules) on a copy of the model.
-
-    LXT ships a patch map for torchvision's ViT with CP-LRP inside attention and none for timm, so
-    the AttnLRP map is built from LXT's own rules: ``layer_norm_forward`` (std detached) on every
-    LayerNorm, ``identity_rule_implicit`` on GELU, and ``divide_gradient`` on q, k (1/4) and v (1/2)
-    around the attention, as LXT's ``wrap_attention_forward`` does for its transformers models.
-    """
-    rules, patches = _lxt_modules()
-    layer_norm_forward = patches.layer_norm_forward
-    divide_gradient, identity_rule_implicit = rules.divide_gradient, rules.identity_rule_implicit
-
-    twin = copy.deepcopy(model).eval()
-    for m in twin.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.forward = types.MethodType(layer_norm_forward, m)
-        elif isinstance(m, nn.GELU):
-            m.forward = (lambda orig: (lambda t: identity_rule_implicit(orig, t)))(m.forward)
-        elif isinstance(m, nn.MultiheadAttention):
-            def mha(self, q, k, v, need_weights=False, **_):
-                n, length, e = q.shape
-                h = self.num_heads
-                qkv = F.linear(q, self.in_proj_weight, self.in_proj_bias).view(n, length, 3, h, e // h)
-                qq, kk, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-                out = F.scaled_dot_product_attention(divide_gradient(qq, 4), divide_gradient(kk, 4),
-                                                     divide_gradient(vv, 2))
-                return self.out_proj(out.transpose(1, 2).reshape(n, length, e)), None
-            m.forward = types.MethodType(mha, m)
-        elif type(m).__name__ == "Attention" and hasattr(m, "qkv"):  # timm
-            def attn(self, t, attn_mask=None, **_):
-                b, n, c = t.shape
-                q, k, v = self.qkv(t).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-                out = F.scaled_dot_product_attention(divide_gradient(q, 4), divide_gradient(k, 4),
-                                                     divide_gradient(v, 2))
-                return self.proj(out.transpose(1, 2).reshape(b, n, c))
-            m.forward = types.MethodType(attn, m)
-    xg = x.clone().requires_grad_(True)
-    out = twin(xg)
-    (grad,) = torch.autograd.grad(out.gather(1, targets.view(-1, 1)).sum(), xg)
-    return (xg * grad).detach()
-
-
 @pytest.mark.parametrize("make", [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
                          ids=["torchvision", "timm_fused", "timm_unfused"])
 def test_attn_lrp_matches_lxt(make):
@@ -236,7 +164,8 @@ def test_attn_lrp_matches_lxt(make):
     model = make()
     x = _x()
     exp = explain(model, x, None, method="lrp", composite="attn_lrp", progress=False)
-    ref = _lxt_grad_x_input(model, x, exp.targets)
+    pytest.importorskip("lxt")
+    ref = lxt_relevance(lxt_attn_lrp(model), x, exp.targets)
     for i in range(x.shape[0]):
         assert _corr(exp.attributions[i], ref[i]) > 0.99
 
