@@ -210,3 +210,23 @@ def test_model_left_as_found():
     _run(model, "attn_lrp")
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# -- DeepLIFT on the same operations ----------------------------------------------------------------
+def test_deeplift_complete_on_densenet():
+    """Concatenation and pre-activation batch norms: summation to delta (Eq. 19) holds."""
+    model = densenet()
+    exp = explain(model, _x(), None, method="deeplift", progress=False)
+    assert torch.allclose(exp.attributions.flatten(1).sum(1), exp.extras["delta"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,where", [(tv_vit, "(LayerNorm)"), (lambda: timm_vit(True), "(LayerNorm)"),
+                                        (efficientnet, "(SqueezeExcitation)")],
+                         ids=["torchvision_vit", "timm_vit", "efficientnet_se"])
+def test_deeplift_refuses_in_one_line(make, where):
+    """LayerNorm, softmax, attention and products of activations have no DeepLIFT rule here: one line
+    naming the module, never a map that breaks summation to delta."""
+    with pytest.raises(InputError) as info:
+        explain(make(), _x(), None, method="deeplift", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("deeplift cannot explain") and where in message
