@@ -43,12 +43,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .canonizers import batch_norm_args
-from .lrp import eval_mode
+from .lrp import eval_mode, frozen_parameters
 from .ops import (
     ACTIVATION_FUNCS,
     CONV_FUNCS,
     MAXPOOL_FUNCS,
     LinearOp,
+    ModuleTracker,
     activation_fn,
     add_operands,
     first_arg,
@@ -56,6 +57,15 @@ from .ops import (
 )
 
 _LINEAR_FUNCS = frozenset({*CONV_FUNCS, F.linear})
+# operations with no DeepLIFT rule here: refused in one line naming the module (a gradient through
+# them would break summation to delta silently)
+_REFUSED = {F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+            F.layer_norm: "layer normalization", F.group_norm: "group normalization",
+            F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention"}
+if hasattr(F, "rms_norm"):
+    _REFUSED[F.rms_norm] = "RMS normalization"
+_PRODUCTS = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.matmul, torch.Tensor.matmul,
+                       torch.bmm, torch.Tensor.bmm})
 _POOL_WITH_INDICES = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
@@ -171,6 +181,7 @@ class _DeepLiftMode(TorchFunctionMode):
         self.entries: list = entries if entries is not None else []
         self.position = 0
         self.split: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.tracker: ModuleTracker | None = None
 
     def _next(self, kind: str, like: torch.Tensor) -> tuple:
         if self.position >= len(self.entries):
@@ -184,8 +195,20 @@ class _DeepLiftMode(TorchFunctionMode):
                                f"({kind} {tuple(like.shape)} vs {entry[0]} {tuple(ref.shape)})")
         return entry
 
+    def refuse(self, what: str) -> None:
+        from xai_plugins import InputError
+
+        where = self.tracker.current() if self.tracker is not None else "the model's forward"
+        raise InputError(f"deeplift cannot explain {where}: {what} has no DeepLIFT rule here "
+                         "(use integrated_gradients, which needs none)")
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _REFUSED:
+            self.refuse(_REFUSED[func])
+        if self.phase == "input" and func in _PRODUCTS and len(args) == 2 and all(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            self.refuse("a product of two activations (gating, attention)")
         relu = is_relu_call(func, args, kwargs)
         if relu or func in ACTIVATION_FUNCS:
             return self._activation(func, args, kwargs, relu)
@@ -341,12 +364,14 @@ def deeplift(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, rule
         ref = refs.expand(n_refs, b, *x.shape[1:]).reshape(n_refs * b, *x.shape[1:])
         xs = x.repeat(n_refs, *([1] * (x.dim() - 1)))
     t = targets.to(x.device).long().view(-1).repeat(n_refs)
-    with eval_mode(model):
+    with eval_mode(model), frozen_parameters(model), ModuleTracker(model) as tracker:
         recorder = _DeepLiftMode("reference", rule, eps)
+        recorder.tracker = tracker
         with torch.no_grad(), recorder:
             ref_logits = model(ref)
         xin = xs.clone().requires_grad_(True)
         replay = _DeepLiftMode("input", rule, eps, recorder.entries)
+        replay.tracker = tracker
         with torch.enable_grad():
             with replay:
                 logits = model(xin)

@@ -1,0 +1,232 @@
+"""LRP on transformers and modern CNNs (issue 17): AttnLRP (``composite="attn_lrp"``) against LXT and
+its conservation, the default composite's conservation on EfficientNet, DenseNet, ConvNeXt, Swin,
+ResNet, refusals in one line. Tiny random models (32 px, BatchNorm statistics set from data).
+
+Conservation is measured with ``zero_bias`` (biases and normalization shifts take no share), as in
+``test_relevance.py``; what the rules themselves absorb is reported in ``extras["absorbed_relevance"]``:
+relevance reaching constant inputs concatenated with the activations (class tokens) and the bias term
+of AttnLRP's softmax rule (Eq. 13), which is not conservative by design.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bench.suite_attn_lrp import lxt_attn_lrp, lxt_relevance
+from core.api import explain
+from xai_plugins import InputError
+from xai_plugins.explainers.relevance import lrp_relevance
+from xai_plugins.explainers.relevance.composites import make_composite
+
+timm = pytest.importorskip("timm")
+
+
+def _calibrated(model: nn.Module) -> nn.Module:
+    """BatchNorm running statistics from a batch of data, so that activations do not vanish."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    return model.eval()
+
+
+def tv_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=5)
+    nn.init.normal_(m.heads.head.weight, std=0.2)  # torchvision initializes the head to zero
+    return m.eval()
+
+
+def timm_vit(fused: bool, class_token: bool = True) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=5,
+                          class_token=class_token, global_pool="token" if class_token else "avg")
+    for block in m.blocks:
+        block.attn.fused_attn = fused
+    return m.eval()
+
+
+def efficientnet() -> nn.Module:
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+
+    torch.manual_seed(0)
+    settings, last = _efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)
+    return _calibrated(EfficientNet(settings, 0.2, last_channel=last, num_classes=5))
+
+
+def densenet() -> nn.Module:
+    from torchvision.models import DenseNet
+
+    torch.manual_seed(0)
+    return _calibrated(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5))
+
+
+def convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5).eval()
+
+
+def swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                           num_classes=5).eval()
+
+
+def resnet() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return _calibrated(torchvision.models.resnet18(num_classes=5))
+
+
+def mobilenet() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return _calibrated(torchvision.models.mobilenet_v3_small(num_classes=5))
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _run(model: nn.Module, composite: str, zero_bias: bool = True, x: torch.Tensor | None = None):
+    x = _x() if x is None else x
+    logits = model(x).detach()
+    targets = logits.argmax(1)
+    logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    config = {"zero_bias": zero_bias, "epsilon": 1e-9 if zero_bias else 1e-6}
+    relevance, extras = lrp_relevance(model, x, targets, make_composite(None, composite, config),
+                                      zero_bias=zero_bias, stabilizer=1e-9 if zero_bias else 1e-6)
+    return relevance, extras, logit, targets
+
+
+def _ratio(relevance: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    return relevance.flatten(1).sum(1) / logit
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+# -- AttnLRP: conservation -----------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+def test_attn_lrp_conserves_on_vit(fused):
+    """A timm ViT with average pooling (no class token): input relevance = the logit within 5 %, the
+    fused (scaled_dot_product_attention) and the explicit attention path give the same map."""
+    model = timm_vit(fused, class_token=False)
+    relevance, extras, logit, _ = _run(model, "attn_lrp")
+    ratio = _ratio(relevance, logit)
+    assert torch.all((ratio - 1).abs() < 0.05), ratio
+    other, *_ = _run(timm_vit(not fused, class_token=False), "attn_lrp")
+    assert torch.allclose(relevance, other, rtol=1e-3, atol=1e-5 * float(relevance.abs().max()))
+
+
+@pytest.mark.parametrize("make", [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
+                         ids=["torchvision", "timm_fused", "timm_unfused"])
+def test_attn_lrp_accounts_for_class_token_and_softmax(make):
+    """With a class token, relevance left on it at the bottom and the softmax rule's bias term are
+    reported; input + both = the logit (nothing else is lost or created, within 1 %)."""
+    relevance, extras, logit, _ = _run(make(), "attn_lrp")
+    absorbed = extras["absorbed_relevance"]
+    assert set(absorbed) == {"constants", "softmax"}
+    total = relevance.flatten(1).sum(1) + absorbed["constants"] + absorbed["softmax"]
+    assert torch.allclose(total, logit, rtol=1e-2, atol=0), (total, logit)
+    assert float(absorbed["softmax"].abs().max()) > 1e-3 * float(logit.abs().min())  # not trivially zero
+
+
+def test_attn_lrp_conserves_on_swin():
+    """torchvision's Swin (windowed attention with relative position bias and shift masks)."""
+    relevance, _, logit, _ = _run(swin(), "attn_lrp")
+    assert torch.all((_ratio(relevance, logit) - 1).abs() < 0.05)
+
+
+# -- AttnLRP against LXT ---------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
+                         ids=["torchvision", "timm_fused", "timm_unfused"])
+def test_attn_lrp_matches_lxt(make):
+    """Same model and input: our ``attn_lrp`` (epsilon 1e-6, biases in the rules, as LXT's gradient x
+    input) and LXT's AttnLRP correlate > 0.99 per image."""
+    model = make()
+    x = _x()
+    exp = explain(model, x, None, method="lrp", composite="attn_lrp", progress=False)
+    pytest.importorskip("lxt")
+    ref = lxt_relevance(lxt_attn_lrp(model), x, exp.targets)
+    for i in range(x.shape[0]):
+        assert _corr(exp.attributions[i], ref[i]) > 0.99
+
+
+# -- modern CNNs: the default composite -----------------------------------------------------------
+@pytest.mark.parametrize("make", [efficientnet, densenet, convnext, resnet, swin],
+                         ids=["efficientnet", "densenet", "convnext", "resnet18", "swin"])
+def test_default_composite_conserves(make):
+    """epsilon_gamma_box without biases: SE gates (EfficientNet), SiLU, stochastic depth, concatenation
+    and pre-activation batch norms (DenseNet), LayerNorm2d and layer scale (ConvNeXt), residual adds."""
+    relevance, _, logit, _ = _run(make(), "epsilon_gamma_box")
+    ratio = _ratio(relevance, logit)
+    assert torch.all((ratio - 1).abs() < 0.05), ratio
+
+
+def test_mobilenet_v3_in_place_hardswish_runs():
+    """MobileNetV3 (in-place Hardswish / Hardsigmoid, SE) no longer fails with autograd's in-place error."""
+    model = mobilenet()
+    exp = explain(model, _x(), None, method="lrp", progress=False)
+    assert torch.isfinite(exp.attributions).all() and exp.attributions.abs().sum() > 0
+
+
+def test_refusal_is_one_line_naming_the_module():
+    class GroupNormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(InputError) as info:
+        lrp_relevance(GroupNormNet().eval(), _x(), torch.tensor([0, 1]), make_composite(None, "attn_lrp", {}))
+    message = str(info.value)
+    assert "\n" not in message and "norm (GroupNorm)" in message and message.startswith("lrp cannot explain")
+
+
+def test_model_left_as_found():
+    model = timm_vit(True)
+    flags = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _run(model, "attn_lrp")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# -- DeepLIFT on the same operations ----------------------------------------------------------------
+def test_deeplift_complete_on_densenet():
+    """Concatenation and pre-activation batch norms: summation to delta (Eq. 19) holds."""
+    model = densenet()
+    exp = explain(model, _x(), None, method="deeplift", progress=False)
+    assert torch.allclose(exp.attributions.flatten(1).sum(1), exp.extras["delta"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,where", [(tv_vit, "(LayerNorm)"), (lambda: timm_vit(True), "(LayerNorm)"),
+                                        (efficientnet, "(SqueezeExcitation)")],
+                         ids=["torchvision_vit", "timm_vit", "efficientnet_se"])
+def test_deeplift_refuses_in_one_line(make, where):
+    """LayerNorm, softmax, attention and products of activations have no DeepLIFT rule here: one line
+    naming the module, never a map that breaks summation to delta."""
+    with pytest.raises(InputError) as info:
+        explain(make(), _x(), None, method="deeplift", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("deeplift cannot explain") and where in message
