@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics {list(PARAMS['metrics'])}, Ray cluster of {args.cpus} CPUs", flush=True)
         rows.append(run_config("local", base, checkpoint, args.versions, {}))
         for actors in (1, 2):
-            env = start_pool(None, actors, 0, pool=f"bench-{actors}", num_cpus=args.cpus)
-            rows.append(run_config(f"ray-{actors}-actor", base, checkpoint, args.versions, env))
-            stop_pool(env)
+            pool = start_pool(None, actors, 0, pool=f"bench-{actors}", num_cpus=args.cpus)
+            rows.append(run_config(f"ray-{actors}-actor", base, checkpoint, args.versions, pool.env))
+            stop_pool(pool)
     by = {r["label"]: r for r in rows}
     for r in rows:
         print(f"{r['label']:>12}: {r['per_minute']:.2f} versions/min, median latency {r['latency_median_s']:.1f} s")

@@ -170,9 +170,18 @@ def actor_name(pool: str, index: int) -> str:
     return f"{pool}-{index}"
 
 
+@dataclasses.dataclass
+class Pool:
+    """A started pool: ``env`` for the stages, ``handles`` to hold while it is used (the actors
+    belong to the process that started them: they end when it drops the handles or dies)."""
+
+    env: dict[str, str]
+    handles: list[Any]
+
+
 def start_pool(address: str | None, actors: int, gpus_per_actor: float, pool: str,
-               num_cpus: int | None = None) -> dict[str, str]:
-    """Connect, check the resources, start ``actors`` named actors; returns the stages' environment."""
+               num_cpus: int | None = None) -> Pool:
+    """Connect, check the resources, start ``actors`` named actors."""
     if actors < 1:
         raise XAIError(f"--actors must be at least 1, got {actors}")
     ray = connect(address, num_cpus)
@@ -187,18 +196,17 @@ def start_pool(address: str | None, actors: int, gpus_per_actor: float, pool: st
                      runtime_env={"env_vars": env} if env else None)(ShardActor)
     handles = [cls.options(name=actor_name(pool, i), get_if_exists=True).remote() for i in range(actors)]
     _gather(ray, [h.pid.remote() for h in handles], "starting the actors")  # warm before the first job
-    return {ENV_ADDRESS: ray.get_runtime_context().gcs_address, ENV_POOL: pool, ENV_ACTORS: str(actors)}
+    return Pool({ENV_ADDRESS: ray.get_runtime_context().gcs_address, ENV_POOL: pool, ENV_ACTORS: str(actors)},
+                handles)
 
 
-def stop_pool(env: dict[str, str]) -> None:
-    """End the actors of a pool started by :func:`start_pool` (from the process that started it)."""
+def stop_pool(pool: Pool) -> None:
+    """End the actors of a pool now (their CPUs and GPUs are free for the next pool)."""
     import ray
 
-    for i in range(int(env[ENV_ACTORS])):
-        try:
-            ray.kill(ray.get_actor(actor_name(env[ENV_POOL], i), namespace=NAMESPACE), no_restart=True)
-        except ValueError:  # already gone
-            pass
+    for handle in pool.handles:
+        ray.kill(handle, no_restart=True)
+    pool.handles.clear()
 
 
 def pool_handles() -> tuple[Any, list[Any]]:

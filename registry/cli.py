@@ -159,8 +159,9 @@ def worker(workspace, once, max_jobs, lease, poll, backoff, backoff_cap, job_tim
         from pipelines.ray_backend import start_pool
 
         # an unreachable cluster or missing GPUs: XAIError, one line, exit 2 (core.cli.main)
-        w.stage_env = start_pool(ray_address, actors, gpus_per_actor, pool=f"xai-worker-{os.getpid()}")
-        click.echo(f"worker: {actors} Ray actor(s) on {w.stage_env['XAI_RAY_ADDRESS']}", err=True)
+        pool = start_pool(ray_address, actors, gpus_per_actor, pool=f"xai-worker-{os.getpid()}")
+        w.stage_env = pool.env  # `pool` holds the actors for as long as this worker runs
+        click.echo(f"worker: {actors} Ray actor(s) on {pool.env['XAI_RAY_ADDRESS']}", err=True)
     click.echo(f"worker {w.name} on {w.workspace}", err=True)
     try:
         n = w.run(once=once, max_jobs=max_jobs)

@@ -149,8 +149,8 @@ def test_same_results_as_the_local_backend_and_dvc_has_nothing_to_redo(rloop, ch
             assert torch.equal(a["methods"][label][field], b["methods"][label][field]), (label, field)
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["targets"], b["targets"])
     assert local["metrics"] == remote["metrics"]
-    assert {k: v for k, v in local["gate"].items() if k not in ("model", "out_dir")} == \
-        {k: v for k, v in remote["gate"].items() if k not in ("model", "out_dir")}
+    assert {k: v for k, v in local["gate"].items() if k not in ("model", "out_dir", "results")} == \
+        {k: v for k, v in remote["gate"].items() if k not in ("model", "out_dir", "results")}
     assert tags["xai.gate"] == local["gate"]["status"]
     code, output = run_dvc(rloop.ws, ["status", f"gate@{local['key']}"], rloop.env)
     assert code == 0 and "up to date" in output.lower(), output  # DVC's record is the Ray run's
@@ -184,7 +184,7 @@ def test_a_shard_that_raises_is_one_line_naming_the_stage(cluster):
     from core.errors import XAIError
     from pipelines.ray_backend import _gather
 
-    @ray.remote
+    @ray.remote(num_cpus=0)  # the pool of another test may hold every CPU
     def shard():
         raise ValueError("probe image 3 is empty")
 
