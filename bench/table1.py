@@ -6,6 +6,7 @@
 Gaze comes from ``core.gaze.shapes_gaze`` (an observer who looks mostly at the object, some at
 salient clutter). Two reference rows make the numbers readable: ``centre_bias`` (an isotropic
 Gaussian at the image centre, the classic saliency baseline) and ``random`` (uniform noise, seeded).
+The peer-library bridges (captum_*, gradcam_*) are not built-in methods and are left out.
 Methods that need long training (``adversarial_generators``: ~200 s on 16 images here,
 ``activation_maximization``) run only when named with --methods; a method that fails prints its
 one-line reason in place of numbers.
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     gaze = shapes_gaze(data, seed=a.seed)
     host = get_host()
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else [
-        m for m in host.names("explainer") if m not in SLOW and not m.startswith("captum_")]
+        m for m in host.names("explainer") if m not in SLOW and not m.startswith(("captum_", "gradcam_"))]
     print(format_table(table(model, preprocess.normalize(data.images), gaze.density, methods, a.seed)))
     return 0
 
