@@ -268,3 +268,10 @@ def gate_cmd(name, version, results, policy, out, workspace):
 
 
 COMMANDS = (mlflow_group, listen, worker, sync_cmd, queue_cmd, promote_cmd, gate_cmd)
+
+
+def all_commands() -> tuple:
+    """The commands above and the explorer's ``xai ui``."""
+    from registry.ui.cli import ui_cmd
+
+    return (*COMMANDS, ui_cmd)

@@ -9,9 +9,9 @@ from xai_plugins import hookimpl
 
 @hookimpl
 def xai_register_commands(cli):
-    from registry.cli import COMMANDS
+    from registry.cli import all_commands
 
-    for command in COMMANDS:
+    for command in all_commands():
         cli.add_command(command)
 
 

@@ -182,3 +182,82 @@ def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0
             except ProcessLookupError:
                 pass
             proc.wait(timeout=30)
+
+
+PAGE_IMAGES = """
+(async () => {
+  for (const i of document.images) i.loading = 'eager';
+  window.scrollTo(0, document.body.scrollHeight);
+  const imgs = [...document.images].filter(i => !i.hidden && i.getAttribute('src'));
+  await Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = r; i.onerror = r; })));
+  return {status: 'ok', images: imgs.length, text: document.body.innerText,
+          broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt || i.src.slice(0, 80))};
+})()
+"""
+
+EXPLAIN_SAMPLE = """
+(async () => {
+  document.getElementById('go').click();
+  for (let k = 0; k < 600; k++) {
+    const map = document.getElementById('od-map'), err = document.getElementById('ondemand-error');
+    if (err.textContent) return {error: err.textContent};
+    if (!map.hidden && map.complete && map.naturalWidth > 0) return {map: map.src};
+    await new Promise(r => setTimeout(r, 100));
+  }
+  return {error: 'no map within 60 s'};
+})()
+"""
+
+
+async def _pages(debug_port: int, base: str, token: str, paths: list[str], explain_path: str | None) -> dict[str, Any]:
+    import aiohttp
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=30) as resp:
+        browser_ws = json.loads(resp.read())["webSocketDebuggerUrl"]
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(browser_ws, max_msg_size=0) as ws:
+            cdp = _CDP(ws)
+            target = await cdp.call("Target.createTarget", url="about:blank")
+            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                await cdp.call(f"{domain}.enable", page)
+            await cdp.call("Page.navigate", page, url=f"{base}/?token={token}")
+            await cdp.drain(1.0)
+            shown: dict[str, Any] = {}
+            for path in paths:
+                await cdp.call("Page.navigate", page, url=base + path)
+                await cdp.drain(1.0)
+                shown[path] = await cdp.evaluate(PAGE_IMAGES, page)
+            explained = None
+            if explain_path:
+                await cdp.call("Page.navigate", page, url=base + explain_path)
+                await cdp.drain(1.0)
+                explained = await cdp.evaluate(EXPLAIN_SAMPLE, page)
+            await cdp.drain(0.5)
+            return {"pages": shown, "explained": explained, "errors": _errors(cdp.events)}
+
+
+def page_report(base: str, token: str, paths: list[str], explain_path: str | None = None,
+                timeout: float = 180.0) -> dict[str, Any]:
+    """Open the explorer with its token, then each page: images (all loaded, lazy ones scrolled into
+    view), text, and every script/console error; on ``explain_path`` press Explain and wait for the map."""
+    exe = chromium_path()
+    assert exe, "chromium not found"
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + timeout
+            while not (port_file.is_file() and port_file.read_text().strip()):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("chromium did not open its DevTools port")
+                time.sleep(0.2)
+            port = int(port_file.read_text().split()[0])
+            return asyncio.run(asyncio.wait_for(_pages(port, base, token, paths, explain_path), timeout))
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)

@@ -1,0 +1,1 @@
+"""``xai ui``: a local web explorer over the registry (Starlette + uvicorn, no JavaScript build step)."""
