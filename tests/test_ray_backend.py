@@ -127,6 +127,7 @@ def _once(loop: Loop, version: str) -> None:
     q.close()
 
 
+@pytest.mark.slow  # a Ray cluster + MLflow + DVC loop: minutes on 2 cores (make test-all)
 def test_same_results_as_the_local_backend_and_dvc_has_nothing_to_redo(rloop, checkpoint, tmp_path):
     from pipelines.api import collect, run_dvc, run_version
     from pipelines.params import write_params
@@ -156,6 +157,7 @@ def test_same_results_as_the_local_backend_and_dvc_has_nothing_to_redo(rloop, ch
     assert code == 0 and "up to date" in output.lower(), output  # DVC's record is the Ray run's
 
 
+@pytest.mark.slow  # a Ray cluster + MLflow + DVC loop: minutes on 2 cores (make test-all)
 def test_an_actor_killed_mid_shard_is_restarted_and_the_job_completes_once(rloop, checkpoint):
     version = rloop.register(checkpoint)
     [victim, *_] = rloop.wait_busy()
@@ -166,6 +168,7 @@ def test_an_actor_killed_mid_shard_is_restarted_and_the_job_completes_once(rloop
     assert ray.get(victim.pid.remote(), timeout=120) != pid  # the same actor, a new process
 
 
+@pytest.mark.slow  # a Ray cluster + MLflow + DVC loop: minutes on 2 cores (make test-all)
 def test_the_driver_killed_the_job_is_taken_again_and_completes_once(rloop, checkpoint):
     version = rloop.register(checkpoint)
     rloop.wait_busy()
