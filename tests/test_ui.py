@@ -4,7 +4,6 @@ run logged the way the worker logs it (``registry.runlog``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
