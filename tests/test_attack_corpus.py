@@ -140,11 +140,12 @@ def test_reports_hide_describer_key_and_uri_password(tiny_run, tmp_path, reporte
 
 
 # -- 6. plugin-given names do not escape the workspace -----------------------------------------------
-@pytest.mark.parametrize("key", ["../../escaped", "/tmp/xai-escaped-abs", "a/../../b"])
+@pytest.mark.parametrize("key", ["../../escaped", "{abs}/escaped-abs", "a/../../b"])
 def test_metric_key_cannot_write_outside_the_plots(tiny_run, tmp_path, key):
     from pipelines.stages import write_plots
 
     _, results = tiny_run
+    key = key.format(abs=tmp_path / "outside")  # an absolute path of this test's own, never shared
     plots = tmp_path / "ws" / "plots"
     saved = dict(results.metrics)
     results.metrics = {"../saliency": {key: [0.1, 0.2, 0.3]}}
@@ -154,7 +155,7 @@ def test_metric_key_cannot_write_outside_the_plots(tiny_run, tmp_path, key):
         results.metrics = saved
     assert written and all(plots.resolve() in p.resolve().parents for p in written)
     outside = [p for p in tmp_path.rglob("*.csv") if plots.resolve() not in p.resolve().parents]
-    assert outside == [] and not Path("/tmp/xai-escaped-abs").exists()
+    assert outside == [] and not (tmp_path / "outside").exists()
 
 
 # -- 3. the queue database fails in one line ---------------------------------------------------------

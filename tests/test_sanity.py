@@ -138,16 +138,30 @@ def test_every_rowwise_explainer_keeps_its_promise(functional_relu_cnn, images32
     rowwise = [m for m in get_host().names("explainer") if explainer_flag(m, "rowwise")]
     assert {"saliency", "grad_cam", "fem", "guided_backprop"} <= set(rowwise)
     assert "cam" not in rowwise and "score_cam" not in rowwise
+    from test_transformers import tiny_torchvision_vit
+
+    from core.errors import InputError
+
     x, t = images32[:1], torch.tensor([1])
+    vit = tiny_torchvision_vit()
     for method in rowwise:
         def fn(m, xx, tt, method=method):
             return explain(m, xx, tt, method=method, progress=False)
 
-        original = fn(functional_relu_cnn, x, t)
-        stacked = parameter_randomization(fn, functional_relu_cnn, x, t, original, similarities=("spearman",),
+        model, layers = functional_relu_cnn, None
+        try:
+            original = fn(model, x, t)
+        except InputError as err:  # the attention methods refuse a CNN: held to their promise on a ViT
+            assert "attention" in str(err), (method, err)
+            # layers that do not nest (an attention module holds its out_proj), so the steps can stack
+            model, layers = vit, ["heads.head", "encoder.layers.encoder_layer_1.mlp.3", "conv_proj"]
+            original = fn(model, x, t)
+        stacked = parameter_randomization(fn, model, x, t, original, layers=layers, similarities=("spearman",),
                                           stack_rows=4)
-        plain = parameter_randomization(fn, functional_relu_cnn, x, t, original, similarities=("spearman",))
-        assert stacked.stacked_steps == len(plain.maps), method
+        plain = parameter_randomization(fn, model, x, t, original, layers=layers, similarities=("spearman",))
+        # on the CNN every step stacks; the attention methods may fall back to one step at a time
+        # (the stacked rows are checked, not trusted), and the curve must be the same either way
+        assert stacked.stacked_steps == len(plain.maps) or model is vit, method
         for a, b in zip(stacked.maps, plain.maps):
             assert torch.allclose(a, b, atol=1e-5), method
 
@@ -239,8 +253,10 @@ def sanity_run(trained_cnn, shapes_probe, host, tmp_path_factory):
 def test_randomization_gate_passes_gradient_methods_and_fails_the_edge_detector(sanity_run):
     results, path = sanity_run
     assert not results.failures
+    # thresholds halfway between the edge detector (1.0) and the gradient methods (about 0.25-0.4
+    # on the reference CNN, varying with the CPU it was trained on): a margin both ways
     policy = {"checks": [{"name": "sensitive to cascading randomization", "method": "*",
-                          "metric": "sanity.cascading.spearman_full", "op": "<", "threshold": 0.4},
+                          "metric": "sanity.cascading.spearman_full", "op": "<", "threshold": 0.7},
                          {"name": "sensitive to each layer", "method": "*",
                           "metric": "sanity.independent.ssim_max", "op": "<", "threshold": 0.9}]}
     verdict = evaluate(policy, path)
