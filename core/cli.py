@@ -230,7 +230,7 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
 @click.option("--watermark", type=click.Choice(["none", "shortcut"]), default="none", show_default=True,
               help="'shortcut' trains the Clever Hans model on watermarked `shapes`.")
 @click.option("--size", default=32, show_default=True, type=int, help="Image side in pixels.")
-@click.option("--n-train", default=3000, show_default=True, type=int)
+@click.option("--n-train", default=4000, show_default=True, type=int)
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (cosine-annealed over the epochs).")
