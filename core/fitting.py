@@ -3,7 +3,7 @@
 An explainer with ``trainable = True`` implements ``fit(model, data) -> state`` and
 ``load_state(state)``. ``ensure_fitted`` trains it once per (model fingerprint, explainer name,
 fit-relevant parameters, input shape) and stores the state under the fit store (``XAI_FIT_DIR``, default
-``.xai/fitted``), so a second request for the same model version reuses it. The registry logs the
+``$XAI_HOME/fitted`` with ``XAI_HOME`` defaulting to ``~/.cache/xai``; never the working directory), so a second request for the same model version reuses it. The registry logs the
 stored files as MLflow artifacts of the model version's run. ``fit`` may checkpoint to
 ``explainer.checkpoint_path`` and resume from it after an interruption.
 """
@@ -70,8 +70,17 @@ class FitData:
                 FitData(self.inputs[k:], lab[k:] if lab is not None else None, self.name + "-val"))
 
 
+def xai_home() -> Path:
+    """The user's cache directory for state xai derives (``XAI_HOME``, else ``$XDG_CACHE_HOME/xai``,
+    else ``~/.cache/xai``)."""
+    if os.environ.get("XAI_HOME"):
+        return Path(os.environ["XAI_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "xai"
+
+
 def fit_root() -> Path:
-    return Path(os.environ.get("XAI_FIT_DIR", ".xai/fitted"))
+    """Where fitted explainer state is stored: ``XAI_FIT_DIR``, else ``xai_home() / "fitted"``."""
+    return Path(os.environ["XAI_FIT_DIR"]) if os.environ.get("XAI_FIT_DIR") else xai_home() / "fitted"
 
 
 def fit_key(explainer: Any) -> str:

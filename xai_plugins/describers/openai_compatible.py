@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from core.render import overlay, png_bytes
 from xai_plugins import Describer, XAIError, hookimpl
 from xai_plugins.describers.template import TemplateDescriber
+from xai_plugins.toolkit import overlay, png_bytes
 
 SYSTEM_PROMPT = ("You explain what one filter of an image classifier (a CNN) looks at. You see the input image "
                  "with the filter's heat map superimposed: in the proportionate view pixel brightness is "

@@ -35,9 +35,15 @@ from typing import Any
 
 import torch
 
-from core.explainability_loss import cam_weighted_maps
 from xai_plugins import Metric, MetricContext, hookimpl
-from xai_plugins.toolkit import batch_slices, conv_layers, preserved_model, resolve_layer, run_gradient_pass
+from xai_plugins.toolkit import (
+    batch_slices,
+    cam_weighted_maps,
+    conv_layers,
+    preserved_model,
+    resolve_layer,
+    run_gradient_pass,
+)
 
 
 def succinct_ratio(activations: torch.Tensor, gradients: torch.Tensor, threshold: float = 0.1,

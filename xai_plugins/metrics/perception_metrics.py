@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from core.fitting import FitData, ensure_fitted
 from xai_plugins import Metric, MetricContext, hookimpl
 from xai_plugins.explainers.perception import PerceptionVisualization, ssim
+from xai_plugins.toolkit import FitData, ensure_fitted
 
 
 def pv_extras(context: MetricContext) -> dict[str, Any] | None:

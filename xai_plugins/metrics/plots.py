@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from core.render import colorize, overlay, to_numpy_image
+from xai_plugins.toolkit import colorize, overlay, to_numpy_image
 
 
 def _png(fig) -> bytes:

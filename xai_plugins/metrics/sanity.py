@@ -35,13 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers import share_default_layer
-from core.plugins import explainer_flag
 from xai_plugins import Explanation, Metric, MetricContext, hookimpl
 from xai_plugins.metrics.plots import line_plot, map_grid
 from xai_plugins.metrics.prefix_cache import PrefixCache
 from xai_plugins.metrics.step_batch import StepBatch, nested
 from xai_plugins.similarity import SIMILARITIES, SpearmanReference
+from xai_plugins.toolkit import explainer_flag, share_default_layer
 
 _RESETS_EVERY_PARAMETER = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
                            nn.GroupNorm, nn.Embedding)
@@ -269,8 +268,7 @@ def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train
     on ``train_inputs`` (model-ready) with randomly permuted labels, and the accuracy it reached on
     those labels. The result depends on the architecture, data and settings only, not on the
     model's weights: it is kept per model object, so every method of a run shares one training."""
-    from core.preprocess import Preprocess
-    from core.train import train_model
+    from xai_plugins.toolkit import Preprocess, train_model
 
     key = (tuple(train_inputs.shape), float(train_inputs.double().sum()), float(train_inputs.double().square().sum()),
            int(train_labels.sum()), epochs, lr, batch_size, seed)
@@ -352,7 +350,7 @@ def training_data(context: MetricContext, samples: int, seed: int) -> tuple[torc
         b, c, h, w = context.inputs.shape
         if c != 3 or h != w or h < 16:
             return "no training data (context.data) and the inputs do not fit `shapes` images"
-        from core.datasets import make_shapes
+        from xai_plugins.toolkit import make_shapes
 
         shapes = make_shapes(samples, size=h, seed=seed)
         images, labels = shapes.images, shapes.labels

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from core.plugins import signed_relevance
-from core.render import data_uri, display_scale, overlay, png_bytes, signed_overlay
 from xai_plugins import Reporter, RunResults, hookimpl, redact_text
+from xai_plugins.toolkit import data_uri, display_scale, overlay, png_bytes, signed_overlay, signed_relevance
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}

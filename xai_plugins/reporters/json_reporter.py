@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.plugins import signed_relevance
 from xai_plugins import Reporter, RunResults, hookimpl, redact
+from xai_plugins.toolkit import signed_relevance
 
 
 def jsonable(value: Any) -> Any:

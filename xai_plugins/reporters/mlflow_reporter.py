@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.plugins import signed_relevance
-from core.render import colorize, display_scale, overlay, png_bytes, signed_overlay
 from xai_plugins import Reporter, RunResults, XAIError, hookimpl
+from xai_plugins.toolkit import colorize, display_scale, overlay, png_bytes, signed_overlay, signed_relevance
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 _FILE_BAD = re.compile(r"[^A-Za-z0-9_.-]")

@@ -42,7 +42,7 @@ def get_describer(spec: Any, params: dict[str, Any] | None) -> Describer:
     """A describer instance from a registered name (or an instance, used as is)."""
     if isinstance(spec, Describer):
         return spec
-    from core.plugins import get_host  # the host's registry of describer plugins
+    from xai_plugins.toolkit import get_host  # the host's registry of describer plugins
 
     return get_host().get("describer", str(spec))(**(params or {}))
 

@@ -37,14 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.fitting import FitData
 from xai_plugins import Explainer, InputError, XAIError
 from xai_plugins.explainers.perception.decoder import Decoder
 from xai_plugins.explainers.perception.encoder import LatentEncoder
 from xai_plugins.explainers.perception.space import ImageSpace
 from xai_plugins.explainers.perception.ssim import ssim
 from xai_plugins.explainers.perception.training import EpochHook, TrainConfig, latent_distance, train_decoder
-from xai_plugins.toolkit import batch_slices, default_layer, preserved_model
+from xai_plugins.toolkit import FitData, batch_slices, default_layer, preserved_model
 
 STATE_FORMAT = "pv-decoder/1"
 
@@ -187,8 +186,7 @@ class PerceptionVisualization(Explainer):
 
     def saliency_mask(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """m_c (B x H x W in [0, 1]) from the ``saliency`` explainer, run through the public API."""
-        from core.api import explain
-        from core.plugins import get_host
+        from xai_plugins.toolkit import explain, get_host
 
         method = self.config["saliency"]
         params = dict(self.config["saliency_params"] or {})

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from core.fastpath import content_checksum
+from xai_plugins.toolkit import content_checksum
 
 from .ops import version_key
 from .rules import stabilize

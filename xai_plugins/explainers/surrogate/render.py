@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.render import overlay
+from xai_plugins.toolkit import overlay
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
