@@ -17,27 +17,13 @@ from typing import Any
 import yaml
 
 from core.errors import InputError
+from core.names import check_name, check_version
 from pipelines.lock import workspace_lock
 
 PARAMS_FILE = "params.yaml"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
-
-def validate_name(name: str) -> str:
-    """A model name safe as a folder name: letters, digits, ``_ . -``; no ``..``, no separators."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise InputError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' "
-                         "(starting with a letter, digit or '_', no '..')")
-    return name
-
-
-def validate_version(version: Any) -> str:
-    """A model version (MLflow's are integers) as a safe string."""
-    text = str(version) if isinstance(version, (int, str)) and not isinstance(version, bool) else ""
-    if not _VERSION.match(text) or ".." in text:
-        raise InputError(f"invalid model version {version!r}: use letters, digits, '_', '.', '-'")
-    return text
+# one validator for names from outside, shared with the registry loop and the explorer
+validate_name = check_name
+validate_version = check_version
 
 
 def version_key(name: str, version: Any) -> str:
