@@ -229,7 +229,7 @@ def test_xai_pipeline_commands_are_registered_through_the_entry_point(base):
 def test_version_names_from_outside_are_validated(tmp_path):
     (tmp_path / "params.yaml").write_text("# kept comment\nmethods: {saliency: {}}\nversions: {}\n")
     for name, version in [("../etc", "1"), ("a/b", "1"), ("", "1"), ("..", "1"), ("m", "../1"),
-                          ("m", "1/2"), ("m", True), ("m", "1 2"), ("-rf", "1")]:
+                          ("m", "1/2"), ("m", True), ("m", "1 2"), ("-rf", "1"), ("m\n", "1"), ("m", "1\n")]:
         with pytest.raises(InputError):
             add_version(tmp_path, name, version)
     assert version_key("my.model", 7) == "my_model-v7"
