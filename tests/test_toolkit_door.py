@@ -67,3 +67,31 @@ def test_builtin_plugins_import_no_core_module_directly():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.relative_to(ROOT)}: {m}" for m in mods if m == "core" or m.startswith("core.")]
     assert not offenders, offenders
+
+
+def test_one_baseline_vocabulary_with_zeros_by_default_everywhere():
+    import torch
+
+    from core.errors import InputError
+    from core.plugins import get_host
+    from xai_plugins.toolkit import resolve_baseline
+
+    x = torch.rand(3, 2, 4, 4)
+    assert torch.equal(resolve_baseline(None, x), torch.zeros(1, 2, 4, 4))
+    assert torch.equal(resolve_baseline(0.5, x), torch.full((1, 2, 4, 4), 0.5))
+    assert torch.equal(resolve_baseline(torch.tensor(0.5), x), torch.full((1, 2, 4, 4), 0.5))
+    assert torch.allclose(resolve_baseline("mean", x), x.mean((2, 3), keepdim=True).expand_as(x))
+    assert resolve_baseline(torch.ones(2, 4, 4), x).shape == (1, 2, 4, 4)
+    assert resolve_baseline(torch.ones(3, 2, 4, 4), x).shape == (3, 2, 4, 4)
+    for bad in ("random-ish", True, torch.ones(2, 2, 4, 4), [object()]):
+        try:
+            resolve_baseline(bad, x)
+        except InputError as err:
+            assert "\n" not in str(err)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+    host = get_host()
+    defaults = {m: host.get("explainer", m).params["baseline"] for m in host.names("explainer")
+                if "baseline" in getattr(host.get("explainer", m), "params", {})}
+    assert "integrated_gradients" in defaults and "gradient_shap" in defaults
+    assert {m: d for m, d in defaults.items() if d not in (None, "zeros")} == {}

@@ -7,6 +7,7 @@ explainers, metrics, reporters and describers to import ``core`` themselves, so 
 ``xai_plugins`` are the one door for built-in and third-party plugins alike."""
 
 from core.api import explain
+from core.baselines import resolve_baseline
 from core.datasets import make_shapes
 from core.explainability_loss import cam_weighted_maps
 from core.fastpath import content_checksum, fast_forward
@@ -42,4 +43,4 @@ __all__ = ["LayerCapture", "capture_layers", "preserved_model", "relu_override",
            "run_gradient_pass", "batch_slices", "normalize_maps", "select_targets", "upsample", "fast_forward",
            "content_checksum", "colorize", "overlay", "signed_overlay", "to_numpy_image", "png_bytes",
            "data_uri", "display_scale", "signed_relevance", "explainer_flag", "get_host", "explain",
-           "FitData", "ensure_fitted", "cam_weighted_maps", "Preprocess", "train_model", "make_shapes"]
+           "FitData", "ensure_fitted", "resolve_baseline", "cam_weighted_maps", "Preprocess", "train_model", "make_shapes"]

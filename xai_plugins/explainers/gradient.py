@@ -18,7 +18,6 @@ ReLUs are found wherever they are (``nn.ReLU`` reused or in place, ``F.relu`` / 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from xai_plugins.toolkit import (
     deconvnet_relu_rule,
     fast_forward,
     guided_relu_rule,
+    resolve_baseline,
     run_gradient_pass,
     select_targets,
 )
@@ -125,20 +125,6 @@ def quadrature(steps: int, rule: str) -> tuple[list[float], list[float]]:
     raise InputError(f"unknown quadrature {rule!r}; known: {', '.join(QUADRATURES)}")
 
 
-def resolve_baseline(baseline: Any, inputs: torch.Tensor) -> torch.Tensor:
-    """``"zeros"``/None, a number, or a tensor broadcastable to the inputs (C x H x W or B x C x H x W)."""
-    if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
-        return torch.zeros_like(inputs)
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(inputs, float(baseline))
-    if isinstance(baseline, torch.Tensor):
-        try:
-            return baseline.to(inputs).expand_as(inputs)
-        except RuntimeError:
-            raise InputError(f"baseline of shape {tuple(baseline.shape)} does not match inputs {tuple(inputs.shape)}") from None
-    raise InputError(f"baseline must be 'zeros', a number or a tensor, got {type(baseline).__name__}")
-
-
 def rows_per_pass(batch_size: int | None) -> int:
     return int(batch_size) if batch_size else DEFAULT_ROWS
 
@@ -164,7 +150,7 @@ class IntegratedGradients(Explainer):
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         alphas, weights = quadrature(int(self.config["steps"]), self.config["quadrature"])
-        base = resolve_baseline(self.config["baseline"], inputs)
+        base = resolve_baseline(self.config["baseline"], inputs).expand_as(inputs)
         diff = inputs - base
         b = inputs.shape[0]
         model = fast_forward(model)

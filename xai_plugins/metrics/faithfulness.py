@@ -29,7 +29,7 @@ from torch import nn
 
 from xai_plugins import Metric, MetricContext, hookimpl
 from xai_plugins.metrics.plots import line_plot
-from xai_plugins.toolkit import batch_slices, preserved_model, select_targets
+from xai_plugins.toolkit import batch_slices, preserved_model, resolve_baseline, select_targets
 
 BASELINES = ("zeros", "mean", "blur", "uniform")
 
@@ -62,10 +62,8 @@ def _pixel_ranks(ranks: torch.Tensor, window: int, size: tuple[int, int]) -> tor
 def baseline_fill(inputs: torch.Tensor, kind: str, window: int, seed: int = 0) -> torch.Tensor:
     """What a removed region becomes: ``zeros``, the image's per-channel ``mean``, a ``blur``red
     copy (box filter of twice the window), or ``uniform`` noise in the batch's per-channel range."""
-    if kind == "zeros":
-        return torch.zeros_like(inputs)
-    if kind == "mean":
-        return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs).clone()
+    if kind in ("zeros", "mean"):  # the references every method shares
+        return resolve_baseline(kind, inputs).expand_as(inputs).clone()
     if kind == "blur":
         k = 2 * window + 1
         padded = F.pad(inputs, (k // 2,) * 4, mode="replicate")

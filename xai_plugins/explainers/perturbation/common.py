@@ -15,30 +15,6 @@ KeepMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OUTPUTS = ("logit", "probability")
 
 
-def resolve_baseline(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
-    """The replacement values for removed pixels: 1 x C x H x W (shared) or B x C x H x W.
-
-    ``None``/"zeros": zeros (the mean of a normalized input: gray; Captum's default); a number: that
-    constant; "mean": each image's per-channel mean; a tensor: C x H x W, 1 x C x H x W or B x C x H x W.
-    """
-    if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
-        return torch.zeros_like(inputs[:1])
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(inputs[:1], float(baseline))
-    if isinstance(baseline, str) and baseline == "mean":
-        return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
-    if isinstance(baseline, torch.Tensor):
-        b = baseline.to(device=inputs.device, dtype=inputs.dtype)
-        b = b.unsqueeze(0) if b.dim() == 3 else b
-        if b.dim() == 4 and b.shape[0] in (1, inputs.shape[0]):
-            try:
-                return torch.broadcast_to(b, (b.shape[0], *inputs.shape[1:]))
-            except RuntimeError:
-                pass
-        raise InputError(f"baseline of shape {tuple(baseline.shape)} does not match inputs {tuple(inputs.shape)}")
-    raise InputError(f"baseline must be 'zeros', 'mean', a number or a tensor, not {baseline!r}")
-
-
 def class_scores(logits: torch.Tensor, targets: torch.Tensor, output: str = "logit") -> torch.Tensor:
     """The score of each row's target class: its logit or its softmax probability."""
     if output not in OUTPUTS:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from xai_plugins import Explainer, InputError
-from xai_plugins.toolkit import batch_slices, select_targets
+from xai_plugins.toolkit import batch_slices, resolve_baseline, select_targets
 
-from .common import generator, resolve_baseline
+from .common import generator
 
 
 def reference_set(baseline: object, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -29,15 +29,16 @@ class GradientShap(Explainer):
 
     Same estimator as Captum's ``GradientShap`` (``n_samples=samples``, ``stdevs`` = ``noise`` times each
     image's input range): references are drawn uniformly from ``baseline``: an R x C x H x W tensor (a
-    reference set, e.g. training images), a single reference ("zeros", a number, "mean", C x H x W), or
-    "random" (default): uniform noise over each image's own value range, a fresh reference per draw.
+    reference set, e.g. training images), a single reference ("zeros", the default as for every method
+    with a baseline; a number, "mean", C x H x W), or "random": uniform noise over each image's own
+    value range, a fresh reference per draw.
     In expectation the attributions sum to E_r[f(x) - f(r)] (completeness of integrated gradients).
     """
 
     name = "gradient_shap"
     family = "gradient"
     space = "input"
-    params = {"baseline": "random", "samples": 32, "noise": 0.0, "seed": 0, "batch_size": 64}
+    params = {"baseline": "zeros", "samples": 32, "noise": 0.0, "seed": 0, "batch_size": 64}
 
     def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from xai_plugins import Explainer, InputError
+from xai_plugins.toolkit import resolve_baseline
 
-from .common import as_pair, masked_scores, model_scores, resolve_baseline
+from .common import as_pair, masked_scores, model_scores
 
 
 def window_indicators(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:

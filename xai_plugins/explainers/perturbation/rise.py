@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xai_plugins import Explainer, InputError
+from xai_plugins.toolkit import resolve_baseline
 
-from .common import generator, masked_scores, resolve_baseline
+from .common import generator, masked_scores
 
 
 class RandomMasks:

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from xai_plugins import Explainer
+from xai_plugins.toolkit import resolve_baseline
 
-from .common import generator, masked_scores, resolve_baseline
+from .common import generator, masked_scores
 from .segments import given_segments, paint, slic_segments
 
 

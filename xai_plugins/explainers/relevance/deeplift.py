@@ -315,21 +315,12 @@ def references(baseline: Any, x: torch.Tensor, samples: int = 1, noise: float = 
     ``samples`` > 1, that many references are drawn from them (seeded) and ``noise`` times each
     input's value range of Gaussian noise is added (gradient-SHAP style).
     """
-    from xai_plugins import InputError
+    from xai_plugins.toolkit import resolve_baseline
 
     def one(value: Any) -> torch.Tensor:
-        if value is None or (isinstance(value, str) and value == "zeros"):
-            return x.new_zeros((1, *x.shape[1:]))
-        if isinstance(value, str):
-            raise InputError(f"baseline must be 'zeros', a number or a tensor, got {value!r}")
-        t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            return t.expand(1, *x.shape[1:]).clone()
-        if t.dim() == x.dim() - 1:
-            t = t.unsqueeze(0)
-        if t.dim() != x.dim() or t.shape[0] not in (1, x.shape[0]) or t.shape[1:] != x.shape[1:]:
-            raise InputError(f"baseline of shape {tuple(t.shape)} does not fit inputs of shape {tuple(x.shape)}")
-        return t
+        if value is not None and not isinstance(value, (str, int, float, torch.Tensor)):
+            value = torch.as_tensor(value)  # arrays and nested lists
+        return resolve_baseline(value, x)
 
     values = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
     refs = [one(v) for v in values]
