@@ -470,7 +470,7 @@ def test_deeplift_bad_parameters_are_one_line_errors():
     x = _x()[:, :, :8, :8]
     with pytest.raises(InputError, match="unknown DeepLIFT rule"):
         explain(model, x, [0, 1], method="deeplift", rule="bogus", progress=False)
-    with pytest.raises(InputError, match="does not fit"):
+    with pytest.raises(InputError, match="does not match inputs"):
         explain(model, x, [0, 1], method="deeplift", baseline=torch.zeros(3, 4, 4), progress=False)
 
 
