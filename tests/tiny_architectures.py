@@ -59,23 +59,37 @@ class FunctionalReLUCNN(nn.Module):
 def tv_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    m = VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                          num_classes=CLASSES)
+    m = VisionTransformer(
+        image_size=SIZE,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=CLASSES,
+    )
     return _scaled_head(m, m.heads.head)
 
 
 def tv_swin() -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
-    return SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
-                           num_classes=CLASSES).eval()
+    return SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=CLASSES,
+    ).eval()
 
 
 def tv_convnext() -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], layer_scale=1.0,
-                    num_classes=CLASSES).eval()
+    return ConvNeXt(
+        [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], layer_scale=1.0, num_classes=CLASSES
+    ).eval()
 
 
 def tv_efficientnet() -> nn.Module:
@@ -94,8 +108,9 @@ def tv_mobilenet_v3() -> nn.Module:
 def tv_densenet() -> nn.Module:
     from torchvision.models import DenseNet
 
-    return calibrated(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
-                               num_classes=CLASSES))
+    return calibrated(
+        DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=CLASSES)
+    )
 
 
 def tv_regnet() -> nn.Module:
@@ -125,8 +140,15 @@ class TinyVGG(VGG):
         nn.Module.__init__(self)
         self.features = make_layers([8, "M", 16, "M", 32, 32, "M"], batch_norm=True)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(nn.Linear(32 * 7 * 7, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 32),
-                                        nn.ReLU(True), nn.Dropout(), nn.Linear(32, CLASSES))
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * 7 * 7, 32),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(32, 32),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(32, CLASSES),
+        )
 
 
 def functional_relu_cnn() -> nn.Module:
@@ -147,25 +169,40 @@ def timm_vit() -> nn.Module:
 
 def timm_deit() -> nn.Module:
     """DeiT with a distillation token (two prefix tokens; eval averages the two heads)."""
-    m = _timm("deit_tiny_distilled_patch16_224", img_size=SIZE, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    m = _timm(
+        "deit_tiny_distilled_patch16_224", img_size=SIZE, patch_size=8, depth=2, embed_dim=32, num_heads=2
+    )
     _scaled_head(m, m.head)
     return _scaled_head(m, m.head_dist)
 
 
 def timm_swin() -> nn.Module:
-    return _timm("swin_tiny_patch4_window7_224", img_size=SIZE, patch_size=2, embed_dim=16, depths=(1, 1),
-                 num_heads=(1, 2), window_size=4).eval()
+    return _timm(
+        "swin_tiny_patch4_window7_224",
+        img_size=SIZE,
+        patch_size=2,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=4,
+    ).eval()
 
 
 def timm_convnext() -> nn.Module:
-    return _timm("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), ls_init_value=1.0).eval()
+    """Stem patch 1 (timm needs four stages): the last stage is 4 x 4 at 32 px, not 1 x 1."""
+    return _timm(
+        "convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), ls_init_value=1.0, patch_size=1
+    ).eval()
 
 
 def timm_efficientnet() -> nn.Module:
     from timm.models.efficientnet import _gen_efficientnet
 
-    return calibrated(_gen_efficientnet("efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.25,
-                                        num_classes=CLASSES))
+    return calibrated(
+        _gen_efficientnet(
+            "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.25, num_classes=CLASSES
+        )
+    )
 
 
 def timm_mobilenet_v3() -> nn.Module:
@@ -188,17 +225,38 @@ def timm_regnet() -> nn.Module:
 def timm_resnet() -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    return calibrated(ResNet(BasicBlock, (1, 1, 1, 1), num_classes=CLASSES, channels=(8, 16, 32, 64), stem_width=8,
-                             zero_init_last=False))
+    return calibrated(
+        ResNet(
+            BasicBlock,
+            (1, 1, 1, 1),
+            num_classes=CLASSES,
+            channels=(8, 16, 32, 64),
+            stem_width=8,
+            zero_init_last=False,
+        )
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "tv_vit": tv_vit, "timm_vit": timm_vit, "timm_deit": timm_deit, "tv_swin": tv_swin, "timm_swin": timm_swin,
-    "tv_convnext": tv_convnext, "timm_convnext": timm_convnext, "tv_efficientnet": tv_efficientnet,
-    "timm_efficientnet": timm_efficientnet, "tv_mobilenet_v3": tv_mobilenet_v3,
-    "timm_mobilenet_v3": timm_mobilenet_v3, "tv_densenet": tv_densenet, "timm_densenet": timm_densenet,
-    "tv_regnet": tv_regnet, "timm_regnet": timm_regnet, "tv_resnet": tv_resnet, "timm_resnet": timm_resnet,
-    "tv_vgg_bn": tv_vgg_bn, "functional_relu_cnn": functional_relu_cnn,
+    "tv_vit": tv_vit,
+    "timm_vit": timm_vit,
+    "timm_deit": timm_deit,
+    "tv_swin": tv_swin,
+    "timm_swin": timm_swin,
+    "tv_convnext": tv_convnext,
+    "timm_convnext": timm_convnext,
+    "tv_efficientnet": tv_efficientnet,
+    "timm_efficientnet": timm_efficientnet,
+    "tv_mobilenet_v3": tv_mobilenet_v3,
+    "timm_mobilenet_v3": timm_mobilenet_v3,
+    "tv_densenet": tv_densenet,
+    "timm_densenet": timm_densenet,
+    "tv_regnet": tv_regnet,
+    "timm_regnet": timm_regnet,
+    "tv_resnet": tv_resnet,
+    "timm_resnet": timm_resnet,
+    "tv_vgg_bn": tv_vgg_bn,
+    "functional_relu_cnn": functional_relu_cnn,
 }
 TRANSFORMERS = ("tv_vit", "timm_vit", "timm_deit")  # global self-attention over tokens
 

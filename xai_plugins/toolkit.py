@@ -13,7 +13,14 @@ from core.hooks import (
     relu_override,
     switchable_relu,
 )
-from core.layers import conv_layers, default_layer, require_channels_first, resolve_layer, spatial_view, token_grid
+from core.layers import (
+    conv_layers,
+    default_layer,
+    require_channels_first,
+    resolve_layer,
+    spatial_view,
+    token_grid,
+)
 from core.passes import GradientPass, run_gradient_pass
 from core.tensors import batch_slices, normalize_maps, select_targets, upsample
 
