@@ -91,6 +91,14 @@ def spatial_view(output: torch.Tensor, size: tuple[int, int], name: str = "layer
                    f"the {size[0]}x{size[1]} input (expected B x C x H x W, B x H x W x C or B x N x D tokens)")
 
 
+def require_channels_first(output: torch.Tensor, size: tuple[int, int], name: str, method: str) -> None:
+    """For methods that write a layer's output back (replacing it with constants): a one-line
+    refusal unless ``output`` is B x C x H x W (channels last and tokens would need the inverse view)."""
+    if layout_of(output, size) != "nchw":
+        raise XAIError(f"{method} needs a layer with B x C x H x W feature maps; layer {name!r} outputs shape "
+                       f"{tuple(output.shape)} (channels last or tokens): pass layer= a convolutional layer")
+
+
 def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or (
         hasattr(module, "qkv") and hasattr(module, "num_heads") and "Attention" in type(module).__name__)

@@ -25,6 +25,7 @@ from core.hooks import (
 from core.layers import (
     conv_layers,
     default_layer,
+    require_channels_first,
     resolve_layer,
     share_default_layer,
     spatial_view,
@@ -39,7 +40,7 @@ from core.train import train_model
 
 __all__ = ["LayerCapture", "capture_layers", "preserved_model", "relu_override", "switchable_relu",
            "ReLURule", "guided_relu_rule", "deconvnet_relu_rule", "conv_layers", "default_layer",
-           "resolve_layer", "share_default_layer", "spatial_view", "token_grid", "GradientPass",
+           "resolve_layer", "require_channels_first", "share_default_layer", "spatial_view", "token_grid", "GradientPass",
            "run_gradient_pass", "batch_slices", "normalize_maps", "select_targets", "upsample", "fast_forward",
            "content_checksum", "colorize", "overlay", "signed_overlay", "to_numpy_image", "png_bytes",
            "data_uri", "display_scale", "signed_relevance", "explainer_flag", "get_host", "explain",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xai_plugins.toolkit import batch_slices, resolve_layer
+from xai_plugins.toolkit import batch_slices, require_channels_first, resolve_layer
 
 
 @dataclass
@@ -88,8 +88,8 @@ def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], st
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     shapes = layer_calls(model, layer, input_shape, device, dtype)
-    if len(shapes[-1]) != 3:  # the last call: the one a reused module's consumers read
-        raise ValueError(f"layer {layer!r} returns shape {shapes[-1]}, not C x h x w feature maps")
+    # the last call (the one a reused module's consumers read) is replaced by constants: channels first only
+    require_channels_first(torch.empty(1, *shapes[-1]), tuple(input_shape[-2:]), layer, "deconvolve")
     k, h, w = shapes[-1]
     values = torch.linspace(0, 1, max(2, int(steps)), dtype=dtype)
     module = resolve_layer(model, layer)[1]

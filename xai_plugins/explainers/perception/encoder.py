@@ -1,7 +1,8 @@
 """The PV encoder E (Eq. 3): the model itself, truncated at a layer, with no retraining.
 
 The latent z = E(x) is captured with a forward hook during an ordinary forward pass of the model,
-so it is exactly the tensor inference computes at that layer, for any architecture (residual
+so it is exactly the tensor inference computes at that layer (read as B x C x h x w by
+``spatial_view``: token and channels-last outputs are re-indexed, nothing else), for any architecture (residual
 adds, functional ReLUs, reused modules): nothing is rebuilt as a ``Sequential``. The forward stops
 as soon as the layer has produced its last output (a module called several times per forward is
 read at its last call, as ``LayerCapture`` does), so layers after it cost nothing.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from xai_plugins import XAIError
-from xai_plugins.toolkit import resolve_layer
+from xai_plugins.toolkit import resolve_layer, spatial_view
 
 
 class _Reached(Exception):
@@ -71,4 +72,4 @@ class LatentEncoder:
             handle.remove()
         if "z" not in box:
             raise XAIError(f"layer {self.layer_name!r} was not called in the forward pass")
-        return box["z"]
+        return spatial_view(box["z"], tuple(x.shape[-2:]), self.layer_name)  # tokens / channels last: re-indexed

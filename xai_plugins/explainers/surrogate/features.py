@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xai_plugins.toolkit import LayerCapture, batch_slices, resolve_layer
+from xai_plugins.toolkit import LayerCapture, batch_slices, resolve_layer, spatial_view
 
 
 class TreeFeatures:
@@ -27,7 +27,7 @@ class TreeFeatures:
         with torch.no_grad(), LayerCapture(module, clone=True, track_grad=False) as cap:
             for sl in batch_slices(inputs.shape[0], batch_size):
                 model(inputs[sl])
-                out.append(cap.output.detach().float())
+                out.append(spatial_view(cap.output.detach(), tuple(inputs.shape[-2:]), self.layer).float())
         return torch.cat(out)
 
     def vectors(self, spatial: torch.Tensor) -> torch.Tensor:
