@@ -31,9 +31,9 @@ def create_app(tracking_uri: str, token: str) -> Any:
     explorer, models = Explorer(tracking_uri), Models(tracking_uri)
     csrf = csrf_for(token)
 
-    def page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(csrf=csrf, mlflow=tracking_uri, **context),
-                            status_code=status)
+    def page(template: str, /, **context: Any) -> HTMLResponse:
+        """``template`` rendered with ``context`` (positional-only: a context may hold ``name``, the model)."""
+        return HTMLResponse(env.get_template(template).render(csrf=csrf, mlflow=tracking_uri, **context))
 
     def version_view(name: str, version: str) -> dict[str, Any]:
         row = explorer.version(name, version)
