@@ -3,9 +3,9 @@
 Creates a pipeline workspace, starts MLflow, the webhook listener and the worker, trains the clean
 reference CNN and the Clever Hans one, registers both as versions of one model, and watches them be
 explained, checked and logged through the webhook. Then it prints the gate table of each version,
-promotes the clean one to ``champion`` and shows that the Clever Hans one is refused. MLflow keeps
-running (UI address printed) until Ctrl-C; ``--no-wait`` stops everything and exits 0 only when the
-story came out as expected.
+promotes the clean one to ``champion`` and shows that the Clever Hans one is refused. MLflow and the
+explorer (``xai ui``) keep running (both addresses printed) until Ctrl-C; ``--no-wait`` stops
+everything (printing the ``xai ui`` command instead) and exits 0 only when the story came out as expected.
 """
 
 from __future__ import annotations
@@ -218,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             run_id = client.get_model_version(MODEL_NAME, v).tags.get("xai.run_id")
             print(f"  v{v} {label}: {uri}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}")
         if args.no_wait:
+            print(f"xai explorer: `xai ui -w {ws}` (while MLflow runs: without --no-wait)")
             return 0 if ok else 1
-        print("MLflow keeps running; press Ctrl-C to stop it.", flush=True)
+        from registry.ui.cli import start_in_thread
+
+        _, address = start_in_thread(uri)
+        compare = f"/m/{MODEL_NAME}/compare?a={versions['clean']}&b={versions['clever_hans']}&token="
+        print(f"xai explorer: {address}\n  compare the two versions: {address.replace('/?token=', compare)}")
+        print("MLflow and the explorer keep running; press Ctrl-C to stop them.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

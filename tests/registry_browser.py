@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,14 @@ class _CDP:
             if "method" in msg:
                 await self._event(msg)
 
+    async def wait_for(self, method: str, session: str, since: int, timeout: float = 60.0) -> None:
+        """Until an event ``method`` of ``session`` arrives after the first ``since`` events."""
+        end = time.monotonic() + timeout
+        while not any(e["method"] == method and e.get("sessionId") == session for e in self.events[since:]):
+            if time.monotonic() > end:
+                raise RuntimeError(f"no {method} within {timeout:.0f} s")
+            await self.drain(0.1)
+
     async def evaluate(self, expression: str, session: str | None = None, context_id: int | None = None) -> Any:
         params: dict[str, Any] = {"expression": expression, "awaitPromise": True, "returnByValue": True}
         if context_id is not None:
@@ -162,6 +171,11 @@ async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str,
 def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0) -> dict[str, Any]:
     """Show ``artifact_url`` (an MLflow ``get-artifact`` URL on ``origin``) like the MLflow UI does and
     report its images (count, broken, external) and every script/console error."""
+    return in_chromium(lambda port: _inspect(port, origin, artifact_url), timeout)
+
+
+def in_chromium(session: Callable[[int], Awaitable[Any]], timeout: float) -> Any:
+    """Start a headless Chromium with a fresh profile, run ``session(devtools_port)``, kill it."""
     exe = chromium_path()
     assert exe, "chromium not found"
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
@@ -175,7 +189,7 @@ def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0
                     raise RuntimeError("chromium did not open its DevTools port")
                 time.sleep(0.2)
             port = int(port_file.read_text().split()[0])
-            return asyncio.run(asyncio.wait_for(_inspect(port, origin, artifact_url), timeout))
+            return asyncio.run(asyncio.wait_for(session(port), timeout))
         finally:  # chromium's helpers (renderer, zygote) share its process group
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -184,8 +198,18 @@ def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0
             proc.wait(timeout=30)
 
 
+LOADED = """
+(async () => {
+  if (document.readyState !== 'complete') await new Promise(r => addEventListener('load', r, {once: true}));
+  const nav = performance.getEntriesByType('navigation')[0];
+  return nav ? nav.responseStatus : 0;
+})()
+"""
+
 PAGE_IMAGES = """
 (async () => {
+  const code = performance.getEntriesByType('navigation')[0]?.responseStatus;
+  if (code !== 200) return {status: 'http ' + code, images: 0, text: document.body.innerText, broken: []};
   for (const i of document.images) i.loading = 'eager';
   window.scrollTo(0, document.body.scrollHeight);
   const imgs = [...document.images].filter(i => !i.hidden && i.getAttribute('src'));
@@ -209,6 +233,14 @@ EXPLAIN_SAMPLE = """
 """
 
 
+async def _open(cdp: _CDP, page: str, url: str) -> int:
+    """Navigate and wait for the document's load event; the HTTP status of its response."""
+    since = len(cdp.events)
+    await cdp.call("Page.navigate", page, url=url)
+    await cdp.wait_for("Page.loadEventFired", page, since)
+    return int(await cdp.evaluate(LOADED, page) or 0)
+
+
 async def _pages(debug_port: int, base: str, token: str, paths: list[str], explain_path: str | None) -> dict[str, Any]:
     import aiohttp
 
@@ -225,13 +257,11 @@ async def _pages(debug_port: int, base: str, token: str, paths: list[str], expla
             await cdp.drain(1.0)
             shown: dict[str, Any] = {}
             for path in paths:
-                await cdp.call("Page.navigate", page, url=base + path)
-                await cdp.drain(1.0)
+                await _open(cdp, page, base + path)
                 shown[path] = await cdp.evaluate(PAGE_IMAGES, page)
             explained = None
             if explain_path:
-                await cdp.call("Page.navigate", page, url=base + explain_path)
-                await cdp.drain(1.0)
+                await _open(cdp, page, base + explain_path)
                 explained = await cdp.evaluate(EXPLAIN_SAMPLE, page)
             await cdp.drain(0.5)
             return {"pages": shown, "explained": explained, "errors": _errors(cdp.events)}
@@ -241,23 +271,43 @@ def page_report(base: str, token: str, paths: list[str], explain_path: str | Non
                 timeout: float = 180.0) -> dict[str, Any]:
     """Open the explorer with its token, then each page: images (all loaded, lazy ones scrolled into
     view), text, and every script/console error; on ``explain_path`` press Explain and wait for the map."""
-    exe = chromium_path()
-    assert exe, "chromium not found"
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            port_file = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + timeout
-            while not (port_file.is_file() and port_file.read_text().strip()):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("chromium did not open its DevTools port")
-                time.sleep(0.2)
-            port = int(port_file.read_text().split()[0])
-            return asyncio.run(asyncio.wait_for(_pages(port, base, token, paths, explain_path), timeout))
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+    return in_chromium(lambda port: _pages(port, base, token, paths, explain_path), timeout)
+
+
+async def _shots(debug_port: int, base: str, token: str, shots: dict[str, tuple[str, bool]], out_dir: Path,
+                 width: int, max_height: int) -> dict[str, Any]:
+    import base64
+
+    import aiohttp
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=30) as resp:
+        browser_ws = json.loads(resp.read())["webSocketDebuggerUrl"]
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(browser_ws, max_msg_size=0) as ws:
+            cdp = _CDP(ws)
+            target = await cdp.call("Target.createTarget", url="about:blank")
+            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                await cdp.call(f"{domain}.enable", page)
+            await cdp.call("Emulation.setDeviceMetricsOverride", page, width=width, height=800, deviceScaleFactor=1,
+                           mobile=False)
+            await _open(cdp, page, f"{base}/?token={token}")
+            done: dict[str, Any] = {}
+            for name, (path, explain) in shots.items():
+                await _open(cdp, page, base + path)
+                done[name] = await cdp.evaluate(EXPLAIN_SAMPLE if explain else PAGE_IMAGES, page)
+                await cdp.evaluate("window.scrollTo(0, 0)", page)
+                height = await cdp.evaluate("document.documentElement.scrollHeight", page)
+                shot = await cdp.call("Page.captureScreenshot", page, format="png", captureBeyondViewport=True,
+                                      clip={"x": 0, "y": 0, "width": width, "height": min(height, max_height),
+                                            "scale": 1})
+                (out_dir / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+            return {"shots": done, "errors": _errors(cdp.events)}
+
+
+def page_screenshots(base: str, token: str, shots: dict[str, tuple[str, bool]], out_dir: Path, width: int = 1100,
+                     max_height: int = 1400, timeout: float = 300.0) -> dict[str, Any]:
+    """``out_dir/<name>.png`` for each ``name: (path, press_explain)``: the page at ``width`` px, its top
+    ``max_height`` px (Page.captureScreenshot), after pressing Explain and waiting for the map if asked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return in_chromium(lambda port: _shots(port, base, token, shots, out_dir, width, max_height), timeout)

@@ -129,3 +129,20 @@ def test_token_csrf_uploads_and_paths_are_checked(ui):
     for path in ("../../etc/passwd", "/etc/passwd", "mlflow-run.json", "report.html"):
         assert _request(f"{base}/m/{MODEL}/{a}/file?path={path}", headers=cookie)[0] == 404
     assert _request(f"{base}/m/..%2Fx/{a}", headers=cookie)[0] in (400, 404)
+
+
+def test_method_extras_become_json_panels_text_and_filters():
+    import torch
+
+    from registry.ui.ondemand import method_extras
+
+    extras = {"images": {"mask": torch.rand(2, 1, 8, 8), "pv": torch.rand(2, 3, 8, 8) * 3, "scalar": torch.rand(2)},
+              "text": ["first <b>image</b>", "second"],
+              "filters": [[{"filter": 3, "sign": "positive", "score": torch.tensor(0.123456), "evidence": 1.0}], []]}
+    out = method_extras(extras, scale=2)
+    assert [p["title"] for p in out["panels"]] == ["mask", "pv"]
+    assert all(p["image"].startswith("data:image/png;base64,") for p in out["panels"])
+    assert out["text"] == "first <b>image</b>"
+    assert out["filters"] == [{"filter": 3, "sign": "positive", "score": 0.1235, "sentence": ""}]
+    json.dumps(out)
+    assert method_extras({"layer": "features"}, scale=1) == {}

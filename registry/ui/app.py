@@ -31,9 +31,9 @@ def create_app(tracking_uri: str, token: str) -> Any:
     explorer, models = Explorer(tracking_uri), Models(tracking_uri)
     csrf = csrf_for(token)
 
-    def page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(csrf=csrf, mlflow=tracking_uri, **context),
-                            status_code=status)
+    def page(template: str, /, **context: Any) -> HTMLResponse:
+        """``template`` rendered with ``context`` (positional-only: a context may hold ``name``, the model)."""
+        return HTMLResponse(env.get_template(template).render(csrf=csrf, mlflow=tracking_uri, **context))
 
     def version_view(name: str, version: str) -> dict[str, Any]:
         row = explorer.version(name, version)
@@ -77,11 +77,11 @@ def create_app(tracking_uri: str, token: str) -> Any:
     async def artifact(request):
         name, version = checked(request)
         path = request.query_params.get("path", "")
-        row = await asyncio.to_thread(explorer.version, name, version)
-        if not row["run_id"] or not path.endswith((".png", ".json", ".csv")):
+        run_id = await asyncio.to_thread(explorer.run_of, name, version)
+        if not run_id or not path.endswith((".png", ".json", ".csv")):
             return PlainTextResponse("404: no such file", status_code=404)
         try:
-            data = await asyncio.to_thread(explorer.read, row["run_id"], path)
+            data = await asyncio.to_thread(explorer.read, run_id, path)
         except KeyError:
             return PlainTextResponse("404: no such file in this version's run", status_code=404)
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from registry.names import check_name, check_version
 
 MAP_RE = re.compile(r"maps/([A-Za-z0-9_.-]+)/(\d{3})_([A-Za-z0-9_.-]+)\.png")
 SIGNED_METHODS = ("lrp", "deeplift")
+RUN_TAG_MAX_AGE_S = 10.0
 
 
 class Explorer:
@@ -29,6 +31,8 @@ class Explorer:
         self._listing: dict[str, list[str]] = {}
         self._files: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.max_files = max_files
+        self._experiment: dict[str, str] = {}  # run id -> experiment id (a run never moves)
+        self._runs: dict[tuple[str, str], tuple[float, str | None]] = {}  # (name, version) -> (when, run id)
 
     def models(self) -> list[dict[str, Any]]:
         out = []
@@ -49,14 +53,25 @@ class Explorer:
         mv = self.client.get_model_version(check_name(name), check_version(version))
         return self.version_row(mv)
 
+    def run_of(self, name: str, version: str, max_age: float = RUN_TAG_MAX_AGE_S) -> str | None:
+        """The version's run id (tag ``xai.run_id``), read again once ``max_age`` seconds old: a page's
+        maps ask for it once each, and one MLflow call per image would dominate the page's time."""
+        key = (check_name(name), check_version(version))
+        seen = self._runs.get(key)
+        if seen is None or time.monotonic() - seen[0] > max_age:
+            seen = (time.monotonic(), self.version(*key)["run_id"])
+            self._runs[key] = seen
+        return seen[1]
+
     def run_url(self, run_id: str | None) -> str | None:
         if not run_id or not self.uri.startswith(("http://", "https://")):
             return None
-        try:
-            exp = self.client.get_run(run_id).info.experiment_id
-        except Exception:
-            return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+        if run_id not in self._experiment:
+            try:
+                self._experiment[run_id] = self.client.get_run(run_id).info.experiment_id
+            except Exception:
+                return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self._experiment[run_id]}/runs/{run_id}"
 
     def listing(self, run_id: str) -> list[str]:
         """Every file of the run (recursive)."""

@@ -92,7 +92,37 @@ def explain_one(loaded: Any, image: Any, method: str, target: int | None, layer:
     picture = signed_overlay(image, signed[0]) if signed is not None else overlay(image, exp.maps[0])
     names = loaded.class_names or []
     t = int(exp.targets[0]) if exp.targets is not None else None
+    out.update(method_extras(exp.extras, scale))
     out.update({"map": data_uri(png_bytes(picture, scale)), "target": t,
                 "target_name": names[t] if t is not None and t < len(names) else str(t),
                 "seconds": round(time.perf_counter() - started, 3), "layer": str(exp.extras.get("layer", "") or "")})
+    return out
+
+
+def method_extras(extras: dict[str, Any], scale: int) -> dict[str, Any]:
+    """What DeConvolve and PV show beside the map, for the first image: ``panels`` (title, PNG data
+    URI) from ``extras["images"]`` (DeConvolve's proportionate/encircled maps and top filter pattern,
+    PV's reconstruction, PV and mask), DeConvolve's ``text`` and its chosen ``filters`` (filter,
+    sign, score, sentence). JSON-safe; nothing for methods without these."""
+    import torch
+
+    from core.render import data_uri, png_bytes
+
+    out: dict[str, Any] = {}
+    panels = []
+    for title, batch in (extras.get("images") or {}).items():
+        if isinstance(batch, torch.Tensor) and batch.ndim >= 3 and len(batch):
+            picture = batch[0].detach().float().cpu().clamp(0, 1)
+            if picture.ndim == 3 and picture.shape[0] == 1:
+                picture = picture[0]
+            panels.append({"title": str(title), "image": data_uri(png_bytes(picture, scale))})
+    if panels:
+        out["panels"] = panels
+    text = extras.get("text")
+    if isinstance(text, list) and text:
+        out["text"] = str(text[0])
+    filters = extras.get("filters")
+    if isinstance(filters, list) and filters and isinstance(filters[0], list):
+        out["filters"] = [{"filter": int(f["filter"]), "sign": str(f["sign"]), "score": round(float(f["score"]), 4),
+                           "sentence": str(f.get("sentence", ""))} for f in filters[0]]
     return out

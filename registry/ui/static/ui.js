@@ -12,6 +12,31 @@
   if (opacity) opacity.addEventListener("input", () => {
     document.querySelectorAll("img.map, #od-map").forEach(i => { i.style.opacity = opacity.value / 100; });
   });
+  // DeConvolve's and PV's panels, text and filters (all set as text or data: images, never as HTML).
+  function showExtras(out) {
+    const panels = document.getElementById("od-panels"), table = document.getElementById("od-filters");
+    panels.replaceChildren(...(out.panels || []).map(p => {
+      const fig = document.createElement("figure"), img = document.createElement("img");
+      const cap = document.createElement("figcaption");
+      img.src = p.image; img.alt = p.title; cap.textContent = p.title;
+      fig.append(img, cap);
+      return fig;
+    }));
+    document.getElementById("od-text").textContent = out.text || "";
+    const rows = (out.filters || []).map(f => {
+      const tr = document.createElement("tr");
+      for (const v of [f.filter, f.sign, f.score, f.sentence]) {
+        const td = document.createElement("td"); td.textContent = v; tr.append(td);
+      }
+      return tr;
+    });
+    const head = document.createElement("tr");
+    for (const h of ["filter", "sign", "score", "description"]) {
+      const th = document.createElement("th"); th.textContent = h; head.append(th);
+    }
+    table.replaceChildren(...(rows.length ? [head, ...rows] : []));
+    table.hidden = !rows.length;
+  }
   const form = document.getElementById("ondemand");
   if (!form) return;
   form.addEventListener("submit", async (event) => {
@@ -33,6 +58,7 @@
         map.src = out.map; map.hidden = false;
         document.getElementById("od-info").textContent = `class ${out.target_name} · ${out.seconds} s ${out.layer ? "· layer " + out.layer : ""}`;
       }
+      showExtras(out);
     } catch (e) { error.textContent = "request failed: " + e; }
     finally { busy.hidden = true; }
   });
