@@ -105,7 +105,8 @@ def _gone(pid: int) -> bool:
 def test_process_isolation_kills_a_plugin_that_catches_the_timeout(functional_relu_cnn, images32, pid_file):
     host = _host_with(_module("stubborn", CatchesTimeout))
     out = Engine(host=host, progress=False, timeout=1.0).run(
-        functional_relu_cnn, images32, ["catches_timeout", "saliency"], isolate="process")
+        functional_relu_cnn, images32, ["catches_timeout", "saliency"], isolate="process"
+    )
     assert [(f.name, f.kind) for f in out.failures] == [("catches_timeout", "timeout")]
     assert "saliency" in out.explanations, "the run goes on with the next method"
     pid = int(pid_file.read_text())
@@ -120,10 +121,15 @@ def test_process_isolation_stops_a_plugin_blocked_in_c(functional_relu_cnn, imag
     host = _host_with(_module("blocking", BlocksInC))
     start = time.monotonic()
     out = Engine(host=host, progress=False, timeout=0.5).run(
-        functional_relu_cnn, images32, [{"method": "blocks_in_c", "params": {"isolate": "process"}}, "saliency"])
+        functional_relu_cnn,
+        images32,
+        [{"method": "blocks_in_c", "params": {"isolate": "process"}}, "saliency"],
+    )
     elapsed = time.monotonic() - start
     assert [(f.name, f.kind) for f in out.failures] == [("blocks_in_c", "timeout")]
-    assert elapsed < 5.0, f"the run waited {elapsed:.1f} s for a plugin blocked in C (limit 0.5 s, it sleeps 8 s)"
+    assert elapsed < 5.0, (
+        f"the run waited {elapsed:.1f} s for a plugin blocked in C (limit 0.5 s, it sleeps 8 s)"
+    )
     assert "saliency" in out.explanations
     assert _gone(int(pid_file.read_text()))
 
@@ -133,21 +139,28 @@ def test_process_isolation_gives_the_same_maps_and_one_line_errors(functional_re
     child = explain(functional_relu_cnn, images32, method="grad_cam", isolate="process")
     assert torch.equal(here.maps, child.maps) and torch.equal(here.attributions, child.attributions)
     host = _host_with(_module("raiser", Raises))
-    out = Engine(host=host, progress=False).run(functional_relu_cnn, images32, ["raises_in_child"], isolate="process")
+    out = Engine(host=host, progress=False).run(
+        functional_relu_cnn, images32, ["raises_in_child"], isolate="process"
+    )
     (failure,) = out.failures
     assert failure.kind == "exception" and "ValueError: bad input, one line" in failure.message
     assert "\n" not in failure.message
 
 
 def test_unknown_isolation_mode_is_a_config_failure(functional_relu_cnn, images32):
-    out = Engine(progress=False).run(functional_relu_cnn, images32,
-                                     [{"method": "saliency", "params": {"isolate": "container"}}, "grad_cam"])
+    out = Engine(progress=False).run(
+        functional_relu_cnn,
+        images32,
+        [{"method": "saliency", "params": {"isolate": "container"}}, "grad_cam"],
+    )
     assert [(f.name, f.kind) for f in out.failures] == [("saliency", "config")]
     assert "thread, process" in out.failures[0].message and "grad_cam" in out.explanations
 
 
 @pytest.mark.parametrize("bad", [ZeroesWeights, ReplacesBuffer])
-def test_a_plugin_that_changes_the_model_fails_and_later_methods_see_it_intact(functional_relu_cnn, images32, bad):
+def test_a_plugin_that_changes_the_model_fails_and_later_methods_see_it_intact(
+    functional_relu_cnn, images32, bad
+):
     params = {k: v.detach().clone() for k, v in functional_relu_cnn.state_dict().items()}
     alone = Engine(progress=False).run(functional_relu_cnn, images32, ["occlusion"]).explanations["occlusion"]
     host = _host_with(_module("vandal", bad))
@@ -175,10 +188,13 @@ def test_a_write_through_data_between_runs_is_not_undone(functional_relu_cnn, im
 def _stage_context(tmp_path: Path, extra: str = ""):
     from pipelines.stages import StageContext
 
-    (tmp_path / "params.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "params.yaml").write_text(
+        textwrap.dedent("""\
         versions:
           m-v1: {name: m, version: '1', uri: model.pt}
-        """) + extra)
+        """)
+        + extra
+    )
     return StageContext("explain", "m-v1", tmp_path)
 
 
@@ -240,13 +256,15 @@ def hanging_workspace(tmp_path) -> Path:
     ws.mkdir()
     subprocess.run(dvc_command("init", "--no-scm", "-q"), cwd=ws, env=dvc_env(), check=True)
     (ws / "stage.py").write_text(STAGE)
-    (ws / "dvc.yaml").write_text(textwrap.dedent(f"""\
+    (ws / "dvc.yaml").write_text(
+        textwrap.dedent(f"""\
         stages:
           wait:
             cmd: {sys.executable} stage.py
             deps: [stage.py]
             outs: [out.txt]
-        """))
+        """)
+    )
     (ws / "hang").write_text("")
     return ws
 
@@ -254,8 +272,14 @@ def hanging_workspace(tmp_path) -> Path:
 def _start_caller(ws: Path) -> tuple[subprocess.Popen, int]:
     """A real caller process running ``run_dvc(ws, ["repro"])``; returns it and the stage's pid."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(ws)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    caller = subprocess.Popen(
+        [sys.executable, "-c", CALLER, str(ws)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not (ws / "stage.pid").exists():
         assert caller.poll() is None, caller.stdout.read()
@@ -310,7 +334,9 @@ def test_a_stale_dvc_lock_of_a_dead_process_does_not_block(hanging_workspace):
     tmp = hanging_workspace / ".dvc" / "tmp"
     tmp.mkdir(exist_ok=True)
     out = str(hanging_workspace / "out.txt")
-    (tmp / "rwlock").write_text(json.dumps({"write": {out: {"pid": dead.pid, "cmd": "dvc repro"}}, "read": {}}))
+    (tmp / "rwlock").write_text(
+        json.dumps({"write": {out: {"pid": dead.pid, "cmd": "dvc repro"}}, "read": {}})
+    )
     (hanging_workspace / "hang").unlink()
     code, output = run_dvc(hanging_workspace, ["repro"], timeout=120)
     assert code == 0 and "is busy" not in output, output
