@@ -26,12 +26,13 @@ _live_guard = threading.Lock()
 
 
 def die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGTERM when this process (``parent``) dies (Linux only)."""
+    """A ``preexec_fn``: the child gets SIGTERM when this process (``parent``) dies (Linux only).
+    ``prctl`` is looked up here, before the fork: the child only calls it (no dlopen after fork)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def preexec() -> None:
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
