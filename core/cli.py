@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from core.errors import InputError, XAIError, one_line
+from core.isolation import DEFAULT_TIMEOUT
 from core.redact import redact_text
 
 
@@ -159,7 +160,7 @@ def check_device(device: torch.device) -> torch.device:
 @click.option("--preprocess", "preprocess_spec", help="JSON (file or inline) with size, mean, std: needed when the model has none stored.")
 @click.option("--convert", is_flag=True, help="Convert grayscale/RGBA/palette images to the model's channels instead of refusing them.")
 @click.option("--unsafe-load", is_flag=True, help="Allow loading pickled model files (can run arbitrary code).")
-@click.option("--timeout", default=600.0, show_default=True, type=float, help="Time limit per plugin call, seconds.")
+@click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, type=float, help="Time limit per plugin call, seconds.")
 @click.option("--limit", type=int, help="Explain at most this many images.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_dir, spurious_dir, target, params,

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from core.errors import ModelError, PluginError, XAIError
 from core.fastpath import tensor_state_key
-from core.hooks import preserved_model
-from core.isolation import call_with_timeout, check_tensor
+from core.hooks import ModelState, preserved_model
+from core.isolation import ISOLATION_MODES, call_isolated, check_tensor, restore_or_fail
 from core.layers import default_layer
 from core.passes import run_gradient_pass
 from core.plugin_api import Explainer
@@ -133,18 +133,25 @@ class Engine:
         self.device, self.batch_size, self.timeout, self.progress = device, batch_size, timeout, progress
         self.fit_data, self.fit_root = fit_data, fit_root
         self.fit_info: dict[str, dict[str, Any]] = {}
+        self._modes: dict[str, str] = {}  # per run: label -> isolation mode
+        self._state: ModelState | None = None  # per run: the model before any plugin call
 
     def make_explainer(self, request: MethodRequest) -> Explainer:
         cls = self.host.get("explainer", request.method)
         params = dict(request.params)
+        params.pop("isolate", None)  # the engine's (see _isolation_mode), not the method's
         if "batch_size" in params and "batch_size" not in cls.params:
             params.pop("batch_size")
         return cls(**params)
 
     def run(self, model: nn.Module, inputs: torch.Tensor, methods: Any, targets: Any = None,
-            isolate: bool = True, logits: bool = True) -> EngineOutput:
+            isolate: bool | str = True, logits: bool = True) -> EngineOutput:
         """Explain ``inputs`` with every requested method. With ``isolate`` a failing method is
-        recorded in ``failures``; without it the first failure is raised. ``logits`` False (with
+        recorded in ``failures``; without it the first failure is raised. ``isolate="process"``
+        (or a method's own ``isolate: process`` parameter) runs each plugin call in a child process
+        killed at the time limit (core.isolation). After every plugin call the model's parameters
+        and buffers are compared with their values before it: a method that changed them is
+        restored and recorded as failed (kind "model"). ``logits`` False (with
         ``targets`` given): the caller does not need the model's logits, so methods without a
         shared pass are spared a forward of the whole batch (one row still checks the targets);
         ``EngineOutput.logits`` is then None unless a shared pass produced them."""
@@ -157,8 +164,10 @@ class Engine:
         device = resolve_device(self.device, model)
         failures: list[Failure] = []
         explainers: dict[str, Explainer] = {}
+        self._modes.clear()
         for req in requests:
             try:
+                self._modes[req.label] = _isolation_mode(req, isolate)
                 explainers[req.label] = self.make_explainer(req)
             except XAIError as exc:
                 if not isolate:
@@ -170,7 +179,8 @@ class Engine:
         try:
             if moved:
                 model.to(device)
-            with preserved_model(model):
+            self._state = ModelState(model)
+            with preserved_model(model, state=self._state):
                 x = inputs.detach().to(device=device, dtype=torch.float32)
                 # With shared-pass methods, their one forward/backward per batch also yields the
                 # logits and the predicted classes: no separate forward just for the logits.
@@ -249,10 +259,10 @@ class Engine:
             try:
                 data = self.fit_data if self.fit_data is not None else FitData(x)
                 with torch.enable_grad():
-                    self.fit_info[req.label] = call_with_timeout(
-                        lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root,
-                                                             input_shape=tuple(x.shape[1:])),
-                        self.timeout, req.label)
+                    self.fit_info[req.label] = self._call(
+                        req.label, lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root,
+                                                                        input_shape=tuple(x.shape[1:])),
+                        "thread")  # fitting keeps state in this process
             except Exception as exc:
                 if not isolate:
                     raise
@@ -300,7 +310,7 @@ class Engine:
                     e = explainers[lab]
                     start = time.perf_counter()
                     try:
-                        out = call_with_timeout(lambda e=e, xb=xb, tb=tb: e.explain(model, xb, tb), self.timeout, lab)
+                        out = self._call(lab, lambda e=e, xb=xb, tb=tb: e.explain(model, xb, tb))
                         parts[lab].append(self._validated(lab, e, out, xb))
                     except Exception as exc:
                         fail(lab, exc)
@@ -333,9 +343,8 @@ class Engine:
         try:
             if not labels:
                 raise LookupError("no shared method left")
-            gp = call_with_timeout(lambda: run_gradient_pass(model, xb, tb, layers, input_grad,
-                                                             relu_rules=rules, layer_grads=layer_grads),
-                                   self.timeout, "gradient-pass")
+            gp = self._call("gradient-pass", lambda: run_gradient_pass(
+                model, xb, tb, layers, input_grad, relu_rules=rules, layer_grads=layer_grads), "thread")
         except Exception as exc:
             # Tell a broken model or bad targets (raised, as without shared methods) from a
             # failed pass (recorded against the methods that needed it).
@@ -352,13 +361,24 @@ class Engine:
             e = explainers[lab]
             t0 = time.perf_counter()
             try:
-                out = call_with_timeout(lambda e=e: e.from_pass(gp), self.timeout, lab)
+                out = self._call(lab, lambda e=e: e.from_pass(gp))
                 parts[lab].append(self._validated(lab, e, out, xb))
             except Exception as exc:
                 fail(lab, exc)
             seconds[lab] += share + time.perf_counter() - t0
             bar.update(1)
         return gp.logits, gp.targets
+
+    def _call(self, label: str, fn: Any, mode: str | None = None) -> Any:
+        """One plugin call: isolated (thread or process, under the time limit), then the model
+        checked by content and restored; a call that changed it fails (kind "model")."""
+        try:
+            out = call_isolated(fn, self.timeout, label, mode or self._modes.get(label, "thread"))
+        except BaseException:
+            self._state.restore()
+            raise
+        restore_or_fail(self._state, label)
+        return out
 
     @staticmethod
     def _validated(label: str, e: Explainer, out: Any, xb: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -387,6 +407,15 @@ class Engine:
         check_tensor(label, maps, x.shape[0], "maps")
         return Explanation(method=e.name, attributions=attrs.contiguous(), maps=maps.contiguous(),
                            targets=targets.cpu(), extras=extras, params=dict(e.config), seconds=seconds)
+
+
+def _isolation_mode(request: MethodRequest, isolate: bool | str) -> str:
+    """How ``request``'s plugin calls are isolated: its own ``isolate`` parameter, else the run's
+    (``Engine.run(isolate="process")``), else in a thread."""
+    mode = request.params.get("isolate", isolate if isinstance(isolate, str) else "thread")
+    if mode not in ISOLATION_MODES:
+        raise XAIError(f"{request.label}: isolate must be one of {', '.join(ISOLATION_MODES)}, got {mode!r}")
+    return mode
 
 
 def merge_extras(chunks: list[dict[str, Any]], total: int) -> dict[str, Any]:

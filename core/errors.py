@@ -43,8 +43,11 @@ class PluginError(XAIError):
     """A plugin broke its contract (raised, timed out, wrong shape, NaN)."""
 
     def __init__(self, plugin: str, kind: str, message: str):
-        self.plugin, self.kind = plugin, kind
+        self.plugin, self.kind, self.message = plugin, kind, message
         super().__init__(f"plugin {plugin!r} failed ({kind}): {message}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.plugin, self.kind, self.message)
 
 
 class PluginTimeout(BaseException):

@@ -27,13 +27,26 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 _SNAPSHOTS: dict[int, tuple[Any, tuple, torch.Tensor]] = {}  # id(tensor) -> (weakref, key, copy)
 
 
+def same_values(t: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether ``t`` holds exactly the values of the CPU ``copy`` (NaNs equal to NaNs). Reads the
+    contents, so it sees writes through ``.data`` that ``tensor._version`` does not count."""
+    if tuple(t.shape) != tuple(copy.shape) or t.dtype != copy.dtype:
+        return False
+    now = t.detach() if t.device.type == "cpu" else t.detach().cpu()
+    if torch.equal(now, copy):
+        return True
+    return bool(now.is_floating_point() and torch.equal(now.isnan(), copy.isnan())
+                and torch.equal(now.nan_to_num(0.0), copy.nan_to_num(0.0)))
+
+
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of ``t``'s values, reused while ``t`` is unchanged (same storage, version, shape,
-    dtype): cloning every parameter on every call cost as much as a forward pass on large models
-    (VGG). Costs one CPU copy of the model's tensors while the model lives."""
+    dtype, and the same contents: a write through ``.data`` keeps the version): cloning every
+    parameter on every call cost as much as a forward pass on large models (VGG), comparing costs
+    a read. Costs one CPU copy of the model's tensors while the model lives."""
     key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
     hit = _SNAPSHOTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == key:
+    if hit is not None and hit[0]() is t and hit[1] == key and same_values(t, hit[2]):
         return hit[2]
     copy = t.detach().to("cpu", copy=True)
     ref = weakref.ref(t, lambda _ref, i=id(t): _SNAPSHOTS.pop(i, None))
@@ -41,14 +54,51 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     return copy
 
 
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` back as the parameter or buffer ``name`` (dotted) of ``model``."""
+    path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    slot = module._parameters if leaf in module._parameters else module._buffers
+    slot[leaf] = tensor
+
+
+class ModelState:
+    """The parameters and buffers of ``model`` (the tensors and a copy of their values) at one
+    moment; ``changed()`` compares contents, ``restore()`` puts back what a plugin changed
+    (values written in place or through ``.data``, tensors replaced)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tensors = dict(model.state_dict(keep_vars=True))
+        self.values = {name: _snapshot(t) for name, t in self.tensors.items()}
+
+    def changed(self) -> list[str]:
+        """Names of the parameters and buffers whose tensor or values differ from the snapshot."""
+        now = self.model.state_dict(keep_vars=True)
+        return [name for name, t in self.tensors.items()
+                if now.get(name) is not t or not same_values(t, self.values[name])]
+
+    def restore(self) -> list[str]:
+        """Restore every changed tensor; returns their names (empty: nothing had changed)."""
+        names = self.changed()
+        now = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name in names:
+                t = self.tensors[name]
+                if now.get(name) is not t:
+                    _set_tensor(self.model, name, t)
+                t.copy_(self.values[name])
+        return names
+
+
 @contextlib.contextmanager
 def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = True,
-                    restore_values: bool = True) -> Iterator[nn.Module]:
+                    restore_values: bool = True, state: ModelState | None = None) -> Iterator[nn.Module]:
     """Run a block on ``model`` and give it back exactly as found.
 
     Restores: training flags of every module, ``requires_grad`` of every parameter, every
-    module-level and global hook dict, and (``restore_values``) the values of parameters and
-    buffers when a method changed them in place (detected by tensor version counters).
+    module-level and global hook dict, and (``restore_values``) the parameters and buffers a
+    method changed (compared by content, :class:`ModelState`; ``state``: one the caller took).
     """
     modules = list(model.modules())
     training = [m.training for m in modules]
@@ -58,9 +108,8 @@ def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
     global_hooks = {n: dict(getattr(module_mod, n)) for n in _GLOBAL_HOOKS if hasattr(module_mod, n)}
     params = list(model.named_parameters(remove_duplicate=False))
     requires = [p.requires_grad for _, p in params]
-    tensors = list(model.state_dict(keep_vars=True).items())
-    versions = [t._version for _, t in tensors]
-    values = [_snapshot(t) for _, t in tensors] if restore_values else None
+    if restore_values and state is None:
+        state = ModelState(model)
     try:
         if eval_mode:
             model.eval()
@@ -82,11 +131,8 @@ def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = Tru
             current.update(content)
         for (_, p), flag in zip(params, requires):
             p.requires_grad_(flag)
-        if values is not None:
-            with torch.no_grad():
-                for (_, t), v, old in zip(tensors, values, versions):
-                    if t._version != old:
-                        t.copy_(v)
+        if restore_values and state is not None:
+            state.restore()
 
 
 class LayerCapture:

@@ -17,7 +17,8 @@ from torch import nn
 
 from core.engine import Engine, parse_requests
 from core.errors import PluginError, XAIError
-from core.isolation import call_with_timeout
+from core.hooks import ModelState
+from core.isolation import call_isolated, restore_or_fail
 from core.plugin_api import MetricContext
 from core.plugins import PluginHost, broadcast, get_host
 from core.types import Failure, RunResults
@@ -54,6 +55,7 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
     device = next(iter(model.parameters()), torch.zeros(0)).device
     inputs = results.inputs.to(device)
     by_label = {r.label: r for r in requests}
+    state = ModelState(model)  # each metric call is checked against it, and the model restored
     for name in metric_names:
         cls = host.get("metric", name)
         try:
@@ -81,12 +83,14 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
             start = time.perf_counter()
             key = label or "_model"
             try:
-                values = call_with_timeout(lambda metric=metric, ctx=ctx: metric.compute(ctx), engine.timeout, name)
+                values = call_isolated(lambda metric=metric, ctx=ctx: metric.compute(ctx), engine.timeout, name)
+                restore_or_fail(state, name)
                 if not isinstance(values, dict):
                     raise PluginError(name, "shape", f"returned {type(values).__name__}, expected a dict")
                 if not _finite(values):
                     raise PluginError(name, "nan", "returned NaN")
             except Exception as exc:
+                state.restore()
                 kind = exc.kind if isinstance(exc, PluginError) else "exception"
                 msg = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
                 results.failures.append(Failure(host.provider("metric", name), f"{name}:{key}", kind, msg, "metric"))

@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from core.errors import XAIError
-from pipelines import layout
+from pipelines import layout, procgroup
 from pipelines.lock import workspace_lock
 from pipelines.params import add_version, read_params, version_entry
-from pipelines.workspace import dvc_command, dvc_env
+from pipelines.workspace import dvc_env
 
 _FAILED = re.compile(r"failed to reproduce '([^']+)'")
 _RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -60,20 +60,21 @@ def failure_from_output(output: str) -> PipelineError:
 
 def run_dvc(workspace: Path, args: list[str], env: dict[str, str] | None = None,
             timeout: float | None = None) -> tuple[int, str]:
-    """Run ``dvc ARGS`` in ``workspace``; returns (exit code, stdout + stderr). On timeout the whole
-    process group (dvc and the stage it runs) is stopped."""
-    proc = subprocess.Popen(dvc_command(*args), cwd=workspace, env=dvc_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    """Run ``dvc ARGS`` in ``workspace``; returns (exit code, stdout + stderr). dvc and the stages it
+    runs form one process group that dies with this process (:mod:`pipelines.procgroup`) and is
+    killed when we stop waiting for it: on a time-out, an exception or ``KeyboardInterrupt``."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.procgroup", *args], cwd=workspace,
+                            env=dvc_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=procgroup.die_with_parent(os.getpid()))
+    procgroup.track(proc.pid)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+        procgroup.kill_group(proc.pid)
+        output, _ = proc.communicate()
         raise PipelineError("dvc", f"timed out after {timeout:.0f} s", output=output or "") from None
+    finally:
+        procgroup.kill_group(proc.pid)  # stages dvc left behind, or all of it when we were interrupted
     return proc.returncode, output or ""
 
 

@@ -60,8 +60,14 @@ class StageContext:
 
     @property
     def timeout(self) -> float | None:
-        value = os.environ.get("XAI_TIMEOUT")
-        return float(value) if value else None
+        """Seconds one plugin call may take: ``XAI_TIMEOUT``, else params.yaml ``timeout``, else the
+        engine's default (core.isolation.DEFAULT_TIMEOUT); 0 or "none": no limit."""
+        from core.isolation import DEFAULT_TIMEOUT
+
+        env = os.environ.get("XAI_TIMEOUT", "").strip()
+        value = env or self.params.get("timeout")
+        return plugin_timeout(DEFAULT_TIMEOUT if value is None else value,
+                              "XAI_TIMEOUT" if env else "params.yaml timeout")
 
     def model(self):
         from pipelines.resolved import load_resolved
@@ -85,6 +91,19 @@ class StageContext:
         from pipelines.device import pick_device
 
         return pick_device(self.key, self.device_arg)
+
+
+def plugin_timeout(value: Any, source: str) -> float | None:
+    """A time limit in seconds from a parameter or the environment; 0 or "none": None (no limit)."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise XAIError(f"{source} must be a number of seconds (0 or none: no limit), got {value!r}") from None
+    if seconds != seconds or seconds < 0:
+        raise XAIError(f"{source} must be a number of seconds (0 or none: no limit), got {value!r}")
+    return seconds or None
 
 
 def _write_json(path: Path, data: Any) -> None:
