@@ -155,3 +155,38 @@ def test_generators_fit_on_the_inputs_by_default(functional_relu_cnn, images32, 
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
     exp = explain(functional_relu_cnn, images32, method="adversarial_generators", fit_steps=2, fit_batch=2, width=4)
     assert exp.attributions.shape == images32.shape  # fitted on the inputs themselves by default
+
+
+# -- one-pixel attack (Su et al. 2019) ------------------------------------------------------------
+def test_one_pixel_changes_the_prediction_with_one_pixel_and_marks_it(trained_cnn, probe):
+    x, pred = probe
+    model = trained_cnn.model
+    model.train()
+    before = state(model)
+    exp = explain(model, x, method="adversarial", attack="one_pixel", popsize=80, maxiter=30)
+    assert_same(model, before)
+    model.eval()
+    diff = exp.attributions.abs().amax(1)  # B x H x W
+    assert ((diff > 0).flatten(1).sum(1) <= 1).all()  # at most one pixel changed per image
+    with torch.no_grad():
+        again = model(x + exp.attributions).argmax(1)
+    fooled = exp.extras["fooled"]
+    assert torch.equal(fooled, again != pred)  # the reported success is the model's own verdict
+    assert fooled.any(), "no image of 16 fooled by one pixel"
+    rows, cols = exp.extras["pixels"][:, 0, 0], exp.extras["pixels"][:, 0, 1]
+    peak = exp.maps.flatten(1).argmax(1)
+    for i in fooled.nonzero().flatten().tolist():  # the map's peak is the changed pixel
+        assert diff[i, rows[i], cols[i]] > 0 and int(peak[i]) == int(rows[i]) * 32 + int(cols[i])
+
+
+def test_one_pixel_reports_failure_honestly(functional_relu_cnn, images32):
+    # a one-generation budget of 2 candidates: whatever it finds, `fooled` is the model's verdict
+    with torch.no_grad():
+        pred = functional_relu_cnn(images32).argmax(1)
+    exp = explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", popsize=2, maxiter=1)
+    with torch.no_grad():
+        again = functional_relu_cnn(images32 + exp.attributions).argmax(1)
+    assert torch.equal(exp.extras["fooled"], again != pred)
+    assert exp.extras["pixels"].shape == (images32.shape[0], 1, 2)
+    with pytest.raises(Exception, match="one_pixel"):
+        explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", pixels=0)
