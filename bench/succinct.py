@@ -12,9 +12,10 @@ the task says nothing about the loss.
 The paper (sections 4.2 / 4.4) reports the ratio rising from 0.85 to 1.00 with the loss; its
 algorithm is in unpublished supplementary material. Printed per run, for the regularized layer:
 
-- ``ratio``: the metric as shipped (``xai_plugins/metrics/deconvolve_metrics.py``): the share of the
-  CAM-weighted activation that is significant (above the loss's black cut);
-- ``ratio_2``: the same, counting only positions where at least two filters are significant;
+- ``ratio``: the metric as shipped (``xai_plugins/metrics/deconvolve_metrics.py``, ``min_count=2``): the
+  share of the CAM-weighted activation that is significant (above the loss's black cut) at positions
+  where at least two filters are;
+- ``ratio_1``: the same without the high-count step (``min_count=1``: every active position counts);
 - ``focus_share``: the share of the significant weight at positions where at least half as many
   filters are significant as at the busiest position (a reading that rewards filters stacking on
   one spot, which the loss does not ask for);
@@ -33,7 +34,7 @@ import time
 
 import torch
 
-_FIGURES = ("accuracy", "area", "dispersion", "ratio", "ratio_2", "focus_share", "sign_agreement",
+_FIGURES = ("accuracy", "area", "dispersion", "ratio", "ratio_1", "focus_share", "sign_agreement",
             "concentration")
 
 
@@ -61,7 +62,7 @@ def readings(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, laye
         return float((num.sum((1, 2, 3)) / den.sum((1, 2, 3)).clamp_min(1e-12)).mean())
 
     return {"ratio": float(succinct_ratio(a, g, threshold)[0].mean()),
-            "ratio_2": float(succinct_ratio(a, g, threshold, min_count=2)[0].mean()),
+            "ratio_1": float(succinct_ratio(a, g, threshold, min_count=1)[0].mean()),
             "focus_share": share(focus, significant),
             "sign_agreement": share((w * pos).sum(1, keepdim=True).abs(), w.abs() * pos),
             "concentration": float((1 - entropy).mean())}

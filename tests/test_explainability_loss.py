@@ -108,8 +108,10 @@ def test_succinct_ratio_on_planted_layers():
     assert float(ratio) == pytest.approx(24 / (24 + 16 * 0.05)) and float(area) == pytest.approx(4 / 64)
     lone = focused.clone()
     lone[0, 0, 7, 7] = 1.0  # a significant activation of one filter alone
-    assert float(succinct_ratio(lone, grads)[0]) == 1.0
+    assert float(succinct_ratio(lone, grads, min_count=1)[0]) == 1.0
     assert float(succinct_ratio(lone, grads, min_count=2)[0]) == pytest.approx(24 / 25)
+    # the default keeps the high-count step: a lone filter's position is not high-count
+    assert float(succinct_ratio(lone, grads)[0]) == pytest.approx(24 / 25)
     # weighted by impact on the prediction: the haze of a filter with a large weight counts more
     heavy = grads.clone()
     heavy[0, 0] = 4.0
