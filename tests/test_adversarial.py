@@ -190,3 +190,34 @@ def test_one_pixel_reports_failure_honestly(functional_relu_cnn, images32):
     assert exp.extras["pixels"].shape == (images32.shape[0], 1, 2)
     with pytest.raises(Exception, match="one_pixel"):
         explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", pixels=0)
+
+
+def test_generators_paper_loss_trains_a_discriminator(functional_relu_cnn, tmp_path):
+    from core.fitting import FitData
+    from xai_plugins.explainers.adversarial.generators import (
+        AdversarialGenerators,
+        PatchDiscriminator,
+        TwoGenerators,
+        class_cross_entropy,
+    )
+
+    data = FitData(torch.randn(16, 3, 16, 16))
+    gen = AdversarialGenerators(fit_steps=50, fit_batch=8, width=4, loss="paper")
+    gen.checkpoint_path = tmp_path / "partial.pt"
+    torch.manual_seed(0)  # the fit's own initialization order: generators, then D
+    TwoGenerators(3, 4)
+    start = PatchDiscriminator(3, 4).state_dict()
+    out = gen.fit(functional_relu_cnn, data)
+    assert out["steps"] == 50 and gen.disc is not None
+    trained = gen.disc.state_dict()
+    assert any(not torch.equal(trained[k].cpu(), v) for k, v in start.items())  # D was trained
+    saved = torch.load(gen.checkpoint_path, weights_only=True)
+    assert "discriminator" in saved and "discriminator_optimizer" in saved
+    assert all(p.grad is None for p in functional_relu_cnn.parameters())
+    # the adversarial term is the cross-entropy of the opposite outcome: -log(1 - p_y)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    p_y = torch.softmax(logits, 1)[0, 0]
+    assert float(class_cross_entropy(logits, torch.tensor([0]), keep_class=False)) == pytest.approx(float(-torch.log(1 - p_y)))
+    assert float(class_cross_entropy(logits, torch.tensor([0]))) == pytest.approx(float(-torch.log(p_y)))
+    with pytest.raises(Exception, match="loss"):
+        AdversarialGenerators(loss="wasserstein")
