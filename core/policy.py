@@ -15,6 +15,13 @@ A policy is YAML (a file, or the ``gate:`` section of params.yaml)::
         op: ">"
         than: faithfulness.aopc_random        # compare with another metric (same method, or than_method)
         margin: 0.0                           # value op (other + margin)
+      - name: saliency sensitive to cascading randomization
+        method: saliency
+        metric: sanity.cascading.spearman_full
+        op: "<"
+        threshold: 0.7
+        sanity: true                          # a sanity check: a method that fails one cannot carry
+                                              # any other check of this version (they fail too)
 
 A section may instead name a file: ``gate: {policy: policies/default.yaml}``. ``evaluate`` reads
 the document the json reporter writes (``metrics[method][key]``, ``global_metrics``,
@@ -42,7 +49,7 @@ from core.errors import XAIError
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 OP_WORDS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
-CHECK_KEYS = ("name", "method", "metric", "op", "threshold", "than", "than_method", "margin", "required")
+CHECK_KEYS = ("name", "method", "metric", "op", "threshold", "than", "than_method", "margin", "required", "sanity")
 EXIT_CODES = {"passed": 0, "failed": 1, "error": 2}
 
 
@@ -63,6 +70,7 @@ class Check:
     than_method: str | None = None
     margin: float = 0.0
     required: bool = True
+    sanity: bool = False  # failing it fails every other check of the same method
 
 
 @dataclass
@@ -157,9 +165,12 @@ def _parse_check(item: Any, index: int) -> Check:
     required = item.get("required", True)
     if not isinstance(required, bool):
         raise PolicyError(f"{where}: required must be true or false")
+    sanity = item.get("sanity", False)
+    if not isinstance(sanity, bool):
+        raise PolicyError(f"{where}: sanity must be true or false")
     name = item.get("name") or f"{_method_text(method)} {metric} {op} {than if than else threshold}"
     return Check(str(name), metric, op, threshold, than, method,
-                 str(item["than_method"]) if item.get("than_method") else None, margin, required)
+                 str(item["than_method"]) if item.get("than_method") else None, margin, required, sanity)
 
 
 def _method_text(method: str | tuple[str, ...] | None) -> str:
@@ -194,6 +205,7 @@ def evaluate(policy: Policy | dict | str | Path, results: dict | str | Path) -> 
     if not isinstance(results.get("metrics", {}), dict):
         return error_verdict("results have no 'metrics' mapping", policy)
     rows = [row for check in policy.checks for row in _evaluate_check(check, results)]
+    _sanity_first(rows)
     failed = [r for r in rows if not r["passed"]]
     empty = not rows and not policy.allow_empty
     status = "failed" if failed or empty else "passed"
@@ -209,6 +221,19 @@ def evaluate(policy: Policy | dict | str | Path, results: dict | str | Path) -> 
     if source:
         verdict["results"] = source
     return verdict
+
+
+def _sanity_first(rows: list[dict[str, Any]]) -> None:
+    """A method that failed a sanity check (``sanity: true``) cannot carry its other checks: each
+    of them that passed is failed with the sanity checks named as the reason."""
+    failed: dict[Any, list[str]] = {}
+    for row in rows:
+        if row.get("sanity") and not row["passed"]:
+            failed.setdefault(row["method"], []).append(row["name"])
+    for row in rows:
+        if not row.get("sanity") and row["passed"] and row["method"] in failed:
+            row.update(passed=False, reason=f"{row['method']} failed its sanity check ({'; '.join(failed[row['method']])}): "
+                       f"its other checks cannot carry this version (value passed: {row['reason']})")
 
 
 def error_verdict(message: str, policy: Policy | None = None) -> dict[str, Any]:
@@ -244,6 +269,8 @@ def _evaluate_check(check: Check, results: dict) -> list[dict[str, Any]]:
         name = check.name if len(methods) == 1 and not (check.method == "*") else f"{check.name} [{method}]"
         row: dict[str, Any] = {"name": name, "method": method, "metric": check.metric, "value": None,
                                "op": check.op, "threshold": check.threshold, "passed": False, "reason": ""}
+        if check.sanity:
+            row["sanity"] = True
         if check.than:
             row["than"] = check.than
         value, why = lookup(results, method, check.metric)

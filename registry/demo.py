@@ -23,11 +23,21 @@ from typing import Any
 import yaml
 
 MODEL_NAME = "shapes-cnn"
-# The demo's gate (written over the template's): relevance must fall on the object, not on the planted
-# watermark. Measured on 32 'agree' probe images: the clean CNN puts 0.36-0.47 of its relevance on the
-# object and 0.10-0.15 (grad_cam) on the watermark; the Clever Hans CNN 0.13 and 0.26. The template's
-# randomization and AOPC checks are still computed and shown in the report.
-DEMO_GATE = {"name": "demo: Clever Hans detection", "checks": [
+# The demo's gate (written over the template's): first the template's sanity checks (policies/
+# default.yaml: cascading, independent and label randomization, Adebayo et al.) for the two methods the
+# gate reads (guided backprop, also in the report, is known to fail cascading randomization; it is not
+# gated), flagged `sanity` so a method failing one cannot carry its other checks; then relevance must
+# fall on the object, not on the planted watermark. Measured on 32 'agree' probe images: the clean CNN
+# puts 0.36-0.47 of its relevance on the object and 0.10-0.15 (grad_cam) on the watermark; the Clever
+# Hans CNN 0.13 and 0.26. The template's AOPC check is still computed and shown in the report.
+GATED = ["saliency", "grad_cam"]
+DEMO_GATE = {"name": "demo: sanity checks and Clever Hans detection", "checks": [
+    {"name": "sensitive to cascading randomization", "method": GATED, "metric": "sanity.cascading.spearman_full",
+     "op": "<", "threshold": 0.7, "sanity": True},
+    {"name": "sensitive to each layer", "method": GATED, "metric": "sanity.independent.ssim_max",
+     "op": "<", "threshold": 0.9, "sanity": True},
+    {"name": "sensitive to the labels learnt", "method": GATED, "metric": "sanity.label.spearman",
+     "op": "<", "threshold": 0.85, "sanity": True},
     {"name": "grad_cam not looking at the shortcut", "method": "grad_cam", "metric": "shortcut.share",
      "op": "<", "threshold": 0.2},
     {"name": "saliency looks at the object", "method": "saliency", "metric": "localization.relevance_mass",

@@ -155,3 +155,69 @@ def test_generators_fit_on_the_inputs_by_default(functional_relu_cnn, images32, 
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
     exp = explain(functional_relu_cnn, images32, method="adversarial_generators", fit_steps=2, fit_batch=2, width=4)
     assert exp.attributions.shape == images32.shape  # fitted on the inputs themselves by default
+
+
+# -- one-pixel attack (Su et al. 2019) ------------------------------------------------------------
+def test_one_pixel_changes_the_prediction_with_one_pixel_and_marks_it(trained_cnn, probe):
+    x, pred = probe
+    model = trained_cnn.model
+    model.train()
+    before = state(model)
+    exp = explain(model, x, method="adversarial", attack="one_pixel", popsize=80, maxiter=30)
+    assert_same(model, before)
+    model.eval()
+    diff = exp.attributions.abs().amax(1)  # B x H x W
+    assert ((diff > 0).flatten(1).sum(1) <= 1).all()  # at most one pixel changed per image
+    with torch.no_grad():
+        again = model(x + exp.attributions).argmax(1)
+    fooled = exp.extras["fooled"]
+    assert torch.equal(fooled, again != pred)  # the reported success is the model's own verdict
+    assert fooled.any(), "no image of 16 fooled by one pixel"
+    rows, cols = exp.extras["pixels"][:, 0, 0], exp.extras["pixels"][:, 0, 1]
+    peak = exp.maps.flatten(1).argmax(1)
+    for i in fooled.nonzero().flatten().tolist():  # the map's peak is the changed pixel
+        assert diff[i, rows[i], cols[i]] > 0 and int(peak[i]) == int(rows[i]) * 32 + int(cols[i])
+
+
+def test_one_pixel_reports_failure_honestly(functional_relu_cnn, images32):
+    # a one-generation budget of 2 candidates: whatever it finds, `fooled` is the model's verdict
+    with torch.no_grad():
+        pred = functional_relu_cnn(images32).argmax(1)
+    exp = explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", popsize=2, maxiter=1)
+    with torch.no_grad():
+        again = functional_relu_cnn(images32 + exp.attributions).argmax(1)
+    assert torch.equal(exp.extras["fooled"], again != pred)
+    assert exp.extras["pixels"].shape == (images32.shape[0], 1, 2)
+    with pytest.raises(Exception, match="one_pixel"):
+        explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", pixels=0)
+
+
+def test_generators_paper_loss_trains_a_discriminator(functional_relu_cnn, tmp_path):
+    from core.fitting import FitData
+    from xai_plugins.explainers.adversarial.generators import (
+        AdversarialGenerators,
+        PatchDiscriminator,
+        TwoGenerators,
+        class_cross_entropy,
+    )
+
+    data = FitData(torch.randn(16, 3, 16, 16))
+    gen = AdversarialGenerators(fit_steps=50, fit_batch=8, width=4, loss="paper")
+    gen.checkpoint_path = tmp_path / "partial.pt"
+    torch.manual_seed(0)  # the fit's own initialization order: generators, then D
+    TwoGenerators(3, 4)
+    start = PatchDiscriminator(3, 4).state_dict()
+    out = gen.fit(functional_relu_cnn, data)
+    assert out["steps"] == 50 and gen.disc is not None
+    trained = gen.disc.state_dict()
+    assert any(not torch.equal(trained[k].cpu(), v) for k, v in start.items())  # D was trained
+    saved = torch.load(gen.checkpoint_path, weights_only=True)
+    assert "discriminator" in saved and "discriminator_optimizer" in saved
+    assert all(p.grad is None for p in functional_relu_cnn.parameters())
+    # the adversarial term is the cross-entropy of the opposite outcome: -log(1 - p_y)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    p_y = torch.softmax(logits, 1)[0, 0]
+    assert float(class_cross_entropy(logits, torch.tensor([0]), keep_class=False)) == pytest.approx(float(-torch.log(1 - p_y)))
+    assert float(class_cross_entropy(logits, torch.tensor([0]))) == pytest.approx(float(-torch.log(p_y)))
+    with pytest.raises(Exception, match="loss"):
+        AdversarialGenerators(loss="wasserstein")

@@ -3,6 +3,7 @@ model version, superimposed heat maps, per-image explanations on any CNN, the re
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,9 +11,10 @@ from torch import nn
 from core.api import explain
 from core.fitting import FitData, fit_path
 from xai_plugins.explainers.deconvolve import DeConvolve, superimpose
-from xai_plugins.explainers.deconvolve.filter_maps import ascend_filters
+from xai_plugins.explainers.deconvolve.filter_maps import ascend_class, ascend_filters
 from xai_plugins.explainers.deconvolve.scoring import filter_scores, reference_scores
 from xai_plugins.explainers.deconvolve.selection import layer_evidence
+from xai_plugins.toolkit import resolve_layer
 
 FAST = {"ascent_steps": 3, "top_k": 2}
 
@@ -123,10 +125,10 @@ def test_scores_all_layers_cover_every_conv(residual_net, images32):
 def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fit_dir):
     model = trained_cnn.model
     x = trained_cnn.preprocess.normalize(shapes_probe.images[:4])
-    e = DeConvolve(layer="features", **FAST)
+    e = DeConvolve(layer="features", ascent="filter", **FAST)
     path = fit_path(e, model, input_shape=(3, 32, 32))
     assert not path.exists()
-    explain(model, x, method="deconvolve", layer="features", text=False, **FAST)
+    explain(model, x, method="deconvolve", layer="features", ascent="filter", text=False, **FAST)
     assert path.is_file()
     stored = torch.load(path, weights_only=True)
     assert stored["patterns"].shape == (128, 3, 32, 32) and stored["scores"].shape == (128, 4)
@@ -144,15 +146,15 @@ def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fi
     assert (after.diagonal() > before.diagonal())[live].float().mean() > 0.9
     assert after.diagonal()[live].mean() > after[:, live].mean()
     mtime = path.stat().st_mtime_ns
-    explain(model, x, method="deconvolve", layer="features", text=False, top_k=1, ascent_steps=3)  # reused
+    explain(model, x, method="deconvolve", layer="features", text=False, top_k=1, ascent_steps=3, ascent="filter")  # reused
     assert path.stat().st_mtime_ns == mtime
     # a different model version gets its own fit
-    other = DeConvolve(layer="features", **FAST)
+    other = DeConvolve(layer="features", ascent="filter", **FAST)
     changed = type(model)(len(trained_cnn.class_names))
     assert fit_path(other, changed, input_shape=(3, 32, 32)) != path
     # so does another image size (the filter maps are images of the input's size)
     explain(model, torch.nn.functional.interpolate(x, size=(40, 40)), method="deconvolve", layer="features",
-            text=False, **FAST)
+            ascent="filter", text=False, **FAST)
     assert fit_path(e, model, input_shape=(3, 40, 40)).is_file() and path.stat().st_mtime_ns == mtime
 
 
@@ -220,3 +222,56 @@ def test_workflow_report_and_succinct_metric(trained_cnn, shapes_probe, tmp_path
         assert f"deconvolve: {name}" in page
     first = results.explanations["deconvolve"].extras["text"][0]
     assert first.split("'")[0] in page
+
+
+def test_sweep_correlation_is_pearson_over_the_constants():
+    from xai_plugins.explainers.deconvolve.scoring import sweep_correlation
+
+    values = torch.linspace(0, 1, 5)
+    curve = torch.zeros(5, 3, 2)
+    curve[:, 0, 0] = values * 0.3  # rises linearly: +1
+    curve[:, 1, 0] = -values.pow(2)  # falls: close to -1
+    curve[:, 2, 1] = torch.tensor([0.0, 0.2, -0.1, 0.3, 0.0])  # noisy
+    corr = sweep_correlation(curve, values)
+    expect = np.corrcoef(values.numpy(), curve[:, 2, 1].numpy())[0, 1]
+    assert corr[0, 0] == pytest.approx(1.0) and corr[1, 0] < -0.95 and corr[2, 1] == pytest.approx(expect, abs=1e-6)
+    assert corr[0, 1] == 0.0  # a flat curve: no correlation, not NaN
+
+
+def test_trained_cnn_reports_the_sweep_correlation_and_sharpens(trained_cnn, shapes_probe, fit_dir):
+    model = trained_cnn.model
+    x = trained_cnn.preprocess.normalize(shapes_probe.images[:3])
+    exp = explain(model, x, method="deconvolve", layer="features", ascent="filter", text=False, **FAST)
+    corr = exp.extras["filter_correlation"]
+    assert corr.shape == exp.extras["filter_scores"].shape and (corr.abs() <= 1).all()
+    # a filter whose score at constant 1 is clearly positive rises with the constant
+    strong = exp.extras["filter_scores"] > 0.05
+    assert strong.any() and (corr[strong] > 0).float().mean() > 0.9
+    assert all("correlation" in row for rows in exp.extras["filters"] for row in rows)
+    sharp = explain(model, x, method="deconvolve", layer="features", ascent="filter", text=False, sharpen=3.0, **FAST)
+    assert torch.equal(sharp.attributions, exp.attributions)  # the map is not the heat views
+    # sharpening darkens everything but the hottest region of the proportionate view
+    assert sharp.extras["images"]["proportionate"].mean() < exp.extras["images"]["proportionate"].mean()
+    with pytest.raises(Exception, match="sharpen"):
+        explain(model, x, method="deconvolve", layer="features", sharpen=0, **FAST)
+    with pytest.raises(Exception, match="ascent"):
+        explain(model, x, method="deconvolve", layer="features", ascent="neuron", **FAST)
+
+
+def test_class_ascent_raises_the_filters_class_logit_through_that_filter(trained_cnn):
+    from xai_plugins.explainers.deconvolve.filter_maps import _OnlyChannel
+
+    model = trained_cnn.model.eval()
+    scores = filter_scores(model, "features", (3, 32, 32), steps=2).scores
+    filters = scores.amax(1).topk(8).indices.tolist()  # filters that speak for some class
+    classes = scores[filters].argmax(1).tolist()
+    start = ascend_class(model, "features", (3, 32, 32), filters, classes, steps=0)
+    after = ascend_class(model, "features", (3, 32, 32), filters, classes, steps=30)
+    assert all(p.grad is None for p in model.parameters())
+
+    def logit(images):
+        with torch.no_grad(), _OnlyChannel(resolve_layer(model, "features")[1], 1) as only:
+            only.keep = torch.tensor(filters)
+            return model(images.float())[torch.arange(len(filters)), torch.tensor(classes)]
+
+    assert (logit(after) > logit(start)).float().mean() > 0.9

@@ -108,8 +108,10 @@ def test_succinct_ratio_on_planted_layers():
     assert float(ratio) == pytest.approx(24 / (24 + 16 * 0.05)) and float(area) == pytest.approx(4 / 64)
     lone = focused.clone()
     lone[0, 0, 7, 7] = 1.0  # a significant activation of one filter alone
-    assert float(succinct_ratio(lone, grads)[0]) == 1.0
+    assert float(succinct_ratio(lone, grads, min_count=1)[0]) == 1.0
     assert float(succinct_ratio(lone, grads, min_count=2)[0]) == pytest.approx(24 / 25)
+    # the default keeps the high-count step: a lone filter's position is not high-count
+    assert float(succinct_ratio(lone, grads)[0]) == pytest.approx(24 / 25)
     # weighted by impact on the prediction: the haze of a filter with a large weight counts more
     heavy = grads.clone()
     heavy[0, 0] = 4.0
@@ -193,3 +195,21 @@ def test_succinct_bench_runs_and_summarizes(tmp_path, capsys):
         assert 0 <= row["ratio"] <= 1 and row["ratio_2"] <= row["ratio"] + 1e-6
     out = capsys.readouterr().out
     assert all(f"  {k}" in out for k in _FIGURES) and "over 1 seed(s)" in out
+
+
+def test_bench_succinct_writes_the_before_after_table(trained_cnn, clever_hans_cnn, shapes_probe, tmp_path, monkeypatch):
+    from bench.succinct import before_after
+
+    monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path / "fits"))
+    pre = trained_cnn.preprocess
+    x = pre.normalize(shapes_probe.images[:3])
+    figure, texts = tmp_path / "table1.png", tmp_path / "table1.md"
+    before_after({"without loss": trained_cnn.model, "with loss": clever_hans_cnn.model}, x,
+                 list(trained_cnn.class_names), str(figure), str(texts), mean=pre.mean, std=pre.std)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 5000
+    lines = texts.read_text().splitlines()
+    assert len(lines) == 2 + 3 and "without loss description" in lines[0] and "with loss description" in lines[0]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 6 and cells[1] in trained_cnn.class_names
+        assert len(cells[3]) > 20 and len(cells[5]) > 20  # a sentence per model

@@ -23,15 +23,40 @@ def results_doc(**metrics) -> dict:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def test_default_policy_holds_the_three_checks_of_the_issue():
+def test_default_policy_gates_on_the_sanity_checks_first():
     policy = load_policy(DEFAULT)
     by_metric = {c.metric: c for c in policy.checks}
-    assert set(by_metric) == {"sanity.cascading.spearman_full", "shortcut.share", "faithfulness.aopc"}
-    assert (by_metric["sanity.cascading.spearman_full"].op, by_metric["sanity.cascading.spearman_full"].threshold) \
-        == ("<", 0.4)
+    sanity = {"sanity.cascading.spearman_full", "sanity.independent.ssim_max", "sanity.label.spearman"}
+    assert set(by_metric) == sanity | {"shortcut.share", "faithfulness.aopc"}
+    for key in sanity:  # every gated method, flagged as a sanity check
+        assert by_metric[key].method == "*" and by_metric[key].sanity and by_metric[key].op == "<"
+    assert by_metric["sanity.cascading.spearman_full"].threshold == 0.7
     assert (by_metric["shortcut.share"].op, by_metric["shortcut.share"].threshold) == ("<", 0.2)
-    assert by_metric["faithfulness.aopc"].than == "faithfulness.aopc_random"
+    assert by_metric["faithfulness.aopc"].than == "faithfulness.aopc_random" and not by_metric["shortcut.share"].sanity
     assert policy.name == "default"
+    import yaml
+
+    params_gate = load_policy(yaml.safe_load((ROOT / "params.yaml").read_text())["gate"])
+    assert params_gate.checks == policy.checks  # make demo gates on the same checks
+
+
+def test_a_method_failing_its_sanity_check_carries_no_other_check():
+    policy = {"checks": [{"name": "cascading", "method": "*", "metric": "sanity.cascading.spearman_full", "op": "<",
+                          "threshold": 0.7, "sanity": True},
+                         {"name": "aopc", "method": "*", "metric": "faithfulness.aopc", "op": ">", "threshold": 0.1}]}
+    doc = results_doc(good={"sanity.cascading.spearman_full": 0.3, "faithfulness.aopc": 0.5},
+                      edges={"sanity.cascading.spearman_full": 1.0, "faithfulness.aopc": 0.5})
+    doc["meta"] = {"methods_requested": ["good", "edges"]}
+    verdict = evaluate(policy, doc)
+    rows = {(r["method"], r["name"].split(" [")[0]): r for r in verdict["checks"]}
+    assert rows[("good", "aopc")]["passed"] and rows[("good", "cascading")]["passed"]
+    assert not rows[("edges", "cascading")]["passed"]
+    edge_aopc = rows[("edges", "aopc")]  # its value passes, yet the method failed its sanity check
+    assert not edge_aopc["passed"] and "sanity check" in edge_aopc["reason"] and edge_aopc["value"] == 0.5
+    assert verdict["status"] == "failed"
+    assert "sanity check" in format_table(verdict)
+    with pytest.raises(PolicyError, match="sanity"):
+        load_policy({"checks": [{"metric": "a.b", "op": "<", "threshold": 1, "sanity": "yes"}]})
 
 
 def test_policy_sources(tmp_path):

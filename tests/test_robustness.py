@@ -56,3 +56,26 @@ def test_no_change_means_perfect_scores(trained_cnn, shapes_probe):
     assert out["fgsm.dice90"] == pytest.approx(1.0)
     assert out["fgsm.spearman"] == pytest.approx(1.0) and out["fgsm.fooling_rate"] == 0.0
     assert "max_sensitivity" not in out
+
+
+def test_dice_at_threshold_and_at_quantile_are_different_cuts():
+    from xai_plugins.metrics.robustness import compare_maps
+    from xai_plugins.similarity import dice_at_quantile, dice_at_threshold
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 20, 20, generator=g) * 0.5  # nothing reaches 0.9
+    b = a.clone()
+    a[:, :10] += 0.45  # half of a is >= 0.9 only where the noise is high; b has no value >= 0.9
+    # at the value 0.9: a has pixels, b none -> no overlap; at the quantile both keep their top 10 %
+    assert dice_at_threshold(a, b, 0.9).max() == 0.0
+    assert (dice_at_threshold(b, b, 0.9) == 1.0).all()  # two empty sets
+    assert (dice_at_quantile(a, b, 0.9) > 0).all()
+    bx = a.flatten(1) >= 0.9
+    by = (b + 0.45).flatten(1) >= 0.9
+    expect = 2 * (bx & by).sum(1) / (bx.sum(1) + by.sum(1))
+    assert torch.allclose(dice_at_threshold(a, b + 0.45, 0.9), expect.float())
+    out = compare_maps(a, b)
+    assert torch.equal(out["dice90"], out["dice_threshold"])
+    assert torch.equal(compare_maps(a, b, dice="quantile")["dice90"], out["dice_quantile"])
+    with pytest.raises(ValueError, match="dice"):
+        compare_maps(a, b, dice="median")

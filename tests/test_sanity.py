@@ -274,6 +274,23 @@ def test_randomization_gate_passes_gradient_methods_and_fails_the_edge_detector(
         assert curve[-1] < curve[0] or curve[0] < 0.9  # similarity falls as randomization goes deeper
 
 
+def test_the_shipped_default_gate_refuses_the_edge_detector_on_its_sanity_checks(sanity_run):
+    from pathlib import Path
+
+    from core.policy import load_policy
+
+    results, path = sanity_run
+    policy = load_policy(Path(__file__).resolve().parent.parent / "policies" / "default.yaml")
+    policy.checks[:] = [c for c in policy.checks if c.sanity]  # this run computed the sanity metric only
+    assert len(policy.checks) == 3
+    verdict = evaluate(policy, path)
+    rows = {(c["method"], c["metric"]): c for c in verdict["checks"]}
+    for metric in ("sanity.cascading.spearman_full", "sanity.independent.ssim_max", "sanity.label.spearman"):
+        for method in ("saliency", "grad_cam"):
+            assert rows[(method, metric)]["passed"], verdict
+        assert not rows[("edge_detector", metric)]["passed"], verdict
+
+
 def test_label_randomization_changes_model_dependent_explanations_only(sanity_run):
     results, _ = sanity_run
     for method in ("saliency", "grad_cam"):

@@ -28,6 +28,7 @@ def rankdata(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 __all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "cc", "nss", "dice_at_quantile",
+           "dice_at_threshold",
            "kl_divergence", "auc_vs_mask", "auc_judd", "auc_borji", "auc_shuffled", "uniform_nonfixations",
            "SIMILARITIES"]
 
@@ -190,17 +191,27 @@ def kl_divergence(maps: torch.Tensor, density: torch.Tensor, eps: float = 2.2204
     return torch.from_numpy((q * np.log(eps + q / (p + eps))).sum(axis=1)).float()
 
 
-def dice_at_quantile(a: torch.Tensor, b: torch.Tensor, q: float = 0.9) -> torch.Tensor:
-    """Dice coefficient 2|A n B| / (|A| + |B|) of the maps binarized at their own ``q`` quantile
-    (A = a >= quantile(a, q)), per image (Galli et al. 2021 use q = 0.9). Two empty sets score 1."""
-    x, y = _pair(a, b)
-    n = x.shape[0]
-    fx, fy = x.reshape(n, -1), y.reshape(n, -1)
-    bx = fx >= np.quantile(fx, q, axis=1, keepdims=True)
-    by = fy >= np.quantile(fy, q, axis=1, keepdims=True)
+def _dice(bx: np.ndarray, by: np.ndarray) -> torch.Tensor:
+    """Dice 2|A n B| / (|A| + |B|) of two N x P boolean arrays, per row; two empty sets score 1."""
     inter = (bx & by).sum(axis=1)
     size = bx.sum(axis=1) + by.sum(axis=1)
     return torch.from_numpy(np.where(size > 0, 2.0 * inter / np.maximum(size, 1), 1.0)).float()
+
+
+def dice_at_quantile(a: torch.Tensor, b: torch.Tensor, q: float = 0.9) -> torch.Tensor:
+    """Dice coefficient 2|A n B| / (|A| + |B|) of the maps binarized at their own ``q`` quantile
+    (A = a >= quantile(a, q): the top 10 % for q = 0.9, whatever the values), per image."""
+    x, y = _pair(a, b)
+    fx, fy = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    return _dice(fx >= np.quantile(fx, q, axis=1, keepdims=True), fy >= np.quantile(fy, q, axis=1, keepdims=True))
+
+
+def dice_at_threshold(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """Dice coefficient of the [0, 1] maps binarized at a fixed value (A = a >= ``threshold``), per
+    image: Galli et al. 2021 as the review describes it ("thresholding of importance map with 0.9 as
+    the threshold value"). Two empty sets score 1."""
+    x, y = _pair(a, b)
+    return _dice(x.reshape(x.shape[0], -1) >= threshold, y.reshape(y.shape[0], -1) >= threshold)
 
 
 def auc_vs_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

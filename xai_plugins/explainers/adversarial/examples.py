@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from xai_plugins import Explainer, InputError
-from xai_plugins.attacks import deepfool, fgsm
+from xai_plugins.attacks import deepfool, fgsm, one_pixel
 
-ATTACKS = ("fgsm", "deepfool")
+ATTACKS = ("fgsm", "deepfool", "one_pixel")
 
 
 def display(inputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -41,15 +41,20 @@ class AdversarialExplainer(Explainer):
     by exactly +-epsilon, so its magnitude map is flat: with ``steps`` > 1 (default 10) the sign steps
     of size epsilon / steps accumulate only where the gradient sign is stable (basic iterative method),
     which is what the map shows; ``steps=1`` is plain FGSM. DeepFool uses ``max_iter``, ``overshoot``
-    and ``num_classes`` (candidate classes, the reference code's 10). ``extras``: the adversarial
-    prediction, whether it changed, and the adversarial images for the report.
+    and ``num_classes`` (candidate classes, the reference code's 10). ``attack="one_pixel"`` is Su et
+    al. 2019's differential-evolution attack (``xai_plugins.attacks.one_pixel``) on ``pixels`` pixels
+    with ``popsize`` candidates for ``maxiter`` generations (default budget 80 x 30, the paper's
+    400 x 100 is larger); its map is nonzero only at the changed pixels, and ``extras["pixels"]`` names
+    them (B x pixels x (row, col)). ``extras``: the adversarial prediction, whether it changed (for the
+    one-pixel attack honestly False where the budget found nothing), and the adversarial images.
     """
 
     name = "adversarial"
     family = "adversarial"
     space = "input"
     params = {"attack": "deepfool", "epsilon": 0.03, "steps": 10, "max_iter": 50, "overshoot": 0.02,
-              "num_classes": 10}
+              "num_classes": 10,
+              "pixels": 1, "popsize": 80, "maxiter": 30, "seed": 0}
 
     def attack(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -61,6 +66,12 @@ class AdversarialExplainer(Explainer):
         if cfg["attack"] == "deepfool":
             return deepfool(model, inputs, targets, max_iter=cfg["max_iter"], overshoot=cfg["overshoot"],
                             num_classes=cfg["num_classes"])
+        if cfg["attack"] == "one_pixel":
+            if cfg["pixels"] < 1 or cfg["popsize"] < 1 or cfg["maxiter"] < 1:
+                raise InputError("the one_pixel attack needs pixels, popsize and maxiter >= 1")
+            self.found = one_pixel(model, inputs, targets, pixels=cfg["pixels"], popsize=cfg["popsize"],
+                                   maxiter=cfg["maxiter"], seed=cfg["seed"])
+            return self.found.adversarial
         raise InputError(f"attack must be one of {', '.join(ATTACKS)}, not {cfg['attack']!r}")
 
     def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -69,4 +80,6 @@ class AdversarialExplainer(Explainer):
             prediction = model(adversarial).argmax(1)
         extras = {"adversarial_prediction": prediction.cpu(), "fooled": (prediction != targets).cpu(),
                   "images": {"adversarial": display(adversarial, inputs).cpu()}}
+        if self.config["attack"] == "one_pixel":
+            extras["pixels"] = self.found.positions.cpu()
         return adversarial - inputs, extras

@@ -48,6 +48,36 @@ class TwoGenerators(nn.Module):
         return x + similar, x + adversarial
 
 
+class PatchDiscriminator(nn.Module):
+    """The GAN discriminator D of Charachon et al.: real images vs generated ones, a small PatchGAN
+    (one logit per receptive field; Isola et al. 2017's pix2pix discriminator, which they build on)."""
+
+    def __init__(self, channels: int = 3, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """The standard (non-saturating) GAN cross-entropy: BCE of D's logits against real / fake."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 1.0 if real else 0.0))
+
+
+def class_cross_entropy(logits: torch.Tensor, label: torch.Tensor, keep_class: bool = True) -> torch.Tensor:
+    """The paper's classification terms: CE(f(g_s(x)), y) to keep class y; for g_a the cross-entropy
+    of the opposite outcome, -log(1 - p_y) (the binary paper's CE against the other class, written
+    for any number of classes)."""
+    if keep_class:
+        return F.cross_entropy(logits, label)
+    log_p = torch.log_softmax(logits, 1).gather(1, label.view(-1, 1)).squeeze(1)
+    return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).mean()
+
+
 def margin(logits: torch.Tensor, label: torch.Tensor, kappa: float, keep_class: bool = True) -> torch.Tensor:
     """Carlini & Wagner's hinge on the logit margin m = z_y - max_{k != y} z_k: mean of
     relu(kappa - m) to keep class y, of relu(m + kappa) to leave it. It stops pushing once the
@@ -70,17 +100,34 @@ class AdversarialGenerators(Explainer):
     reading of "trained from the same adversarial space"). Adam (``lr``) for ``fit_steps`` batches of
     ``fit_batch``; checkpoints to ``checkpoint_path`` every 50 steps and resumes from it.
     ``attributions`` are g_s(x) - g_a(x); extras hold both generated images and their predictions.
+
+    ``loss="paper"`` trains as Charachon et al. do instead: cross-entropy classification terms
+    (CE(f(g_s(x)), y) and -log(1 - p_y(g_a(x)))) and a discriminator D (``PatchDiscriminator``) with
+    the GAN cross-entropy, weight ``adv``: D learns real x vs g_s(x), g_a(x); each generator adds
+    ``adv`` * BCE(D(g(x)), real). ``loss="margin"`` (default) is the variant above, no discriminator.
+    Measured on the reference CNN and `shapes` (``python -m bench.generators``, 400 steps, 64 held-out
+    images): see the README section "Two generators: paper loss vs margin hinges".
     """
 
     name = "adversarial_generators"
     family = "adversarial"
     space = "input"
     trainable = True
-    params = {"fit_steps": 400, "fit_batch": 32, "lr": 5e-3, "rec": 0.5, "margin": 1.0, "width": 16, "seed": 0}
-    fit_params = ("fit_steps", "fit_batch", "lr", "rec", "margin", "width", "seed")
+    params = {"fit_steps": 400, "fit_batch": 32, "lr": 5e-3, "rec": 0.5, "margin": 1.0, "width": 16, "seed": 0,
+              "loss": "margin", "adv": 0.05}
+    fit_params = ("fit_steps", "fit_batch", "lr", "rec", "margin", "width", "seed", "loss", "adv")
+    LOSSES = ("margin", "paper")
 
     net: TwoGenerators | None = None
+    disc: PatchDiscriminator | None = None
+    disc_opt: torch.optim.Optimizer | None = None
     checkpoint_path: Any = None
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        if self.config["loss"] not in self.LOSSES:
+            raise XAIError(f"adversarial_generators: loss must be one of {', '.join(self.LOSSES)}, "
+                           f"not {self.config['loss']!r}")
 
     def losses(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
@@ -88,11 +135,24 @@ class AdversarialGenerators(Explainer):
         similar, adversarial = self.net(x)
         out_s, out_a = model(similar), model(adversarial)
         cfg = self.config
-        loss = margin(out_s, keep, cfg["margin"]) + cfg["rec"] * (similar - x).abs().mean() + \
-            margin(out_a, keep, cfg["margin"], keep_class=False) + cfg["rec"] * (adversarial - x).abs().mean()
+        rec = cfg["rec"] * ((similar - x).abs().mean() + (adversarial - x).abs().mean())
+        if cfg["loss"] == "margin":
+            loss = margin(out_s, keep, cfg["margin"]) + margin(out_a, keep, cfg["margin"], keep_class=False) + rec
+        else:
+            self.discriminator_step(x, similar.detach(), adversarial.detach())
+            fooling = gan_loss(self.disc(similar), True) + gan_loss(self.disc(adversarial), True)
+            loss = class_cross_entropy(out_s, keep) + class_cross_entropy(out_a, keep, keep_class=False) + rec + \
+                cfg["adv"] * fooling
         stats = {"keep_rate": float((out_s.argmax(1) == keep).float().mean()),
                  "change_rate": float((out_a.argmax(1) != keep).float().mean())}
         return loss, stats
+
+    def discriminator_step(self, real: torch.Tensor, *fakes: torch.Tensor) -> None:
+        """One Adam step of D on the GAN cross-entropy: real images 1, generated ones 0."""
+        loss = gan_loss(self.disc(real), True) + sum(gan_loss(self.disc(f), False) for f in fakes) / len(fakes)
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
 
     def fit(self, model: nn.Module, data: Any) -> dict[str, Any]:
         cfg = self.config
@@ -100,6 +160,9 @@ class AdversarialGenerators(Explainer):
         torch.manual_seed(cfg["seed"])
         self.net = TwoGenerators(data.inputs.shape[1], cfg["width"]).to(device)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        if cfg["loss"] == "paper":
+            self.disc = PatchDiscriminator(data.inputs.shape[1], cfg["width"]).to(device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.999))
         step, stats = self._resume(opt), {}
         with preserved_model(model, restore_values=False), torch.enable_grad():
             while step < cfg["fit_steps"]:
@@ -124,12 +187,17 @@ class AdversarialGenerators(Explainer):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(saved["generators"])
         opt.load_state_dict(saved["optimizer"])
+        if self.disc is not None and "discriminator" in saved:
+            self.disc.load_state_dict(saved["discriminator"])
+            self.disc_opt.load_state_dict(saved["discriminator_optimizer"])
         return int(saved["step"])
 
     def _checkpoint(self, opt: torch.optim.Optimizer, step: int) -> None:
         if self.checkpoint_path is not None:
-            torch.save({"generators": self.net.state_dict(), "optimizer": opt.state_dict(), "step": step},
-                       self.checkpoint_path)
+            saved = {"generators": self.net.state_dict(), "optimizer": opt.state_dict(), "step": step}
+            if self.disc is not None:
+                saved.update(discriminator=self.disc.state_dict(), discriminator_optimizer=self.disc_opt.state_dict())
+            torch.save(saved, self.checkpoint_path)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.net = TwoGenerators(state["channels"], state["width"])

@@ -1,8 +1,11 @@
 """DeConvolve (Meeradevi et al.): filter scores, filter maps and textual explanations.
 
 Image-agnostic part, fitted once per model version (``core.fitting``, stored with the model's
-fingerprint): the filter scores of Algorithm 1 (``scoring``) and the filters' gradient-ascent
-patterns of section 3.3 (``filter_maps``). Per image (section 3.4):
+fingerprint): the filter scores of Algorithm 1 (``scoring``), the correlation of each filter's
+constant sweep with the class probability (section 3.2, ``sweep_correlation``), and the filters'
+gradient-ascent patterns of section 3.3 (``filter_maps``; ``ascent="class"``, the paper's, ascends
+the class activation through the filter alone, ``ascent="filter"`` the filter's own activation).
+Per image (section 3.4):
 
 - the layer's feature maps A_k; each filter's evidence for the explained class c is its score
   S[k, c] times its mean activation on the image (``rank="evidence"``; ``rank="score"`` ranks by the
@@ -13,13 +16,16 @@ patterns of section 3.3 (``filter_maps``). Per image (section 3.4):
   the image as the proportionate and the encircled threshold heat maps (``superimpose``). The paper
   superimposes the stored image-agnostic map; an image-agnostic pattern carries no location in the
   image, so we superimpose the filter's feature map on this image and show the stored pattern of the
-  top filter next to it (``images["top_filter_pattern"]``);
+  top filter next to it (``images["top_filter_pattern"]``). ``sharpen`` (section 3.4.1's trade-off
+  between focus and context) raises the [0, 1] heat maps to that power before superimposing and
+  describing them: > 1 sharpens onto the hottest region, < 1 keeps more context, 1 leaves them;
 - every chosen filter's map is described by a describer plugin (``template`` by default,
   ``openai_compatible`` for a multimodal LLM) and the sentences are aggregated by score buckets with
   weighted semantic averaging (``text``).
 
-extras: ``filter_scores`` / ``filter_evidence`` (B x K: each image's class), ``filters`` (per image:
-the chosen filters with score, evidence, sign and sentence), ``text`` and ``summary`` (one string per
+extras: ``filter_scores`` / ``filter_evidence`` / ``filter_correlation`` (B x K: each image's class;
+the last the sweep's Pearson correlation), ``filters`` (per image: the chosen filters with score,
+correlation, evidence, sign and sentence), ``text`` and ``summary`` (one string per
 image), ``images`` (proportionate, encircled, negative_proportionate, negative_encircled,
 top_filter_pattern), ``layer_scores`` (with ``score_layers="all"``: every conv layer's B x K scores).
 """
@@ -32,7 +38,7 @@ import torch
 
 from xai_plugins import Describer, Explainer, XAIError, hookimpl
 from xai_plugins.explainers.deconvolve import filter_maps, superimpose
-from xai_plugins.explainers.deconvolve.scoring import filter_scores
+from xai_plugins.explainers.deconvolve.scoring import filter_scores, sweep_correlation
 from xai_plugins.explainers.deconvolve.selection import Evidence, layer_evidence
 from xai_plugins.explainers.deconvolve.text import CachedEmbedder, semantic_average
 from xai_plugins.toolkit import conv_layers
@@ -55,8 +61,9 @@ class DeConvolve(Explainer):
     family = "deconvolve"
     space = "map"
     trainable = True
-    fit_params = ("layer", "steps", "score_layers", "ascent_steps", "ascent_lr", "seed")
-    params = {"layer": None, "steps": 5, "score_layers": "explained", "ascent_steps": 50, "ascent_lr": 0.05,
+    fit_params = ("layer", "steps", "score_layers", "ascent", "ascent_steps", "ascent_lr", "seed")
+    params = {"layer": None, "steps": 5, "score_layers": "explained", "ascent": "class", "ascent_steps": 50,
+              "ascent_lr": 0.05, "sharpen": 1.0,
               "top_k": 3, "rank": "evidence", "threshold": 0.5, "sigma": 1.0, "text": True,
               "describer": "template", "describer_params": None, "buckets": 2, "class_names": None,
               "mean": None, "std": None, "seed": 0, "batch_size": 64}
@@ -67,6 +74,10 @@ class DeConvolve(Explainer):
             raise XAIError(f"deconvolve: rank must be 'evidence' or 'score', not {self.config['rank']!r}")
         if self.config["score_layers"] not in ("explained", "all"):
             raise XAIError("deconvolve: score_layers must be 'explained' or 'all'")
+        if self.config["ascent"] not in ("class", "filter"):
+            raise XAIError(f"deconvolve: ascent must be 'class' or 'filter', not {self.config['ascent']!r}")
+        if not float(self.config["sharpen"]) > 0:
+            raise XAIError("deconvolve: sharpen must be a positive exponent")
         self.state: dict[str, Any] | None = None
 
     # -- fitted, image-agnostic part ------------------------------------------------------------
@@ -80,9 +91,13 @@ class DeConvolve(Explainer):
         if self.config["score_layers"] == "all":
             state["layer_scores"] = {n: filter_scores(model, n, shape, 2, bs).scores for n, _ in conv_layers(model)}
         filters = list(range(main.scores.shape[0]))
-        patterns = filter_maps.ascend_filters(model, layer, shape, filters, int(self.config["ascent_steps"]),
-                                              float(self.config["ascent_lr"]), seed=int(self.config["seed"]),
-                                              batch_size=int(self.config["batch_size"]))
+        ascent = dict(steps=int(self.config["ascent_steps"]), lr=float(self.config["ascent_lr"]),
+                      seed=int(self.config["seed"]), batch_size=int(self.config["batch_size"]))
+        if self.config["ascent"] == "class":  # each filter towards the class it scores highest for
+            classes = main.scores.argmax(1).tolist()
+            patterns = filter_maps.ascend_class(model, layer, shape, filters, classes, **ascent)
+        else:
+            patterns = filter_maps.ascend_filters(model, layer, shape, filters, **ascent)
         state["patterns"] = filter_maps.shrink(patterns)
         return state
 
@@ -99,7 +114,10 @@ class DeConvolve(Explainer):
         size = tuple(inputs.shape[-2:])
         k = int(self.config["top_k"])
         pos, neg = ev.top(k, positive=True), ev.top(k, positive=False)
+        corr = sweep_correlation(state["curve"], state["values"])[:, targets.cpu()].T.contiguous()
+        ev.correlation = corr
         extras: dict[str, Any] = {"filter_scores": ev.scores.cpu(), "filter_evidence": ev.evidence.cpu(),
+                                  "filter_correlation": corr,
                                   "images": self.superimposed(images, ev, pos, neg, size), "layer": state["layer"]}
         if "layer_scores" in state:
             t = targets.cpu()
@@ -112,7 +130,7 @@ class DeConvolve(Explainer):
         """The chosen positive (negative) filters' maps, |evidence|-weighted, superimposed both ways;
         and the stored gradient-ascent pattern of each image's top positive filter."""
         th, sg = float(self.config["threshold"]), float(self.config["sigma"])
-        pos_heat, neg_heat = ev.group_heat(pos, size), ev.group_heat(neg, size)
+        pos_heat, neg_heat = self.sharpened(ev.group_heat(pos, size)), self.sharpened(ev.group_heat(neg, size))
         out = {"proportionate": superimpose.proportionate(images, pos_heat),
                "encircled": superimpose.encircled(images, pos_heat, th, sg),
                "negative_proportionate": superimpose.proportionate(images, neg_heat),
@@ -123,6 +141,11 @@ class DeConvolve(Explainer):
             has = torch.tensor([bool(row) for row in pos]).view(-1, 1, 1, 1)
             out["top_filter_pattern"] = torch.where(has, shown, torch.zeros_like(shown))
         return {n: v.detach().float().cpu() for n, v in out.items()}
+
+    def sharpened(self, heat: torch.Tensor) -> torch.Tensor:
+        """[0, 1] heat maps raised to ``sharpen`` (section 3.4.1: focus against context)."""
+        gamma = float(self.config["sharpen"])
+        return heat if gamma == 1.0 else heat.clamp(0, 1).pow(gamma)
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
         """The drawn map: the positive part of the aggregated filter evidence."""
@@ -165,7 +188,8 @@ class DeConvolve(Explainer):
         aggregates = [semantic_average(list(sentences.values()), [float(ev.scores[i, f]) for f in sentences],
                                        embed, int(self.config["buckets"])) for i, sentences in enumerate(per_image)]
         out: dict[str, Any] = {"text": [a.text for a in aggregates], "summary": [a.summary for a in aggregates],
-                               "filters": [self.chosen(ev, i, pos[i], neg[i], per_image[i]) for i in range(b)],
+                               "filters": [self.chosen(ev, i, pos[i], neg[i], per_image[i])
+                                           for i in range(b)],
                                "text_embedding": semantic.embedder_name(), "describer": describer.name}
         if errors:
             out["describer_errors"] = sorted(set(errors))
@@ -178,7 +202,7 @@ class DeConvolve(Explainer):
         if not chosen:
             return {}
         th, sg = float(self.config["threshold"]), float(self.config["sigma"])
-        heat = ev.filter_heat(i, chosen, size)
+        heat = self.sharpened(ev.filter_heat(i, chosen, size))
         img = image.unsqueeze(0).expand(len(chosen), -1, -1, -1)
         views = {"proportionate": superimpose.proportionate(img, heat), "encircled": superimpose.encircled(img, heat, th, sg)}
         out = {}
@@ -196,7 +220,10 @@ class DeConvolve(Explainer):
         rows = []
         for sign, group in (("positive", pos), ("negative", neg)):
             for f in group:
-                row = {"filter": f, "sign": sign, "score": float(ev.scores[i, f]), "evidence": float(ev.evidence[i, f])}
+                row = {"filter": f, "sign": sign, "score": float(ev.scores[i, f]),
+                       "evidence": float(ev.evidence[i, f])}
+                if ev.correlation is not None:
+                    row["correlation"] = float(ev.correlation[i, f])
                 if sentences is not None:
                     row["sentence"] = sentences.get(f, "")
                 rows.append(row)

@@ -11,6 +11,11 @@ regularization, which keeps the pattern legible instead of high-frequency noise)
 the class enters through the filter's score, which says whether the pattern speaks for or against
 it). Optimizing in the model's input space lets the result be drawn next to, and compared with, the
 image. All filters ascend together (one input per filter, batched); the forward stops at the layer.
+``ascent="class"`` (``ascend_class``) is the paper's objective read literally: the class activation,
+i.e. the logit of the filter's class (the class it scores highest for, Algorithm 1) when the layer
+passes on that filter's channel alone (the others zeroed), so the pattern is what makes the filter
+speak for its class through the rest of the network; ``ascent="filter"`` (``ascend_filters``, the
+default before) ascends the filter's own mean activation, the forward stopping at the layer.
 The result is stored with the fitted state (``core.fitting``: once per model version), downsampled
 to at most ``max_side`` pixels to keep the artifact small.
 """
@@ -62,33 +67,87 @@ class _UpTo:
         self.handle.remove()
 
 
-def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
-                   steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
-                   batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
-    """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
+def _ascend(model: nn.Module, input_shape: tuple[int, ...], n: int, objective: Any, steps: int, lr: float,
+            rms: float, seed: int, batch_size: int, blur_every: int) -> torch.Tensor:
+    """Projected Adam ascent of ``objective(x, batch slice) -> per-sample values`` from seeded noise,
+    ``n`` inputs in batches, with the RMS projection and periodic blur of the module docstring."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
-    gen = torch.Generator().manual_seed(int(seed))
-    module = resolve_layer(model, layer)[1]
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    calls = len(layer_calls(model, layer, input_shape, device, dtype))
+    gen = torch.Generator().manual_seed(int(seed))
     out = []
-    with torch.enable_grad(), _UpTo(module, calls) as upto:
-        for sl in batch_slices(len(filters), batch_size):
-            idx = torch.tensor(filters[sl], device=device)
-            x = _project(torch.randn(len(idx), *input_shape, generator=gen).to(device, dtype), rms).requires_grad_()
+    with torch.enable_grad():
+        for sl in batch_slices(n, batch_size):
+            count = sl.stop - sl.start
+            x = _project(torch.randn(count, *input_shape, generator=gen).to(device, dtype), rms).requires_grad_()
             opt = torch.optim.Adam([x], lr=lr)
             for step in range(int(steps)):
-                act = upto(model, x)
-                objective = act[torch.arange(len(idx), device=device), idx].mean(dim=(1, 2))
-                opt.zero_grad(set_to_none=True)
-                (-objective.sum()).backward()
+                (grad,) = torch.autograd.grad(-objective(x, sl).sum(), x)  # the input's only: no parameter grads
+                x.grad = grad
                 opt.step()
                 with torch.no_grad():
                     y = _blur(x) if blur_every and (step + 1) % blur_every == 0 else x
                     x.copy_(_project(y, rms))
             out.append(x.detach())
     return torch.cat(out) if out else torch.zeros(0, *input_shape)
+
+
+def _layer_call_count(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return len(layer_calls(model, layer, input_shape, device, dtype))
+
+
+def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
+                   steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
+                   batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
+    """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
+    module = resolve_layer(model, layer)[1]
+    with _UpTo(module, _layer_call_count(model, layer, input_shape)) as upto:
+        def objective(x: torch.Tensor, sl: slice) -> torch.Tensor:
+            idx = torch.tensor(filters[sl], device=x.device)
+            return upto(model, x)[torch.arange(len(idx), device=x.device), idx].mean(dim=(1, 2))
+
+        return _ascend(model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every)
+
+
+class _OnlyChannel:
+    """Forward hook: the layer's ``call``-th output with every channel but ``self.keep[i]`` zeroed for
+    sample i (a reused module: its last call, as elsewhere)."""
+
+    def __init__(self, module: nn.Module, call: int):
+        self.module, self.call, self.calls, self.keep, self.handle = module, int(call), 0, None, None
+
+    def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> Any:
+        self.calls += 1
+        if self.calls != self.call:
+            return None
+        mask = torch.zeros(output.shape[:2], dtype=output.dtype, device=output.device)
+        mask[torch.arange(output.shape[0], device=output.device), self.keep] = 1
+        return output * mask[:, :, None, None]
+
+    def __enter__(self) -> _OnlyChannel:
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def ascend_class(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
+                 classes: list[int], steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
+                 batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
+    """The input (F x C x H x W) that maximizes the logit of ``classes[i]`` when ``layer`` passes on
+    only filter ``filters[i]`` (section 3.3: the class activation as the objective)."""
+    module = resolve_layer(model, layer)[1]
+    with _OnlyChannel(module, _layer_call_count(model, layer, input_shape)) as only:
+        def objective(x: torch.Tensor, sl: slice) -> torch.Tensor:
+            only.keep, only.calls = torch.tensor(filters[sl], device=x.device), 0
+            logits = model(x)
+            return logits[torch.arange(x.shape[0], device=x.device), torch.tensor(classes[sl], device=x.device)]
+
+        return _ascend(model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:

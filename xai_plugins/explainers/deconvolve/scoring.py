@@ -5,7 +5,10 @@ the layer's output shape (``baseline_prob``), then the same tensor with one filt
 constant (``activated_prob``); Score[layer][filter] = activated_prob - baseline_prob, the change in
 the class probability (softmax of the logits). Section 3.2 sweeps the constant from 0 to 1 and
 assigns the increase in probability as the score: we record the whole sweep (``steps`` values,
-``curve``) and the score is its value at 1, exactly Algorithm 1.
+``curve``) and the score is its value at 1, exactly Algorithm 1. Section 3.2 describes the score as
+"the correlation between the mean of pixels in the feature map and the output probability of the
+predicted class": ``sweep_correlation`` computes that Pearson correlation over the sweep, per filter
+and class (in [-1, 1]; 0 for a flat curve), reported beside the scores.
 
 Any model, without slicing it: the layer's output is replaced through a forward hook while the
 model runs on an all-zero input, so "the model sliced from the layer" is everything downstream of
@@ -108,6 +111,17 @@ def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], st
     change = torch.cat(probs).view(len(values) - 1, k, -1) - baseline
     curve = torch.cat([torch.zeros(1, k, change.shape[-1], device=device, dtype=dtype), change])
     return FilterScores(layer, curve[-1].cpu(), curve.cpu(), values, baseline.cpu())
+
+
+def sweep_correlation(curve: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between the swept constant (the feature map's mean, ``values``: steps) and
+    the class probability (``curve``: steps x K x classes, the change from the baseline, which has
+    the same correlation), per filter and class: K x classes; 0 where the probability does not move."""
+    v = values.to(curve.dtype).view(-1, 1, 1)
+    dv, dc = v - v.mean(), curve - curve.mean(0, keepdim=True)
+    den = (dv.pow(2).sum(0) * dc.pow(2).sum(0)).sqrt()
+    corr = (dv * dc).sum(0) / den.clamp_min(1e-30)
+    return torch.where(den > 1e-12, corr, torch.zeros_like(corr)).clamp(-1, 1)
 
 
 def reference_scores(sub_model: Callable[[torch.Tensor], torch.Tensor], layer_shape: tuple[int, ...],

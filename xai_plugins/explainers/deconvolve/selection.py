@@ -17,13 +17,15 @@ class Evidence:
     activations: B x K x h x w, ReLU of the layer output (what the next layer sees);
     scores: B x K, Algorithm 1's score of each filter for each image's class;
     evidence: B x K, the score times the filter's mean activation on the image (``rank="evidence"``)
-    or the score itself (``rank="score"``).
+    or the score itself (``rank="score"``);
+    correlation: B x K, the constant sweep's correlation with each image's class (section 3.2), when known.
     """
 
     layer: str
     activations: torch.Tensor
     scores: torch.Tensor
     evidence: torch.Tensor
+    correlation: torch.Tensor | None = None
 
     def top(self, k: int, positive: bool) -> list[list[int]]:
         """Per image, up to ``k`` filters with the largest positive (or most negative) evidence."""
