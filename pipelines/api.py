@@ -23,6 +23,7 @@ from typing import Any
 
 from core.errors import XAIError
 from pipelines import layout, procgroup
+from pipelines.dvc_locks import drop_dead_holders
 from pipelines.lock import workspace_lock
 from pipelines.params import add_version, read_params, version_entry
 from pipelines.workspace import dvc_env
@@ -62,7 +63,9 @@ def run_dvc(workspace: Path, args: list[str], env: dict[str, str] | None = None,
             timeout: float | None = None) -> tuple[int, str]:
     """Run ``dvc ARGS`` in ``workspace``; returns (exit code, stdout + stderr). dvc and the stages it
     runs form one process group that dies with this process (:mod:`pipelines.procgroup`) and is
-    killed when we stop waiting for it: on a time-out, an exception or ``KeyboardInterrupt``."""
+    killed when we stop waiting for it: on a time-out, an exception or ``KeyboardInterrupt``. Lock
+    entries of dead or zombie dvc processes are dropped first (:mod:`pipelines.dvc_locks`)."""
+    drop_dead_holders(workspace)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.procgroup", *args], cwd=workspace,
                             env=dvc_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=procgroup.die_with_parent(os.getpid()))

@@ -5,6 +5,7 @@ MLflow UI does (``ShowArtifactHtmlView``: the artifact fetched from ``get-artifa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,9 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _blank_page(debug_port: int) -> AsyncIterator[tuple[_CDP, str]]:
+    """A CDP connection to the browser on ``debug_port`` and a new blank page (Page, Runtime, Log on)."""
     import aiohttp
 
     with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=30) as resp:
@@ -149,23 +152,28 @@ async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str,
             page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
             for domain in ("Page", "Runtime", "Log"):
                 await cdp.call(f"{domain}.enable", page)
-            await cdp.call("Target.setAutoAttach", page, autoAttach=True, waitForDebuggerOnStart=True, flatten=True)
-            await cdp.call("Page.navigate", page, url=f"{origin}/health")
-            await cdp.drain(2.0)
-            shown = await cdp.evaluate(SHOW_LIKE_MLFLOW % {"url": json.dumps(artifact_url)}, page)
-            await cdp.drain(1.0)
-            if cdp.frames:
-                report = await cdp.evaluate(INSPECT_IMAGES, next(iter(cdp.frames.values())))
-            else:  # the iframe stayed in the page's process
-                tree = await cdp.call("Page.getFrameTree", page)
-                children = tree["frameTree"].get("childFrames", [])
-                if not children:
-                    return {"shown": shown, "error": "no iframe", "errors": _errors(cdp.events)}
-                world = await cdp.call("Page.createIsolatedWorld", page, frameId=children[0]["frame"]["id"],
-                                       worldName="inspect")
-                report = await cdp.evaluate(INSPECT_IMAGES, page, world["executionContextId"])
-            await cdp.drain(0.5)
-            return {"shown": shown, **report, "errors": _errors(cdp.events)}
+            yield cdp, page
+
+
+async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str, Any]:
+    async with _blank_page(debug_port) as (cdp, page):
+        await cdp.call("Target.setAutoAttach", page, autoAttach=True, waitForDebuggerOnStart=True, flatten=True)
+        await cdp.call("Page.navigate", page, url=f"{origin}/health")
+        await cdp.drain(2.0)
+        shown = await cdp.evaluate(SHOW_LIKE_MLFLOW % {"url": json.dumps(artifact_url)}, page)
+        await cdp.drain(1.0)
+        if cdp.frames:
+            report = await cdp.evaluate(INSPECT_IMAGES, next(iter(cdp.frames.values())))
+        else:  # the iframe stayed in the page's process
+            tree = await cdp.call("Page.getFrameTree", page)
+            children = tree["frameTree"].get("childFrames", [])
+            if not children:
+                return {"shown": shown, "error": "no iframe", "errors": _errors(cdp.events)}
+            world = await cdp.call("Page.createIsolatedWorld", page, frameId=children[0]["frame"]["id"],
+                                   worldName="inspect")
+            report = await cdp.evaluate(INSPECT_IMAGES, page, world["executionContextId"])
+        await cdp.drain(0.5)
+        return {"shown": shown, **report, "errors": _errors(cdp.events)}
 
 
 def inspect_html_artifact(origin: str, artifact_url: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -242,29 +250,19 @@ async def _open(cdp: _CDP, page: str, url: str) -> int:
 
 
 async def _pages(debug_port: int, base: str, token: str, paths: list[str], explain_path: str | None) -> dict[str, Any]:
-    import aiohttp
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=30) as resp:
-        browser_ws = json.loads(resp.read())["webSocketDebuggerUrl"]
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(browser_ws, max_msg_size=0) as ws:
-            cdp = _CDP(ws)
-            target = await cdp.call("Target.createTarget", url="about:blank")
-            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
-                await cdp.call(f"{domain}.enable", page)
-            await cdp.call("Page.navigate", page, url=f"{base}/?token={token}")
-            await cdp.drain(1.0)
-            shown: dict[str, Any] = {}
-            for path in paths:
-                await _open(cdp, page, base + path)
-                shown[path] = await cdp.evaluate(PAGE_IMAGES, page)
-            explained = None
-            if explain_path:
-                await _open(cdp, page, base + explain_path)
-                explained = await cdp.evaluate(EXPLAIN_SAMPLE, page)
-            await cdp.drain(0.5)
-            return {"pages": shown, "explained": explained, "errors": _errors(cdp.events)}
+    async with _blank_page(debug_port) as (cdp, page):
+        await cdp.call("Page.navigate", page, url=f"{base}/?token={token}")
+        await cdp.drain(1.0)
+        shown: dict[str, Any] = {}
+        for path in paths:
+            await _open(cdp, page, base + path)
+            shown[path] = await cdp.evaluate(PAGE_IMAGES, page)
+        explained = None
+        if explain_path:
+            await _open(cdp, page, base + explain_path)
+            explained = await cdp.evaluate(EXPLAIN_SAMPLE, page)
+        await cdp.drain(0.5)
+        return {"pages": shown, "explained": explained, "errors": _errors(cdp.events)}
 
 
 def page_report(base: str, token: str, paths: list[str], explain_path: str | None = None,
@@ -278,31 +276,21 @@ async def _shots(debug_port: int, base: str, token: str, shots: dict[str, tuple[
                  width: int, max_height: int) -> dict[str, Any]:
     import base64
 
-    import aiohttp
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/version", timeout=30) as resp:
-        browser_ws = json.loads(resp.read())["webSocketDebuggerUrl"]
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(browser_ws, max_msg_size=0) as ws:
-            cdp = _CDP(ws)
-            target = await cdp.call("Target.createTarget", url="about:blank")
-            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
-                await cdp.call(f"{domain}.enable", page)
-            await cdp.call("Emulation.setDeviceMetricsOverride", page, width=width, height=800, deviceScaleFactor=1,
-                           mobile=False)
-            await _open(cdp, page, f"{base}/?token={token}")
-            done: dict[str, Any] = {}
-            for name, (path, explain) in shots.items():
-                await _open(cdp, page, base + path)
-                done[name] = await cdp.evaluate(EXPLAIN_SAMPLE if explain else PAGE_IMAGES, page)
-                await cdp.evaluate("window.scrollTo(0, 0)", page)
-                height = await cdp.evaluate("document.documentElement.scrollHeight", page)
-                shot = await cdp.call("Page.captureScreenshot", page, format="png", captureBeyondViewport=True,
-                                      clip={"x": 0, "y": 0, "width": width, "height": min(height, max_height),
-                                            "scale": 1})
-                (out_dir / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
-            return {"shots": done, "errors": _errors(cdp.events)}
+    async with _blank_page(debug_port) as (cdp, page):
+        await cdp.call("Emulation.setDeviceMetricsOverride", page, width=width, height=800, deviceScaleFactor=1,
+                       mobile=False)
+        await _open(cdp, page, f"{base}/?token={token}")
+        done: dict[str, Any] = {}
+        for name, (path, explain) in shots.items():
+            await _open(cdp, page, base + path)
+            done[name] = await cdp.evaluate(EXPLAIN_SAMPLE if explain else PAGE_IMAGES, page)
+            await cdp.evaluate("window.scrollTo(0, 0)", page)
+            height = await cdp.evaluate("document.documentElement.scrollHeight", page)
+            shot = await cdp.call("Page.captureScreenshot", page, format="png", captureBeyondViewport=True,
+                                  clip={"x": 0, "y": 0, "width": width, "height": min(height, max_height),
+                                        "scale": 1})
+            (out_dir / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+        return {"shots": done, "errors": _errors(cdp.events)}
 
 
 def page_screenshots(base: str, token: str, shots: dict[str, tuple[str, bool]], out_dir: Path, width: int = 1100,

@@ -274,4 +274,8 @@ def test_class_ascent_raises_the_filters_class_logit_through_that_filter(trained
             only.keep = torch.tensor(filters)
             return model(images.float())[torch.arange(len(filters)), torch.tensor(classes)]
 
-    assert (logit(after) > logit(start)).float().mean() > 0.9
+    before, now = logit(start), logit(after)
+    assert (now >= before - 1e-4).all()  # the best iterate is kept: never worse than the start
+    # measured on two CPUs' models: median gain 2.2 and 4.8 times the start, 7 and 8 of 8 up by 10 %
+    gain = now / before.clamp_min(0.1)
+    assert (gain > 1.1).sum() >= 6 and gain.median() > 1.5, (before, now)

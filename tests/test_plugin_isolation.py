@@ -323,14 +323,22 @@ def test_dvc_repro_dies_with_its_caller_and_the_next_run_proceeds(hanging_worksp
     assert (hanging_workspace / "out.txt").read_text() == "done"
 
 
-def test_a_stale_dvc_lock_of_a_dead_process_does_not_block(hanging_workspace):
-    """The lock entries dvc leaves when it is killed name a process that no longer exists."""
+@pytest.mark.parametrize("holder", ["gone", "zombie"])
+def test_a_stale_dvc_lock_of_a_dead_process_does_not_block(hanging_workspace, holder):
+    """The lock entries dvc leaves when it is killed name a process that no longer exists, or a
+    zombie nobody reaps (a killed dvc re-parented to a container's PID 1 that does not wait)."""
     import json
 
     from pipelines.api import run_dvc
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    if holder == "gone":
+        dead.wait()
+    else:  # not waited for: it stays a zombie of this process while the next run starts
+        deadline = time.monotonic() + 30
+        while psutil.Process(dead.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     tmp = hanging_workspace / ".dvc" / "tmp"
     tmp.mkdir(exist_ok=True)
     out = str(hanging_workspace / "out.txt")
@@ -340,3 +348,6 @@ def test_a_stale_dvc_lock_of_a_dead_process_does_not_block(hanging_workspace):
     (hanging_workspace / "hang").unlink()
     code, output = run_dvc(hanging_workspace, ["repro"], timeout=120)
     assert code == 0 and "is busy" not in output, output
+    if holder == "zombie":
+        assert psutil.Process(dead.pid).status() == psutil.STATUS_ZOMBIE  # still there: it was skipped
+        dead.wait()

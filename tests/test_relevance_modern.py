@@ -22,17 +22,7 @@ from xai_plugins.explainers.relevance.composites import make_composite
 
 timm = pytest.importorskip("timm")
 
-
-def _calibrated(model: nn.Module) -> nn.Module:
-    """BatchNorm running statistics from a batch of data, so that activations do not vanish."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    return model.eval()
+from tiny_architectures import calibrated  # noqa: E402
 
 
 def tv_vit() -> nn.Module:
@@ -61,14 +51,14 @@ def efficientnet() -> nn.Module:
 
     torch.manual_seed(0)
     settings, last = _efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)
-    return _calibrated(EfficientNet(settings, 0.2, last_channel=last, num_classes=5))
+    return calibrated(EfficientNet(settings, 0.2, last_channel=last, num_classes=5))
 
 
 def densenet() -> nn.Module:
     from torchvision.models import DenseNet
 
     torch.manual_seed(0)
-    return _calibrated(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5))
+    return calibrated(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5))
 
 
 def convnext() -> nn.Module:
@@ -90,14 +80,14 @@ def resnet() -> nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    return _calibrated(torchvision.models.resnet18(num_classes=5))
+    return calibrated(torchvision.models.resnet18(num_classes=5))
 
 
 def mobilenet() -> nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    return _calibrated(torchvision.models.mobilenet_v3_small(num_classes=5))
+    return calibrated(torchvision.models.mobilenet_v3_small(num_classes=5))
 
 
 def _x() -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from conftest import FunctionalReLUCNN
 from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
@@ -38,21 +38,6 @@ def calibrated(model: nn.Module, batches: int = 3) -> nn.Module:
 def _scaled_head(model: nn.Module, head: nn.Linear, std: float = 0.5) -> nn.Module:
     nn.init.normal_(head.weight, std=std)  # torchvision starts ViT heads at zero, timm at std 0.02
     return model.eval()
-
-
-class FunctionalReLUCNN(nn.Module):
-    """Two convolutions with ``F.relu`` / ``torch.relu`` and ``F.max_pool2d`` in forward (no modules)."""
-
-    def __init__(self, num_classes: int = CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = torch.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 # -- torchvision --------------------------------------------------------------------------------
@@ -152,7 +137,7 @@ class TinyVGG(VGG):
 
 
 def functional_relu_cnn() -> nn.Module:
-    return FunctionalReLUCNN().eval()
+    return FunctionalReLUCNN(CLASSES).eval()
 
 
 # -- timm ---------------------------------------------------------------------------------------

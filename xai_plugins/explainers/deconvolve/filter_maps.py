@@ -70,7 +70,8 @@ class _UpTo:
 def _ascend(model: nn.Module, input_shape: tuple[int, ...], n: int, objective: Any, steps: int, lr: float,
             rms: float, seed: int, batch_size: int, blur_every: int) -> torch.Tensor:
     """Projected Adam ascent of ``objective(x, batch slice) -> per-sample values`` from seeded noise,
-    ``n`` inputs in batches, with the RMS projection and periodic blur of the module docstring."""
+    ``n`` inputs in batches, with the RMS projection and periodic blur of the module docstring.
+    Each sample's best iterate is returned (never worse than its start)."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
@@ -80,15 +81,21 @@ def _ascend(model: nn.Module, input_shape: tuple[int, ...], n: int, objective: A
         for sl in batch_slices(n, batch_size):
             count = sl.stop - sl.start
             x = _project(torch.randn(count, *input_shape, generator=gen).to(device, dtype), rms).requires_grad_()
+            best, best_value = x.detach().clone(), torch.full((count,), -torch.inf, device=device, dtype=dtype)
             opt = torch.optim.Adam([x], lr=lr)
-            for step in range(int(steps)):
-                (grad,) = torch.autograd.grad(-objective(x, sl).sum(), x)  # the input's only: no parameter grads
+            for step in range(int(steps) + 1):
+                value = objective(x, sl)
+                better = value.detach() > best_value  # keep each sample's best iterate: the blur and the
+                best[better], best_value[better] = x.detach()[better], value.detach()[better]  # projection
+                if step == int(steps):  # are not monotone steps
+                    break
+                (grad,) = torch.autograd.grad(-value.sum(), x)  # the input's only: no parameter grads
                 x.grad = grad
                 opt.step()
                 with torch.no_grad():
                     y = _blur(x) if blur_every and (step + 1) % blur_every == 0 else x
                     x.copy_(_project(y, rms))
-            out.append(x.detach())
+            out.append(best)
     return torch.cat(out) if out else torch.zeros(0, *input_shape)
 
 
