@@ -3,47 +3,24 @@ cache, the gate on them, and the user's model left bit-identical."""
 
 from __future__ import annotations
 
-import sys
-
+import edge_detector_plugin
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core.api import explain
 from core.plugins import PluginHost
 from core.policy import evaluate
 from core.workflow import run
-from xai_plugins import Explainer, Explanation, hookimpl
+from xai_plugins import Explanation
 from xai_plugins.metrics.sanity import parameter_randomization, randomizable_layers
-
-
-class EdgeDetector(Explainer):
-    """A deliberately insensitive "explainer": the Sobel edge magnitude of the input, whatever the
-    model (the kind of method Adebayo et al.'s randomization test exposes)."""
-
-    name = "edge_detector"
-    space = "map"
-    params = {}
-
-    def explain(self, model, inputs, targets):
-        gray = inputs.mean(dim=1, keepdim=True)
-        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=inputs.device).view(1, 1, 3, 3)
-        gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx)
-        gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx.transpose(2, 3))
-        return (gx ** 2 + gy ** 2).sqrt()
-
-
-@hookimpl
-def xai_explainers():
-    return [EdgeDetector]
 
 
 @pytest.fixture(scope="module")
 def host():
     """A plugin host with the built-ins and the insensitive test plugin registered."""
     h = PluginHost(load_entry_points=False)
-    h.pm.register(sys.modules[__name__], name="test_insensitive_explainer")
+    h.pm.register(edge_detector_plugin, name="test_insensitive_explainer")
     h._classes = None
     return h
 

@@ -1,0 +1,83 @@
+"""The mission end to end: a version whose gate checks the sanity of its explanations is refused
+when one of the gated methods ignores the model. A real local MLflow server, listener, worker and
+DVC pipeline (tests/test_registry_loop.py's ``Loop``); the edge detector comes in through a real
+``xai`` entry point (a dist-info on the stages' PYTHONPATH), as a third party's plugin would."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_registry_loop import LIGHT_PARAMS, MODEL, Loop
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.timeout(1800)
+SANITY_CHECK = "sensitive to cascading randomization"
+PARAMS = {
+    **LIGHT_PARAMS,
+    "methods": {"saliency": {}, "edge_detector": {}},
+    "metrics": {"sanity": {"independent": False, "label_randomization": False, "similarities": ["spearman"],
+                           "max_images": 8, "figures": False}},
+    # halfway between the edge detector (1.0: the same map on every randomized model) and the
+    # gradient methods (about 0.25-0.4 on the reference CNN): the default gate's threshold
+    "gate": {"checks": [{"name": SANITY_CHECK, "method": "*", "metric": "sanity.cascading.spearman_full",
+                         "op": "<", "threshold": 0.7}]},
+}
+
+
+@pytest.fixture(scope="module")
+def sanity_loop(tmp_path_factory) -> Loop:
+    from pipelines.params import write_params
+    from pipelines.workspace import init_workspace
+
+    base = tmp_path_factory.mktemp("sanity-gate")
+    site = base / "site"
+    info = site / "edge_detector_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edge-detector-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[xai]\nedge = edge_detector_plugin\n")
+    ws = base / "ws"
+    init_workspace(ws, commit=False)
+    write_params(ws, {**PARAMS, "versions": {}})
+    logs = base / "logs"
+    logs.mkdir()
+    lp = Loop(ws, logs)
+    lp.env["PYTHONPATH"] = os.pathsep.join([str(site), str(HERE), lp.env["PYTHONPATH"]])
+    disabled = set(lp.env["XAI_DISABLED_PLUGINS"].split(",")) - {"sanity"}
+    lp.env["XAI_DISABLED_PLUGINS"] = ",".join(sorted(disabled))
+    try:
+        lp.start_listener()
+        lp.start_worker()
+        yield lp
+    finally:
+        lp.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, trained_cnn) -> Path:
+    from core.models import save_checkpoint
+
+    lm = trained_cnn
+    return save_checkpoint(tmp_path_factory.mktemp("models") / "clean.pt", lm.model, lm.arch, lm.preprocess,
+                           lm.class_names, lm.meta)
+
+
+def test_a_version_gated_on_an_edge_detector_is_refused_on_the_sanity_check(sanity_loop, checkpoint):
+    version = sanity_loop.register(checkpoint)
+    tags = sanity_loop.wait([version], timeout=1200)[version]
+    assert tags["xai.gate"] == "failed", tags
+    from registry.gate import version_gate
+
+    state = version_gate(sanity_loop.client, MODEL, version)  # the verdict logged with the version's run
+    assert state.status == "failed" and state.exit_code == 1, state
+    verdict = state.verdict
+    rows = {c["method"]: c for c in verdict["checks"]}
+    assert set(rows) == {"saliency", "edge_detector"}, verdict
+    assert rows["saliency"]["passed"] and rows["saliency"]["value"] < 0.7, verdict
+    assert not rows["edge_detector"]["passed"] and rows["edge_detector"]["value"] > 0.95, verdict
+    refused = sanity_loop.xai("promote", MODEL, version, "--alias", "champion")
+    assert refused.returncode == 1 and SANITY_CHECK in refused.stderr, refused.stdout + refused.stderr
+    shown = sanity_loop.xai("gate", MODEL, version)
+    assert shown.returncode == 1 and "edge_detector" in shown.stdout and "FAIL" in shown.stdout, shown.stdout
+    assert "champion" not in sanity_loop.client.get_registered_model(MODEL).aliases
