@@ -76,7 +76,7 @@ def load_masks(folder: Path, names: list[str], size: tuple[int, int]) -> torch.T
             click.echo(f"warning: no mask for {name} in {folder}; localization metrics skipped", err=True)
             return None
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("L").resize((size[1], size[0]), Image.NEAREST)) > 0
+            arr = np.asarray(img.convert("L").resize((size[1], size[0]), Image.Resampling.NEAREST)) > 0
         masks.append(torch.from_numpy(arr.copy()))
     return torch.stack(masks) if masks else None
 

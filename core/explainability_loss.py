@@ -35,6 +35,7 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,7 +131,7 @@ class ExplainabilityLoss:
         """The dotted names of the regularized layers (the default resolved once per model)."""
         names = self._names.get(model)
         if names is None:
-            specs = self.layer if isinstance(self.layer, (list, tuple)) else [self.layer]
+            specs: list[Any] = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
             names = []
             for spec in specs:
                 if spec is None:
@@ -149,11 +150,12 @@ class ExplainabilityLoss:
         modules = dict(resolve_layer(model, n) for n in names)
         with torch.enable_grad(), _running_stats_frozen(model), capture_layers(modules) as caps:
             logits = model(inputs)
-            acts = []
+            acts: list[torch.Tensor] = []
             for name in names:
-                if caps[name].output is None:
+                out = caps[name].output
+                if out is None:
                     raise RuntimeError(f"layer {name!r} was not called in the forward pass")
-                acts.append(caps[name].output)
+                acts.append(out)
             grads: Sequence[torch.Tensor | None] = [None] * len(acts)
             if self.cam_weighted:
                 score = logits.gather(1, labels.view(-1, 1).to(logits.device)).sum()

@@ -19,21 +19,25 @@ hookimpl = pluggy.HookimplMarker("xai")
 @hookspec
 def xai_explainers() -> list[type]:
     """Return the Explainer subclasses this plugin provides."""
+    return []
 
 
 @hookspec
 def xai_metrics() -> list[type]:
     """Return the Metric subclasses this plugin provides."""
+    return []
 
 
 @hookspec
 def xai_reporters() -> list[type]:
     """Return the Reporter subclasses this plugin provides."""
+    return []
 
 
 @hookspec
 def xai_describers() -> list[type]:
     """Return the Describer subclasses (text backends for DeConvolve) this plugin provides."""
+    return []
 
 
 @hookspec

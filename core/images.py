@@ -38,7 +38,8 @@ def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> tor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path) as opened:
+                img: Image.Image = opened
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise InputError(f"{path.name}: image is too large ({w}x{h} px; at most {MAX_PIXELS:,} pixels)")
@@ -55,7 +56,7 @@ def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> tor
                                          f"{preprocess.channels}-channel {expected}; convert it or pass --convert")
                     img = _wide_gray(img) if mode in _WIDE_GRAY else img.convert(expected)
                 if preprocess.hw is not None and (h, w) != preprocess.hw:
-                    img = img.resize((preprocess.hw[1], preprocess.hw[0]), Image.BILINEAR)
+                    img = img.resize((preprocess.hw[1], preprocess.hw[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
                 if img.mode == "F":  # a wide grayscale image, already scaled to [0, 1]
                     arr = np.clip(arr, 0.0, 1.0)

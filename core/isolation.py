@@ -61,7 +61,7 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None, plugin: str = 
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(PluginTimeout))
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident or 0), ctypes.py_object(PluginTimeout))
         thread.join(10.0)
         raise PluginError(plugin, "timeout", f"ran past its time limit of {timeout:g} s")
     if "error" in box:

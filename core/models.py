@@ -57,7 +57,7 @@ def resnet18_small(num_classes: int = 4) -> nn.Module:
 
 def known_architecture(arch: str | None) -> bool:
     """Whether ``build_model`` can rebuild ``arch`` (a reference model or ``timm:<name>``)."""
-    return bool(arch) and (arch in ARCHITECTURES or arch.startswith(TIMM_PREFIX))
+    return bool(arch) and (arch in ARCHITECTURES or str(arch).startswith(TIMM_PREFIX))
 
 
 def _timm():
@@ -142,7 +142,7 @@ def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") ->
         raise ModelError(f"{source}: checkpoint 'arch_kwargs' must be a mapping")
     model = build_model(arch, num_classes, arch_kwargs)
     if arch_kwargs:
-        model.xai_arch_kwargs = dict(arch_kwargs)  # written back when saved again
+        model.xai_arch_kwargs = dict(arch_kwargs)  # type: ignore[assignment]  # written back when saved again
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

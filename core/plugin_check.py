@@ -57,7 +57,7 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
     model = CheckNet().eval()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 16, 16)

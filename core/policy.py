@@ -202,6 +202,8 @@ def evaluate(policy: Policy | dict | str | Path, results: dict | str | Path) -> 
             results = json.loads(Path(results).read_text())
         except (OSError, ValueError) as exc:
             return error_verdict(f"cannot read results {source!r}: {exc}", policy)
+    if not isinstance(results, dict):
+        return error_verdict("results are not a mapping", policy)
     if not isinstance(results.get("metrics", {}), dict):
         return error_verdict("results have no 'metrics' mapping", policy)
     rows = [row for check in policy.checks for row in _evaluate_check(check, results)]
@@ -246,11 +248,12 @@ def error_verdict(message: str, policy: Policy | None = None) -> dict[str, Any]:
 def requested_methods(results: dict) -> list[str]:
     """Every method label the run was asked for: the request list the run recorded, plus the methods
     that produced explanations or metrics and those recorded as failed (explain or fit)."""
-    meta = results.get("meta") if isinstance(results.get("meta"), dict) else {}
-    asked = meta.get("methods_requested") if isinstance(meta.get("methods_requested"), list) else []
-    failed = {str(f.get("name")) for f in results.get("failures") or []
+    meta = results.get("meta")
+    asked = meta.get("methods_requested") if isinstance(meta, dict) else None
+    failures = results.get("failures")
+    failed = {str(f.get("name")) for f in (failures if isinstance(failures, list) else [])
               if isinstance(f, dict) and f.get("stage", "explain") in ("explain", "fit") and f.get("name")}
-    return sorted({str(m) for m in asked} | set(results.get("metrics") or {}) | set(results.get("methods") or {})
+    return sorted({str(m) for m in (asked if isinstance(asked, list) else [])} | set(results.get("metrics") or {}) | set(results.get("methods") or {})
                   | failed)
 
 
@@ -258,7 +261,8 @@ def _methods(check: Check, results: dict) -> list[str | None]:
     if check.method is None:
         return [None]
     if check.method == "*":
-        return requested_methods(results) or ["*"]  # "*" itself: a row that fails (nothing matched)
+        found: list[str | None] = [*requested_methods(results)]
+        return found or ["*"]  # "*" itself: a row that fails (nothing matched)
     return [check.method] if isinstance(check.method, str) else list(check.method)
 
 
@@ -289,7 +293,7 @@ def _evaluate_check(check: Check, results: dict) -> list[dict[str, Any]]:
                 row.update(passed=True, skipped=True, reason=f"not computed ({reason}); optional check")
             else:
                 row["reason"] = reason
-        elif OPS[check.op](value, other):
+        elif value is not None and other is not None and OPS[check.op](value, other):
             row.update(passed=True, reason="ok")
         else:
             row["reason"] = f"{_fmt(value)} {check.op} {_fmt(other)} is false"

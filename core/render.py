@@ -49,7 +49,7 @@ def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray
     img = to_numpy_image(image)
     heat = colorize(heatmap, cmap)
     if heat.shape[:2] != img.shape[:2]:
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(img.shape[1::-1], Image.BILINEAR)) / 255.0
+        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(img.shape[1::-1], Image.Resampling.BILINEAR)) / 255.0
     return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
 
 
@@ -61,8 +61,8 @@ def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | n
     (clipped at 1: relevance is sparse, a few peaks would hide the rest), so zero relevance leaves
     the image untinted (a min-max scaled map would tint every pixel of no relevance)."""
     img = to_numpy_image(image)
-    r = torch.as_tensor(relevance).detach().cpu().float().nan_to_num()
-    r = upsample(r[None], img.shape[:2])[0].numpy()
+    rel = torch.as_tensor(relevance).detach().cpu().float().nan_to_num()
+    r = upsample(rel[None], img.shape[:2])[0].numpy()
     peak = float(np.percentile(np.abs(r), 99)) or float(np.abs(r).max())
     v = np.clip(r / peak, -1, 1) if peak > 0 else np.zeros_like(r)
     heat = _lut(cmap)[np.clip(((v + 1) / 2 * 255).round(), 0, 255).astype(np.int64)]
@@ -75,7 +75,7 @@ def png_bytes(image: np.ndarray | torch.Tensor, scale: int = 1) -> bytes:
     arr = to_numpy_image(image)
     pil = Image.fromarray((arr * 255).round().astype(np.uint8))
     if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()

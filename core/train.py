@@ -107,7 +107,7 @@ def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None,
     99.8 % (``python -m bench.train_seeds`` prints every seed)."""
     train = make_shapes(n_train, size=size, seed=seed, watermark=watermark)
     test = make_shapes(n_test, size=size, seed=seed + 10_000, watermark=watermark)
-    preprocess = Preprocess(size=size, **SHAPES_PREPROCESS)
+    preprocess = Preprocess(size=size, mean=list(SHAPES_PREPROCESS["mean"]), std=list(SHAPES_PREPROCESS["std"]))
     torch.manual_seed(seed)
     model = build_model(arch, len(train.class_names))
     result = train_model(model, train, preprocess, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,

@@ -6,6 +6,7 @@ of the run goes on (DESIGN.md: fault isolation); bad input files are skipped wit
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -57,7 +58,7 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
     by_label = {r.label: r for r in requests}
     state = ModelState(model)  # each metric call is checked against it, and the model restored
     for name in metric_names:
-        cls = host.get("metric", name)
+        cls: Any = host.get("metric", name)
         try:
             metric = cls(**metric_params.get(name, {}))
         except XAIError as exc:
@@ -83,7 +84,7 @@ def compute_metrics(results: RunResults, model: nn.Module, engine: Engine, metri
             start = time.perf_counter()
             key = label or "_model"
             try:
-                values = call_isolated(lambda metric=metric, ctx=ctx: metric.compute(ctx), engine.timeout, name)
+                values = call_isolated(functools.partial(metric.compute, ctx), engine.timeout, name)
                 restore_or_fail(state, name)
                 if not isinstance(values, dict):
                     raise PluginError(name, "shape", f"returned {type(values).__name__}, expected a dict")
@@ -161,6 +162,8 @@ def run(model: nn.Module, inputs: torch.Tensor, methods: Any, *, images: torch.T
     engine = Engine(host=host, device=device, batch_size=batch_size, timeout=timeout, progress=progress,
                     fit_data=fit_data)
     out = engine.run(model, inputs, requests, targets=targets, isolate=True)
+    if out.logits is None:  # asked for (logits=True, the default): the engine's promise
+        raise RuntimeError("the engine returned no logits")
     probs = torch.softmax(out.logits, dim=1)
     results = RunResults(
         inputs=inputs.detach().cpu(), images=(images if images is not None else inputs).detach().cpu(),

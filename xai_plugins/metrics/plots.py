@@ -81,7 +81,7 @@ def map_grid(columns: Sequence[tuple[str, torch.Tensor]], images: torch.Tensor |
             tiles.append(overlay(images[r], m, alpha=0.6) if images is not None else colorize(m))
         for c, tile in enumerate(tiles):
             pil = Image.fromarray((np.clip(tile, 0, 1) * 255).round().astype(np.uint8))
-            canvas.paste(pil.resize((cell, cell), Image.NEAREST), (gap + c * (cell + gap), top + head + r * (cell + gap)))
+            canvas.paste(pil.resize((cell, cell), Image.Resampling.NEAREST), (gap + c * (cell + gap), top + head + r * (cell + gap)))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()

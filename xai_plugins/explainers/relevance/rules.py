@@ -102,6 +102,10 @@ class Prepared:
 
     build: Callable[[], tuple[list[_Chunk], list[_Chunk], list[int]]]
     fast: tuple | None = None
+    # the bias a rule that leaves biases out subtracts from the output before choosing the
+    # positive / negative branch by its sign (Zennit's ``zero_params``): the branch then matches
+    # its denominator, which never crosses zero (the residual nets' relevance stayed bounded)
+    shift: torch.Tensor | None = None
     _generic: tuple | None = field(default=None, repr=False)
 
     def generic(self) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
@@ -154,8 +158,11 @@ class BasicRule(Rule):
         weight = weight.detach()
         bias = bias.detach() if bias is not None else None
         identity = [i for i, t in enumerate(self.terms) if self._is_identity(t, bias)]
+        masked = any(g.mask for g in self.groups)
+        unbiased = all(t.bias is None for t in self.terms)
         return Prepared(lambda: self._prepare_generic(op, weight, bias, identity),
-                        self._prepare_fast(op, weight, bias, identity))
+                        self._prepare_fast(op, weight, bias, identity),
+                        shift=bias if masked and unbiased else None)
 
     def _prepare_generic(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None,
                          identity: list[int]) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
@@ -271,6 +278,8 @@ class BasicRule(Rule):
     def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Prepared,
                   relevance: torch.Tensor, nonneg: bool | None = None) -> torch.Tensor:
         """Input relevance; ``nonneg``: whether x >= 0 is known (None: check)."""
+        if prepared.shift is not None:
+            y = y - op.bias_view(prepared.shift, y.dim())
         if prepared.fast is not None:
             result = self._relevance_fast(op, x, y, prepared.fast, relevance, nonneg)
             if result is not None:
