@@ -16,6 +16,18 @@ hookspec = pluggy.HookspecMarker("xai")
 hookimpl = pluggy.HookimplMarker("xai")
 
 
+def provides(*names: str) -> Any:
+    """Declare the names a registration hook returns (``"captum_*"``: any name with that prefix),
+    so the host calls it only when one of them is asked for (or every name is listed). For hooks
+    whose registration is costly, such as a bridge importing its library; a name outside the
+    declaration is a load error of the plugin. Put it under ``@hookimpl``."""
+    def mark(function: Any) -> Any:
+        function.xai_provides = tuple(names)
+        return function
+
+    return mark
+
+
 @hookspec
 def xai_explainers() -> list[type]:
     """Return the Explainer subclasses this plugin provides."""

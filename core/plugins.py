@@ -75,7 +75,9 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.load_errors: dict[str, str] = {}
-        self._classes: dict[str, dict[str, tuple[type, str]]] | None = None
+        self._classes: dict[str, dict[str, tuple[type, str]]] | None = None  # all hooks called
+        self._found: dict[str, dict[str, tuple[type, str]]] = {kind: {} for kind in KINDS}
+        self._called: set[tuple[str, int]] = set()
         disabled = {n.strip() for n in os.environ.get("XAI_DISABLED_PLUGINS", "").split(",") if n.strip()}
         self.disabled = disabled
         own_version = _version("xai-mlops")
@@ -112,46 +114,63 @@ class PluginHost:
                 self.infos[ep.name] = PluginInfo(ep.name, dist_name, dist.version)
 
     # -- registration hooks -------------------------------------------------------------------
-    def _collect(self) -> dict[str, dict[str, tuple[type, str]]]:
+    def _collect(self, kind: str | None = None, name: str | None = None) -> dict[str, dict[str, tuple[type, str]]]:
+        """The classes of every registration hook (kind and name None), or enough of them to answer
+        for ``name`` of ``kind``: a hook that declares its names (:func:`core.hookspecs.provides`)
+        is called only when one of them matches, so a bridge's library is imported only when one of
+        its methods is asked for. Each hook is called once; the answer is the same either way."""
         if self._classes is not None:
             return self._classes
-        classes: dict[str, dict[str, tuple[type, str]]] = {kind: {} for kind in KINDS}
-        for kind, hook_name in KINDS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
-                plugin_name = self.pm.get_name(impl.plugin) or "?"
-                try:
-                    provided = impl.function() or []
-                except Exception as exc:
-                    self.load_errors[plugin_name] = f"{hook_name} raised {type(exc).__name__}: {exc}"
+        for k, hook_name in KINDS.items():
+            if kind is not None and k != kind:
+                continue
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                declared = getattr(impl.function, "xai_provides", None)
+                if (k, id(impl.function)) in self._called or (
+                        name is not None and declared is not None and not _matches(name, declared)):
                     continue
-                for cls in provided:
-                    name = getattr(cls, "name", "")
-                    if not name:
-                        self.load_errors[plugin_name] = f"{hook_name}: {cls!r} has no name"
-                        continue
-                    if name in classes[kind]:
-                        other = classes[kind][name][1]
-                        raise DuplicateNameError(
-                            f"{kind} name {name!r} is provided by two plugins: {other!r} and {plugin_name!r}")
-                    classes[kind][name] = (cls, plugin_name)
-                    info = self.infos.get(plugin_name)
-                    if info is not None:
-                        info.provides.setdefault(kind, []).append(name)
-        self._classes = classes
-        return classes
+                self._called.add((k, id(impl.function)))
+                self._register_classes(k, hook_name, impl, declared)
+        if kind is None:
+            self._classes = self._found
+        return self._found
+
+    def _register_classes(self, kind: str, hook_name: str, impl: Any, declared: tuple[str, ...] | None) -> None:
+        plugin_name = self.pm.get_name(impl.plugin) or "?"
+        classes = self._found[kind]
+        try:
+            provided = impl.function() or []
+        except Exception as exc:
+            self.load_errors[plugin_name] = f"{hook_name} raised {type(exc).__name__}: {exc}"
+            return
+        for cls in provided:
+            name = getattr(cls, "name", "")
+            if not name:
+                self.load_errors[plugin_name] = f"{hook_name}: {cls!r} has no name"
+                continue
+            if declared is not None and not _matches(name, declared):
+                self.load_errors[plugin_name] = f"{hook_name}: {name!r} is not among its declared names {declared}"
+                continue
+            if name in classes:
+                other = classes[name][1]
+                raise DuplicateNameError(
+                    f"{kind} name {name!r} is provided by two plugins: {other!r} and {plugin_name!r}")
+            classes[name] = (cls, plugin_name)
+            info = self.infos.get(plugin_name)
+            if info is not None:
+                info.provides.setdefault(kind, []).append(name)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._collect()[kind])
 
     def get(self, kind: str, name: str) -> type:
-        entry = self._collect()[kind].get(name)
+        entry = self._collect(kind, name)[kind].get(name)
         if entry is None:
             raise UnknownNameError(kind, name, self.names(kind))
         return entry[0]
 
     def provider(self, kind: str, name: str) -> str:
-        return self._collect()[kind][name][1]
+        return self._collect(kind, name)[kind][name][1]
 
     def plugins(self) -> list[PluginInfo]:
         self._collect()
@@ -195,6 +214,11 @@ def reset_host() -> None:
     global _host
     _host = None
     importlib.invalidate_caches()
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """``name`` is one of ``patterns`` (a trailing ``*`` matches any suffix: ``"captum_*"``)."""
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
 
 
 def _version(dist: str) -> str:

@@ -19,11 +19,11 @@ layers, passes and tensors are in ``xai_plugins.toolkit``.
 """
 
 from core.errors import InputError, PluginError, XAIError
-from core.hookspecs import hookimpl
+from core.hookspecs import hookimpl, provides
 from core.plugin_api import Describer, Explainer, Metric, MetricContext, Reporter
 from core.redact import redact, redact_text
 from core.types import Explanation, Failure, RunResults
 
-__all__ = ["hookimpl", "Explainer", "Metric", "MetricContext", "Reporter", "Describer",
+__all__ = ["hookimpl", "provides", "Explainer", "Metric", "MetricContext", "Reporter", "Describer",
            "Explanation", "Failure", "RunResults", "XAIError", "InputError", "PluginError",
            "redact", "redact_text"]

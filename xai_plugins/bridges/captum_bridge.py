@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from xai_plugins import Explainer, XAIError, hookimpl
+from xai_plugins import Explainer, XAIError, hookimpl, provides
 from xai_plugins.bridges import snake
 from xai_plugins.toolkit import resolve_layer
 
@@ -107,5 +107,6 @@ def captum_classes() -> list[type]:
 
 
 @hookimpl
+@provides("captum_*")  # the library is imported only when one of its methods is asked for
 def xai_explainers():
     return captum_classes()

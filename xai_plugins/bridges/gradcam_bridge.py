@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from xai_plugins import Explainer, XAIError, hookimpl
+from xai_plugins import Explainer, XAIError, hookimpl, provides
 from xai_plugins.bridges import snake
 from xai_plugins.toolkit import resolve_layer
 
@@ -72,5 +72,6 @@ def gradcam_classes() -> list[type]:
 
 
 @hookimpl
+@provides("gradcam_*")  # the library is imported only when one of its methods is asked for
 def xai_explainers():
     return gradcam_classes()

@@ -1,0 +1,105 @@
+"""``python -m bench.stage_startup [--against REV] [--repeat N]``: wall seconds of each DVC stage
+process of one version (resolve, explain, evaluate, report, gate) on a tiny workspace (one untrained
+DeConvolve CNN, 8 `shapes` images of 32 px, saliency + grad_cam, the localization metric, json + html
+reporters), where the work is a few milliseconds and the rest is the process's start-up: the
+interpreter, its imports and the plugin host. ``--against REV`` runs the same stages with the
+sources of git revision REV too (``git archive`` into a temporary folder, first on PYTHONPATH), for
+a before/after table; each figure is the fastest of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("resolve", "explain", "evaluate", "report", "gate")
+KEY = "cnn-v1"
+GATE = {"checks": [{"name": "saliency-pointing", "method": "saliency", "metric": "localization.pointing_game",
+                    "op": ">=", "threshold": 0.0}]}
+
+
+def make_workspace(folder: Path) -> str:
+    """params.yaml (the template, 8 probe images, localization, one gate check) and one version's
+    checkpoint in ``folder``; returns the version's key. No git or DVC: stages run without them."""
+    from core.datasets import CLASS_NAMES
+    from core.models import build_model, save_checkpoint
+    from core.preprocess import Preprocess
+    from pipelines.params import write_versions
+    from pipelines.workspace import TEMPLATES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((TEMPLATES / "params.yaml").read_text())
+    params["probe"].update(n=8)
+    params.update(metrics={"localization": {}}, gate=GATE)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    torch.manual_seed(1)
+    model = save_checkpoint(folder / "cnn.pt", build_model("deconvolve_cnn", 4), "deconvolve_cnn",
+                            Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3), CLASS_NAMES, {"seed": 1})
+    write_versions(folder, [{"name": "cnn", "version": 1, "uri": str(model)}])
+    return KEY
+
+
+def run_stage(workspace: Path, stage: str, source: Path = ROOT, key: str = KEY) -> float:
+    """Seconds of ``python -m pipelines.stages STAGE`` with the sources in ``source``; fails loudly."""
+    env = {**os.environ, "PYTHONPATH": str(source), "XAI_NO_PROGRESS": "1", "XAI_DEVICE": "cpu"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.stages", stage, "--key", key], cwd=workspace,
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} with {source} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return seconds
+
+
+def stage_seconds(workspace: Path, source: Path = ROOT, repeat: int = 1) -> dict[str, float]:
+    """The fastest of ``repeat`` runs of each stage, in pipeline order (each needs the one before)."""
+    best = {stage: float("inf") for stage in STAGES}
+    for _ in range(repeat):
+        for stage in STAGES:
+            best[stage] = min(best[stage], run_stage(workspace, stage, source))
+    return best
+
+
+def export_revision(rev: str, folder: Path) -> Path:
+    """The tracked files of git revision ``rev`` in ``folder``."""
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stage_startup", description=__doc__.splitlines()[0])
+    parser.add_argument("--against", metavar="REV", help="also time the stages of this git revision (before)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest counts (default 1)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = Path(tmp) / "ws"
+        make_workspace(workspace)
+        columns = {}
+        if args.against:
+            columns[f"before ({args.against})"] = stage_seconds(
+                workspace, export_revision(args.against, Path(tmp)), args.repeat)
+        columns["after" if args.against else "seconds"] = stage_seconds(workspace, ROOT, args.repeat)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    torch_floor = time.perf_counter() - start
+    header = ["stage", *columns]
+    print("  ".join(f"{h:>18}" for h in header))
+    for stage in [*STAGES, "total"]:
+        cells = [sum(c.values()) if stage == "total" else c[stage] for c in columns.values()]
+        print("  ".join([f"{stage:>18}", *(f"{v:18.2f}" for v in cells)]))
+    print(f"(a bare `python -c 'import torch'` takes {torch_floor:.2f} s here)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
