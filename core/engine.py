@@ -137,7 +137,7 @@ class Engine:
         self._state: ModelState | None = None  # per run: the model before any plugin call
 
     def make_explainer(self, request: MethodRequest) -> Explainer:
-        cls = self.host.get("explainer", request.method)
+        cls: Any = self.host.get("explainer", request.method)
         params = dict(request.params)
         params.pop("isolate", None)  # the engine's (see _isolation_mode), not the method's
         if "batch_size" in params and "batch_size" not in cls.params:
@@ -185,16 +185,17 @@ class Engine:
                 # With shared-pass methods, their one forward/backward per batch also yields the
                 # logits and the predicted classes: no separate forward just for the logits.
                 fused = any(e.shared_pass for e in explainers.values())
+                out_logits: torch.Tensor | None = None
+                t: torch.Tensor | None
                 if fused:
-                    logits = None
                     t = None if targets is None else as_target_tensor(targets, x.shape[0])
                 else:
                     if want_logits:
-                        logits = forward_logits(model, x, self.batch_size)
-                        t = logits.argmax(1).cpu() if targets is None else \
-                            as_target_tensor(targets, x.shape[0], logits.shape[1])
+                        out_logits = forward_logits(model, x, self.batch_size)
+                        t = out_logits.argmax(1).cpu() if targets is None else \
+                            as_target_tensor(targets, x.shape[0], out_logits.shape[1])
                     else:
-                        logits, t = None, as_target_tensor(targets, x.shape[0], class_count(model, x))
+                        t = as_target_tensor(targets, x.shape[0], class_count(model, x))
                 td = t.to(device) if t is not None else None
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
                 self._fit_trainable(model, x, explainers, failures, isolate, requests)
@@ -202,11 +203,12 @@ class Engine:
                 explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate,
                                                  record)
                 if fused:
-                    logits, t = record["logits"], record["targets"].cpu()
+                    out_logits, t = record["logits"], record["targets"].cpu()
         finally:
             if moved:
                 model.to(original_device)
-        return EngineOutput(explanations, failures, t, None if logits is None else logits.cpu())
+        assert t is not None  # a fused pass records the targets it explained
+        return EngineOutput(explanations, failures, t, None if out_logits is None else out_logits.cpu())
 
     # -- internals -------------------------------------------------------------------------------
     def _provider(self, req: MethodRequest) -> str:
@@ -372,6 +374,7 @@ class Engine:
     def _call(self, label: str, fn: Any, mode: str | None = None) -> Any:
         """One plugin call: isolated (thread or process, under the time limit), then the model
         checked by content and restored; a call that changed it fails (kind "model")."""
+        assert self._state is not None, "plugin calls happen inside Engine.run"
         try:
             out = call_isolated(fn, self.timeout, label, mode or self._modes.get(label, "thread"))
         except BaseException:
@@ -391,7 +394,7 @@ class Engine:
                 attr = attr.unsqueeze(1)
             if attr.dim() != 4 or attr.shape[1] != 1:
                 raise PluginError(label, "shape", f"map attributions have shape {tuple(attr.shape)}, expected B x 1 x h x w")
-            attr = upsample(attr, tuple(xb.shape[-2:]))
+            attr = upsample(attr, (int(xb.shape[-2]), int(xb.shape[-1])))
         return attr.detach().float().cpu(), dict(extras or {})
 
     @staticmethod
@@ -403,7 +406,7 @@ class Engine:
         maps = e.to_map(attrs)
         if maps.dim() == 4:
             maps = maps.squeeze(1)
-        maps = normalize_maps(upsample(maps, tuple(x.shape[-2:])))
+        maps = normalize_maps(upsample(maps, (int(x.shape[-2]), int(x.shape[-1]))))
         check_tensor(label, maps, x.shape[0], "maps")
         return Explanation(method=e.name, attributions=attrs.contiguous(), maps=maps.contiguous(),
                            targets=targets.cpu(), extras=extras, params=dict(e.config), seconds=seconds)
@@ -425,7 +428,7 @@ def merge_extras(chunks: list[dict[str, Any]], total: int) -> dict[str, Any]:
         return chunks[0]
     merged: dict[str, Any] = {}
     for key in chunks[0]:
-        values = [c.get(key) for c in chunks]
+        values: list[Any] = [c.get(key) for c in chunks]
         first = values[0]
         if isinstance(first, torch.Tensor) and first.dim() > 0 and \
                 sum(v.shape[0] for v in values if isinstance(v, torch.Tensor)) == total:

@@ -8,6 +8,7 @@ model exactly as it found it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +40,10 @@ def same_values(t: torch.Tensor, copy: torch.Tensor) -> bool:
                 and torch.equal(now.nan_to_num(0.0), copy.nan_to_num(0.0)))
 
 
+def _forget_snapshot(key: int, _ref: Any) -> None:
+    _SNAPSHOTS.pop(key, None)
+
+
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of ``t``'s values, reused while ``t`` is unchanged (same storage, version, shape,
     dtype, and the same contents: a write through ``.data`` keeps the version): cloning every
@@ -49,7 +54,7 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     if hit is not None and hit[0]() is t and hit[1] == key and same_values(t, hit[2]):
         return hit[2]
     copy = t.detach().to("cpu", copy=True)
-    ref = weakref.ref(t, lambda _ref, i=id(t): _SNAPSHOTS.pop(i, None))
+    ref = weakref.ref(t, functools.partial(_forget_snapshot, id(t)))
     _SNAPSHOTS[id(t)] = (ref, key, copy)
     return copy
 
@@ -58,7 +63,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put ``tensor`` back as the parameter or buffer ``name`` (dotted) of ``model``."""
     path, _, leaf = name.rpartition(".")
     module = model.get_submodule(path) if path else model
-    slot = module._parameters if leaf in module._parameters else module._buffers
+    slot: dict[str, Any] = module._parameters if leaf in module._parameters else module._buffers
     slot[leaf] = tensor
 
 
@@ -69,7 +74,7 @@ class ModelState:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.tensors = dict(model.state_dict(keep_vars=True))
+        self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         self.values = {name: _snapshot(t) for name, t in self.tensors.items()}
 
     def changed(self) -> list[str]:

@@ -64,7 +64,8 @@ def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | Non
 def layout_of(output: torch.Tensor, size: tuple[int, int]) -> str | None:
     """"nchw", "nhwc", "tokens" or None (not readable as a map) for a layer output and input size."""
     if output.dim() == 4:
-        if _fits(tuple(output.shape[1:3]), size) and not _fits(tuple(output.shape[2:4]), size):
+        b, d1, d2, d3 = output.shape
+        if _fits((d1, d2), size) and not _fits((d2, d3), size):
             return "nhwc"
         return "nchw"
     if output.dim() == 3 and token_grid(output.shape[1], size) is not None:
@@ -129,7 +130,7 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     cached = _default_cache.get(model)
     if cached and key in cached:
         return cached[key]
-    size = tuple(example.shape[-2:])
+    size = (int(example.shape[-2]), int(example.shape[-1]))
     order: list[tuple[str, torch.Tensor]] = []
     blocks: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = []

@@ -55,7 +55,7 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     # Without an input gradient nothing before the captured layers is backpropagated: on CPU that
     # part runs in channels-last memory format (oneDNN convolutions run about 1.2-1.3x faster on
     # it), and the captures hand a contiguous copy on, so every backward runs in the default layout
-    # (channels-last input gradients were found up to 7 % off: core.fastpath). Any failure
+    # (channels-last input gradients can take another ReLU route at a near-tie: core.fastpath). Any failure
     # (a ``view`` on a channels-last tensor, ...) reruns the forward contiguous.
     channels_last = uses_channels_last(x, x.requires_grad)
     with contextlib.ExitStack() as stack:
@@ -67,36 +67,39 @@ def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             targets = logits.detach().argmax(1)
         chosen = select_targets(logits, targets)  # also checks the targets against the logits
         score = (score_fn(logits, targets) if score_fn else chosen.sum()) if backward else None
-        wrt: list[torch.Tensor] = []
-        if input_grad:
-            wrt.append(x)
-        layer_names = list(caps)
-        for name in layer_names:
-            if caps[name].output is None:
+        wrt: list[torch.Tensor] = [x] if input_grad else []
+        outputs: dict[str, torch.Tensor] = {}
+        for name, cap in caps.items():
+            if cap.output is None:
                 raise RuntimeError(f"layer {name!r} was not called in the forward pass")
-            wrt.append(caps[name].output)
-        if not backward:
-            wrt = []
-        grads = torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=bool(rules)) if wrt else ()
+            outputs[name] = cap.output
+        wrt += list(outputs.values())
+        grads: tuple[torch.Tensor | None, ...] = ()
+        if score is not None and wrt:
+            grads = torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=bool(rules))
         rule_grads: dict[str, torch.Tensor] = {}
         for i, (name, rule) in enumerate(rules.items()):
+            assert switch is not None and score is not None  # rules imply a backward and the switch
             switch.rule = rule
             (g,) = torch.autograd.grad(score, x, allow_unused=True, retain_graph=i < len(rules) - 1)
             rule_grads[name] = g if g is not None else torch.zeros_like(x)
     result = GradientPass(model, inputs, targets, logits.detach(), rule_grads=rule_grads)
     offset = 0
     if input_grad:
-        result.input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        g0 = grads[0] if grads else None
+        result.input_grad = g0 if g0 is not None else torch.zeros_like(x)
         offset = 1
-    size = tuple(inputs.shape[-2:])
-    for i, name in enumerate(layer_names):
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    for i, (name, out) in enumerate(outputs.items()):
         # B x C x h x w whatever the layer's layout (channels last, tokens): activations and
         # gradients go through the same re-indexing
-        act = caps[name].output.detach()
+        act = out.detach()
         result.activations[name] = spatial_view(act, size, name)
         if backward:
-            g = grads[offset + i]
-            result.gradients[name] = spatial_view(g if g is not None else torch.zeros_like(act), size, name)
+            layer_grad = grads[offset + i]
+            if layer_grad is None:
+                layer_grad = torch.zeros_like(act)
+            result.gradients[name] = spatial_view(layer_grad, size, name)
     return result
 
 
