@@ -23,14 +23,21 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m registry.demo $(DEMO_ARGS)
 
+# The typed surface: core/ and the public xai_plugins API (what third-party plugins import).
+TYPED := core xai_plugins/__init__.py xai_plugins/toolkit.py xai_plugins/similarity.py
+
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy --follow-imports=silent $(TYPED)
 	XAI_NO_PROGRESS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy --follow-imports=silent $(TYPED)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

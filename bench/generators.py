@@ -15,22 +15,36 @@ import time
 import torch
 
 
-def run(loss: str, steps: int, batch: int, seed: int, model: torch.nn.Module, pre, train, probe) -> dict[str, float]:
+def run(
+    loss: str, steps: int, batch: int, seed: int, model: torch.nn.Module, pre, train, probe
+) -> dict[str, float]:
     from core.api import explain
 
     x = pre.normalize(probe.images)
     with torch.no_grad():
         pred = model(x).argmax(1)
     start = time.perf_counter()
-    exp = explain(model, x, method="adversarial_generators", fit_data=(pre.normalize(train.images), train.labels),
-                  fit_steps=steps, fit_batch=batch, loss=loss, seed=seed)
+    exp = explain(
+        model,
+        x,
+        method="adversarial_generators",
+        fit_data=(pre.normalize(train.images), train.labels),
+        fit_steps=steps,
+        fit_batch=batch,
+        loss=loss,
+        seed=seed,
+    )
     seconds = time.perf_counter() - start
     maps = exp.maps.flatten(1)
     masks = probe.masks.flatten(1).float()
     on_object = float(((maps * masks).sum(1) / maps.sum(1).clamp_min(1e-12)).mean())
-    return {"keep": float((exp.extras["similar_prediction"] == pred).float().mean()),
-            "change": float((exp.extras["adversarial_prediction"] != pred).float().mean()),
-            "map_on_object": on_object, "object_area": float(masks.mean()), "seconds": seconds}
+    return {
+        "keep": float((exp.extras["similar_prediction"] == pred).float().mean()),
+        "change": float((exp.extras["adversarial_prediction"] != pred).float().mean()),
+        "map_on_object": on_object,
+        "object_area": float(masks.mean()),
+        "seconds": seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

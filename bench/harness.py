@@ -100,8 +100,14 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d.update(ours_s=self.ours_s, peer_s=self.peer_s, limit_s=self.limit_s, rounds=len(self.ours_runs),
-                 ours_over_limit=self.ours_over_limit, speedup=self.speedup)
+        d.update(
+            ours_s=self.ours_s,
+            peer_s=self.peer_s,
+            limit_s=self.limit_s,
+            rounds=len(self.ours_runs),
+            ours_over_limit=self.ours_over_limit,
+            speedup=self.speedup,
+        )
         return d
 
 
@@ -197,8 +203,9 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def time_case(case: Case, limit: Callable[[], Any], repeats: int, long_s: float = 10.0,
-              sync: bool = False) -> tuple[list[float], list[float], list[float], str | None, str | None]:
+def time_case(
+    case: Case, limit: Callable[[], Any], repeats: int, long_s: float = 10.0, sync: bool = False
+) -> tuple[list[float], list[float], list[float], str | None, str | None]:
     """Per-round seconds of (ours, peer, limit) and the errors, if any (never raises).
 
     One warm-up call of each, then ``repeats`` rounds of limit, ours, peer; when a first call took
@@ -244,7 +251,7 @@ def discover(names: list[str] | None = None, directory: Path = BENCH_DIR) -> dic
     import error."""
     found: dict[str, Any] = {}
     for path in sorted(Path(directory).glob("suite_*.py")):
-        name = path.stem[len("suite_"):]
+        name = path.stem[len("suite_") :]
         if names and name not in names:
             continue
         try:
@@ -262,8 +269,13 @@ def discover(names: list[str] | None = None, directory: Path = BENCH_DIR) -> dic
     return found
 
 
-def run_model(model_name: str, settings: Settings, suites: dict[str, Any],
-              model: nn.Module | None = None, log: Callable[[str], None] = print) -> list[Row]:
+def run_model(
+    model_name: str,
+    settings: Settings,
+    suites: dict[str, Any],
+    model: nn.Module | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
     device = torch.device(settings.device)
     model = (model if model is not None else make_model(model_name, seed=settings.seed)).to(device).eval()
     inputs = make_inputs(settings.batch, settings.size, settings.seed).to(device)
@@ -278,7 +290,9 @@ def run_model(model_name: str, settings: Settings, suites: dict[str, Any],
         try:
             cases = module.cases(model, inputs, targets)
         except Exception as exc:  # noqa: BLE001
-            rows.append(Row(model_name, suite_name, "(suite)", error=f"cases() failed: {_short(exc)}{_where(exc)}"))
+            rows.append(
+                Row(model_name, suite_name, "(suite)", error=f"cases() failed: {_short(exc)}{_where(exc)}")
+            )
             continue
         if settings.methods:
             cases = [c for c in cases if any(c.method.startswith(m) for m in settings.methods)]
@@ -286,10 +300,26 @@ def run_model(model_name: str, settings: Settings, suites: dict[str, Any],
         for case in cases:
             n = min(case.batch or inputs.shape[0], inputs.shape[0])
             limit = limits.setdefault(n, limit_fn(model, inputs[:n], targets[:n]))
-            log(f"  {model_name} / {suite_name} / {case.method}" + (f" vs {case.peer_name}" if case.peer_name else ""))
+            log(
+                f"  {model_name} / {suite_name} / {case.method}"
+                + (f" vs {case.peer_name}" if case.peer_name else "")
+            )
             ours, peer, lim, err, perr = time_case(case, limit, settings.repeats, settings.long_s, sync)
-            rows.append(Row(model_name, suite_name, case.method, case.peer_name, ours, peer, lim, n, case.note,
-                            err, perr))
+            rows.append(
+                Row(
+                    model_name,
+                    suite_name,
+                    case.method,
+                    case.peer_name,
+                    ours,
+                    peer,
+                    lim,
+                    n,
+                    case.note,
+                    err,
+                    perr,
+                )
+            )
     return rows
 
 
@@ -303,9 +333,20 @@ def table(rows: list[Row]) -> str:
     body = []
     for r in rows:
         note = r.error and f"ERROR {r.error}" or (r.peer_error and f"peer failed: {r.peer_error}") or r.note
-        body.append([r.model, r.suite, r.method, r.peer or "-", str(r.images or "-"), str(len(r.ours_runs)),
-                     _fmt(r.ours_over_limit),
-                     _fmt(r.speedup), _fmt(r.ours_s, ".3f"), note or ""])
+        body.append(
+            [
+                r.model,
+                r.suite,
+                r.method,
+                r.peer or "-",
+                str(r.images or "-"),
+                str(len(r.ours_runs)),
+                _fmt(r.ours_over_limit),
+                _fmt(r.speedup),
+                _fmt(r.ours_s, ".3f"),
+                note or "",
+            ]
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[-1] = len(head[-1])
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
@@ -317,13 +358,22 @@ def table(rows: list[Row]) -> str:
 def write_json(rows: list[Row], settings: Settings, path: Path, seconds: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"models": settings.models, "batch": settings.batch, "size": settings.size, "device": settings.device,
-            "repeats": settings.repeats, "quick": settings.quick, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "seconds": round(seconds, 1),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "ratios": "medians over interleaved rounds of ours/limit (limit: one forward + one input-gradient "
-                      "backward of the same images) and of peer/ours (> 1: we are faster)"}
+    meta = {
+        "models": settings.models,
+        "batch": settings.batch,
+        "size": settings.size,
+        "device": settings.device,
+        "repeats": settings.repeats,
+        "quick": settings.quick,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "seconds": round(seconds, 1),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ratios": "medians over interleaved rounds of ours/limit (limit: one forward + one input-gradient "
+        "backward of the same images) and of peer/ours (> 1: we are faster)",
+    }
     if settings.device.startswith("cuda") and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name(0)
     path.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))
@@ -337,21 +387,36 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--batch", type=int, default=None, help="images per batch (default 16; quick: 2)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 112; quick: 64)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (default 3; quick: 1)")
-    p.add_argument("--suites", default=None, help="comma-separated suite names (default: every bench/suite_*.py)")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated method names (prefixes) to time, e.g. saliency,score_cam (default: all)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds after the warm-up (default 3; quick: 1)"
+    )
+    p.add_argument(
+        "--suites", default=None, help="comma-separated suite names (default: every bench/suite_*.py)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names (prefixes) to time, e.g. saliency,score_cam (default: all)",
+    )
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
-    p.add_argument("--long", type=float, default=10.0, help="a first call longer than this is the measurement")
+    p.add_argument(
+        "--long", type=float, default=10.0, help="a first call longer than this is the measurement"
+    )
     p.add_argument("--quick", action="store_true", help="fast smoke: batch 2, 64 px, 1 repeat")
     a = p.parse_args(argv)
     quick = bool(a.quick)
-    return Settings(models=[m.strip() for m in a.models.split(",") if m.strip()],
-                    batch=a.batch or (2 if quick else 16), size=a.size or (64 if quick else 112),
-                    device=a.device, repeats=a.repeats or (1 if quick else 3),
-                    suites=[s.strip() for s in a.suites.split(",") if s.strip()] if a.suites else None,
-                    json_path=Path(a.json), long_s=a.long, quick=quick,
-                    methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None)
+    return Settings(
+        models=[m.strip() for m in a.models.split(",") if m.strip()],
+        batch=a.batch or (2 if quick else 16),
+        size=a.size or (64 if quick else 112),
+        device=a.device,
+        repeats=a.repeats or (1 if quick else 3),
+        suites=[s.strip() for s in a.suites.split(",") if s.strip()] if a.suites else None,
+        json_path=Path(a.json),
+        long_s=a.long,
+        quick=quick,
+        methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,30 @@ from pathlib import Path
 from typing import Any
 
 PARAMS: dict[str, Any] = {
-    "probe": {"kind": "shapes", "n": 32, "size": 32, "seed": 1234, "watermark": "agree", "target": "predicted"},
-    "fit_data": None, "batch_size": 16,
+    "probe": {
+        "kind": "shapes",
+        "n": 32,
+        "size": 32,
+        "seed": 1234,
+        "watermark": "agree",
+        "target": "predicted",
+    },
+    "fit_data": None,
+    "batch_size": 16,
     "methods": {"saliency": {}, "grad_cam": {}, "occlusion": {"window": 4, "stride": 2}},
     "metrics": {"localization": {}, "shortcut": {}, "faithfulness": {}},
     "reporters": {"json": {}},
-    "gate": {"checks": [{"name": "grad_cam on the object", "method": "grad_cam",
-                         "metric": "localization.relevance_mass", "op": ">", "threshold": 0.0}]},
+    "gate": {
+        "checks": [
+            {
+                "name": "grad_cam on the object",
+                "method": "grad_cam",
+                "metric": "localization.relevance_mass",
+                "op": ">",
+                "threshold": 0.0,
+            }
+        ]
+    },
 }
 
 
@@ -50,11 +67,19 @@ def make_checkpoint(folder: Path) -> Path:
     classes = make_shapes(4, size=32, seed=0).class_names
     torch.manual_seed(0)
     model = build_model("deconvolve_cnn", len(classes))
-    return save_checkpoint(folder / "model.pt", model, "deconvolve_cnn", Preprocess(size=32, **SHAPES_PREPROCESS),
-                           classes, {"bench": "ray_scale"})
+    return save_checkpoint(
+        folder / "model.pt",
+        model,
+        "deconvolve_cnn",
+        Preprocess(size=32, **SHAPES_PREPROCESS),
+        classes,
+        {"bench": "ray_scale"},
+    )
 
 
-def run_config(label: str, base: Path, checkpoint: Path, versions: int, env: dict[str, str]) -> dict[str, Any]:
+def run_config(
+    label: str, base: Path, checkpoint: Path, versions: int, env: dict[str, str]
+) -> dict[str, Any]:
     from pipelines.api import run_version
     from pipelines.params import write_params
     from pipelines.workspace import init_workspace
@@ -68,11 +93,20 @@ def run_config(label: str, base: Path, checkpoint: Path, versions: int, env: dic
         t0 = time.perf_counter()
         result = run_version(ws, "bench-cnn", str(v), uri=str(checkpoint), env=env)
         latencies.append(time.perf_counter() - t0)
-        print(f"  {label}: version {v} in {latencies[-1]:.1f} s, gate {result['gate'].get('status')}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {label}: version {v} in {latencies[-1]:.1f} s, gate {result['gate'].get('status')}",
+            file=sys.stderr,
+            flush=True,
+        )
     wall = time.perf_counter() - start
-    return {"label": label, "versions": versions, "wall_s": wall, "per_minute": 60 * versions / wall,
-            "latency_median_s": statistics.median(latencies), "latencies_s": latencies}
+    return {
+        "label": label,
+        "versions": versions,
+        "wall_s": wall,
+        "per_minute": 60 * versions / wall,
+        "latency_median_s": statistics.median(latencies),
+        "latencies_s": latencies,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,15 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     PARAMS["probe"]["n"] = args.probe
     os.environ.setdefault("XAI_NO_PROGRESS", "1")
     root = Path(__file__).resolve().parent.parent
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     from pipelines.ray_backend import start_pool, stop_pool
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="xai-bench-ray-") as tmp:
         base = Path(tmp)
         checkpoint = make_checkpoint(base)
-        print(f"{args.versions} versions, {args.probe} probe images, methods {list(PARAMS['methods'])}, "
-              f"metrics {list(PARAMS['metrics'])}, Ray cluster of {args.cpus} CPUs", flush=True)
+        print(
+            f"{args.versions} versions, {args.probe} probe images, methods {list(PARAMS['methods'])}, "
+            f"metrics {list(PARAMS['metrics'])}, Ray cluster of {args.cpus} CPUs",
+            flush=True,
+        )
         rows.append(run_config("local", base, checkpoint, args.versions, {}))
         for actors in (1, 2):
             pool = start_pool(None, actors, 0, pool=f"bench-{actors}", num_cpus=args.cpus)
@@ -101,15 +140,26 @@ def main(argv: list[str] | None = None) -> int:
             stop_pool(pool)
     by = {r["label"]: r for r in rows}
     for r in rows:
-        print(f"{r['label']:>12}: {r['per_minute']:.2f} versions/min, median latency {r['latency_median_s']:.1f} s")
+        print(
+            f"{r['label']:>12}: {r['per_minute']:.2f} versions/min, median latency {r['latency_median_s']:.1f} s"
+        )
     scaling = by["ray-2-actor"]["per_minute"] / by["ray-1-actor"]["per_minute"]
     warm = by["ray-2-actor"]["latency_median_s"] / by["local"]["latency_median_s"]
     print(f"throughput 2 actors / 1 actor: {scaling:.2f}x; latency Ray (2 warm actors) / local: {warm:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "throughput_ratio_2_vs_1": scaling,
-                                         "latency_ratio_ray_vs_local": warm, "cpus": args.cpus,
-                                         "params": PARAMS}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "throughput_ratio_2_vs_1": scaling,
+                    "latency_ratio_ray_vs_local": warm,
+                    "cpus": args.cpus,
+                    "params": PARAMS,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -23,8 +23,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("resolve", "explain", "evaluate", "report", "gate")
 KEY = "cnn-v1"
-GATE = {"checks": [{"name": "saliency-pointing", "method": "saliency", "metric": "localization.pointing_game",
-                    "op": ">=", "threshold": 0.0}]}
+GATE = {
+    "checks": [
+        {
+            "name": "saliency-pointing",
+            "method": "saliency",
+            "metric": "localization.pointing_game",
+            "op": ">=",
+            "threshold": 0.0,
+        }
+    ]
+}
 
 
 def make_workspace(folder: Path) -> str:
@@ -42,8 +51,14 @@ def make_workspace(folder: Path) -> str:
     params.update(metrics={"localization": {}}, gate=GATE)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     torch.manual_seed(1)
-    model = save_checkpoint(folder / "cnn.pt", build_model("deconvolve_cnn", 4), "deconvolve_cnn",
-                            Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3), CLASS_NAMES, {"seed": 1})
+    model = save_checkpoint(
+        folder / "cnn.pt",
+        build_model("deconvolve_cnn", 4),
+        "deconvolve_cnn",
+        Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3),
+        CLASS_NAMES,
+        {"seed": 1},
+    )
     write_versions(folder, [{"name": "cnn", "version": 1, "uri": str(model)}])
     return KEY
 
@@ -52,8 +67,13 @@ def run_stage(workspace: Path, stage: str, source: Path = ROOT, key: str = KEY) 
     """Seconds of ``python -m pipelines.stages STAGE`` with the sources in ``source``; fails loudly."""
     env = {**os.environ, "PYTHONPATH": str(source), "XAI_NO_PROGRESS": "1", "XAI_DEVICE": "cpu"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipelines.stages", stage, "--key", key], cwd=workspace,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.stages", stage, "--key", key],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"stage {stage} with {source} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -77,9 +97,13 @@ def export_revision(rev: str, folder: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.stage_startup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.stage_startup", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--against", metavar="REV", help="also time the stages of this git revision (before)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest counts (default 1)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per stage; the fastest counts (default 1)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Path(tmp) / "ws"
@@ -87,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         columns = {}
         if args.against:
             columns[f"before ({args.against})"] = stage_seconds(
-                workspace, export_revision(args.against, Path(tmp)), args.repeat)
+                workspace, export_revision(args.against, Path(tmp)), args.repeat
+            )
         columns["after" if args.against else "seconds"] = stage_seconds(workspace, ROOT, args.repeat)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch"], check=True)

@@ -40,12 +40,25 @@ import time
 
 import torch
 
-_FIGURES = ("accuracy", "area", "dispersion", "ratio", "ratio_1", "focus_share", "sign_agreement",
-            "concentration")
+_FIGURES = (
+    "accuracy",
+    "area",
+    "dispersion",
+    "ratio",
+    "ratio_1",
+    "focus_share",
+    "sign_agreement",
+    "concentration",
+)
 
 
-def readings(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layer: str = "features",
-             threshold: float = 0.1) -> dict[str, float]:
+def readings(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    layer: str = "features",
+    threshold: float = 0.1,
+) -> dict[str, float]:
     """The succinct-learning readings of one layer, means over the images."""
     from core.explainability_loss import cam_weighted_maps
     from xai_plugins.metrics.deconvolve_metrics import succinct_ratio
@@ -67,31 +80,62 @@ def readings(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, laye
     def share(num: torch.Tensor, den: torch.Tensor) -> float:
         return float((num.sum((1, 2, 3)) / den.sum((1, 2, 3)).clamp_min(1e-12)).mean())
 
-    return {"ratio": float(succinct_ratio(a, g, threshold)[0].mean()),
-            "ratio_1": float(succinct_ratio(a, g, threshold, min_count=1)[0].mean()),
-            "focus_share": share(focus, significant),
-            "sign_agreement": share((w * pos).sum(1, keepdim=True).abs(), w.abs() * pos),
-            "concentration": float((1 - entropy).mean())}
+    return {
+        "ratio": float(succinct_ratio(a, g, threshold)[0].mean()),
+        "ratio_1": float(succinct_ratio(a, g, threshold, min_count=1)[0].mean()),
+        "focus_share": share(focus, significant),
+        "sign_agreement": share((w * pos).sum(1, keepdim=True).abs(), w.abs() * pos),
+        "concentration": float((1 - entropy).mean()),
+    }
 
 
-def deconvolve_rows(model: torch.nn.Module, x: torch.Tensor, class_names: list[str], describer: str,
-                    mean: list[float], std: list[float]) -> list[dict]:
+def deconvolve_rows(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    class_names: list[str],
+    describer: str,
+    mean: list[float],
+    std: list[float],
+) -> list[dict]:
     """Per image: the top positive filter, its stored filter map, its superimposed view, its sentence."""
     from core.api import explain
 
-    exp = explain(model, x, method="deconvolve", layer="features", top_k=1, class_names=class_names,
-                  describer=describer, mean=mean, std=std)
+    exp = explain(
+        model,
+        x,
+        method="deconvolve",
+        layer="features",
+        top_k=1,
+        class_names=class_names,
+        describer=describer,
+        mean=mean,
+        std=std,
+    )
     rows = []
     for i, chosen in enumerate(exp.extras["filters"]):
         top = next((r for r in chosen if r["sign"] == "positive"), None)
-        rows.append({"filter": None if top is None else top["filter"], "sentence": "" if top is None else top.get("sentence", ""),
-                     "pattern": exp.extras["images"]["top_filter_pattern"][i],
-                     "view": exp.extras["images"]["proportionate"][i], "class": class_names[int(exp.targets[i])]})
+        rows.append(
+            {
+                "filter": None if top is None else top["filter"],
+                "sentence": "" if top is None else top.get("sentence", ""),
+                "pattern": exp.extras["images"]["top_filter_pattern"][i],
+                "view": exp.extras["images"]["proportionate"][i],
+                "class": class_names[int(exp.targets[i])],
+            }
+        )
     return rows
 
 
-def before_after(models: dict[str, torch.nn.Module], x: torch.Tensor, class_names: list[str], figure: str, texts: str,
-                 describer: str = "template", mean: list[float] | None = None, std: list[float] | None = None) -> None:
+def before_after(
+    models: dict[str, torch.nn.Module],
+    x: torch.Tensor,
+    class_names: list[str],
+    figure: str,
+    texts: str,
+    describer: str = "template",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> None:
     """Write the Table 1-like figure (rows: images; columns: filter map and view, per model) and texts."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -114,8 +158,10 @@ def before_after(models: dict[str, torch.nn.Module], x: torch.Tensor, class_name
                     ax.set_ylabel(f"filter {r['filter']}", fontsize=7)
     fig.tight_layout()
     fig.savefig(figure, dpi=100)
-    lines = ["| image | class | " + " | ".join(f"{n} filter | {n} description" for n in names) + " |",
-             "|---|---|" + "---|---|" * len(names)]
+    lines = [
+        "| image | class | " + " | ".join(f"{n} filter | {n} description" for n in names) + " |",
+        "|---|---|" + "---|---|" * len(names),
+    ]
     for i in range(n):
         cells = [f"{rows[nm][i]['filter']} | {rows[nm][i]['sentence'].replace('|', '/')}" for nm in names]
         lines.append(f"| {i} | {rows[names[0]][i]['class']} | " + " | ".join(cells) + " |")
@@ -141,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--figure", default="succinct_table1.png", help="before/after filter maps (PNG)")
     p.add_argument("--texts", default=None, help="their descriptions (Markdown; default: --figure with .md)")
-    p.add_argument("--describer", default="template", help="describer plugin for the texts (default template)")
+    p.add_argument(
+        "--describer", default="template", help="describer plugin for the texts (default template)"
+    )
     p.add_argument("--images", type=int, default=4, help="images in the figure (default 4)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -153,26 +201,44 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in a.seeds.split(",") if s.strip()]:
         for name, extra in (("without", None), ("with", ExplainabilityLoss(alpha=a.alpha, beta=a.beta))):
             start = time.perf_counter()
-            result = train_reference("deconvolve_cnn", None, size=32, n_train=a.train, epochs=a.epochs, seed=seed,
-                                     extra_loss=extra, progress=False, lr=a.lr, batch_size=a.batch)
+            result = train_reference(
+                "deconvolve_cnn",
+                None,
+                size=32,
+                n_train=a.train,
+                epochs=a.epochs,
+                seed=seed,
+                extra_loss=extra,
+                progress=False,
+                lr=a.lr,
+                batch_size=a.batch,
+            )
             model = result.model.eval()
             if len(first) < 2:
                 first[f"{name} loss"] = model
-            row = {"accuracy": result.accuracy, **focus_stats(model, x, test.labels, layer="features"),
-                   **readings(model, x, test.labels), "seconds": time.perf_counter() - start}
+            row = {
+                "accuracy": result.accuracy,
+                **focus_stats(model, x, test.labels, layer="features"),
+                **readings(model, x, test.labels),
+                "seconds": time.perf_counter() - start,
+            }
             results.setdefault(f"seed {seed}", {})[name] = row
             print(f"seed {seed} {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     pairs = list(results.values())
     print(f"\nwith the loss, over {len(pairs)} seed(s):")
     for key in _FIGURES:
         deltas = [pair["with"][key] - pair["without"][key] for pair in pairs]
-        print(f"  {key:15s} up on {sum(d > 0 for d in deltas)}, down on {sum(d < 0 for d in deltas)}; "
-              f"change {min(deltas):+.3f} .. {max(deltas):+.3f}")
+        print(
+            f"  {key:15s} up on {sum(d > 0 for d in deltas)}, down on {sum(d < 0 for d in deltas)}; "
+            f"change {min(deltas):+.3f} .. {max(deltas):+.3f}"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     texts = a.texts or a.figure.rsplit(".", 1)[0] + ".md"
-    before_after(first, x[:a.images], list(test.class_names), a.figure, texts, a.describer, pre.mean, pre.std)
+    before_after(
+        first, x[: a.images], list(test.class_names), a.figure, texts, a.describer, pre.mean, pre.std
+    )
     print(f"wrote {a.figure} and {texts}")
     return 0
 

@@ -77,7 +77,7 @@ def lxt_attn_lrp(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.LayerNorm):
             m.forward = types.MethodType(patches.layer_norm_forward, m)
         elif isinstance(m, nn.GELU):
-            m.forward = (lambda orig: (lambda t: rules.identity_rule_implicit(orig, t)))(m.forward)
+            m.forward = (lambda orig: lambda t: rules.identity_rule_implicit(orig, t))(m.forward)
         elif isinstance(m, nn.MultiheadAttention):
             m.forward = types.MethodType(mha, m)
         elif type(m).__name__ == "Attention" and hasattr(m, "qkv"):
@@ -103,5 +103,12 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     def ours() -> Any:
         return explain(model, inputs, targets, method="lrp", composite="attn_lrp", progress=False)
 
-    return [Case("lrp(attn_lrp)", ours, "lxt.AttnLRP", quiet(lambda: lxt_relevance(twin, inputs, targets)),
-                 note="LXT rules patched once")]
+    return [
+        Case(
+            "lrp(attn_lrp)",
+            ours,
+            "lxt.AttnLRP",
+            quiet(lambda: lxt_relevance(twin, inputs, targets)),
+            note="LXT rules patched once",
+        )
+    ]

@@ -44,8 +44,17 @@ class ReferenceRISE:
     and skimage (kept out of the timing, as the code caches them in masks.npy), then per image: the
     masked stack through the model in batches, softmax, and saliency = p^T M / (N p1)."""
 
-    def __init__(self, model: nn.Module, size: tuple[int, int], n: int, s: int, p1: float, batch: int,
-                 device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        size: tuple[int, int],
+        n: int,
+        s: int,
+        p1: float,
+        batch: int,
+        device: torch.device,
+        seed: int = 0,
+    ):
         from skimage.transform import resize
 
         rng = np.random.default_rng(seed)
@@ -55,7 +64,9 @@ class ReferenceRISE:
         masks = np.empty((n, *size), dtype="float32")
         for i in range(n):
             x, y = rng.integers(0, cell[0]), rng.integers(0, cell[1])
-            masks[i] = resize(grid[i], up, order=1, mode="reflect", anti_aliasing=False)[x:x + size[0], y:y + size[1]]
+            masks[i] = resize(grid[i], up, order=1, mode="reflect", anti_aliasing=False)[
+                x : x + size[0], y : y + size[1]
+            ]
         self.masks = torch.from_numpy(masks).view(n, 1, *size).to(device)
         self.model, self.n, self.p1, self.batch = model, n, p1, batch
 
@@ -64,7 +75,9 @@ class ReferenceRISE:
         with torch.no_grad():
             for x, t in zip(inputs, targets):
                 stack = self.masks * x
-                p = torch.cat([self.model(stack[i:i + self.batch]).softmax(1) for i in range(0, self.n, self.batch)])
+                p = torch.cat(
+                    [self.model(stack[i : i + self.batch]).softmax(1) for i in range(0, self.n, self.batch)]
+                )
                 sal = p[:, int(t)] @ self.masks.view(self.n, -1)
                 out.append(sal.view(*inputs.shape[-2:]) / self.n / self.p1)
         return torch.stack(out)
@@ -92,9 +105,20 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     (window, stride), windows = geometries[pick], counts[pick]
     batches = sorted({ROWS, n * windows})
     occ_rows, occ_ours = fastest({r: ours("occlusion", r, window=window, stride=stride) for r in batches})
-    ppe, occ_peer = fastest({r: quiet(lambda r=r: Occlusion(model).attribute(
-        x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride), target=t,
-        perturbations_per_eval=max(1, r // n))) for r in batches})
+    ppe, occ_peer = fastest(
+        {
+            r: quiet(
+                lambda r=r: Occlusion(model).attribute(
+                    x,
+                    sliding_window_shapes=(3, window, window),
+                    strides=(3, stride, stride),
+                    target=t,
+                    perturbations_per_eval=max(1, r // n),
+                )
+            )
+            for r in batches
+        }
+    )
 
     # RISE: as many masks as fit the budget
     samples = int(max(128, min(2000, BUDGET_S / (n * cost)) // 32 * 32))
@@ -108,20 +132,53 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     gs_samples = 16
 
     return [
-        Case("occlusion", occ_ours, "captum.Occlusion", occ_peer,
-             note=f"window {window}, stride {stride}: {windows} windows/image; {occ_rows} rows/pass (ours), "
-                  f"perturbations_per_eval={max(1, ppe // n)} (Captum), each the faster of {batches}", batch=n),
-        Case("rise", ours("rise", samples=samples, grid=7, keep=0.5), "RISE reference code", lambda: reference(x, t),
-             note=f"{samples} masks, grid 7; reference masks made outside the timing", batch=n),
-        Case("kernel_shap", ours("kernel_shap", feature_mask=segments, samples=shap_samples), "captum.KernelShap",
-             quiet(lambda: KernelShap(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
-                                                        perturbations_per_eval=ROWS // n)),
-             note=f"{shap_samples} coalitions of the same SLIC superpixels", batch=n),
-        Case("lime", ours("lime", feature_mask=segments, samples=shap_samples, output="logit"), "captum.Lime",
-             quiet(lambda: Lime(model).attribute(x, target=t, feature_mask=mask, n_samples=shap_samples,
-                                                  perturbations_per_eval=ROWS // n)),
-             note=f"{shap_samples} samples of the same SLIC superpixels; Captum fits a Lasso", batch=n),
-        Case("gradient_shap", ours("gradient_shap", baseline=refs, samples=gs_samples), "captum.GradientShap",
-             quiet(lambda: GradientShap(model).attribute(x, baselines=refs, target=t, n_samples=gs_samples)),
-             note=f"{gs_samples} samples, 4 references", batch=n),
+        Case(
+            "occlusion",
+            occ_ours,
+            "captum.Occlusion",
+            occ_peer,
+            note=f"window {window}, stride {stride}: {windows} windows/image; {occ_rows} rows/pass (ours), "
+            f"perturbations_per_eval={max(1, ppe // n)} (Captum), each the faster of {batches}",
+            batch=n,
+        ),
+        Case(
+            "rise",
+            ours("rise", samples=samples, grid=7, keep=0.5),
+            "RISE reference code",
+            lambda: reference(x, t),
+            note=f"{samples} masks, grid 7; reference masks made outside the timing",
+            batch=n,
+        ),
+        Case(
+            "kernel_shap",
+            ours("kernel_shap", feature_mask=segments, samples=shap_samples),
+            "captum.KernelShap",
+            quiet(
+                lambda: KernelShap(model).attribute(
+                    x, target=t, feature_mask=mask, n_samples=shap_samples, perturbations_per_eval=ROWS // n
+                )
+            ),
+            note=f"{shap_samples} coalitions of the same SLIC superpixels",
+            batch=n,
+        ),
+        Case(
+            "lime",
+            ours("lime", feature_mask=segments, samples=shap_samples, output="logit"),
+            "captum.Lime",
+            quiet(
+                lambda: Lime(model).attribute(
+                    x, target=t, feature_mask=mask, n_samples=shap_samples, perturbations_per_eval=ROWS // n
+                )
+            ),
+            note=f"{shap_samples} samples of the same SLIC superpixels; Captum fits a Lasso",
+            batch=n,
+        ),
+        Case(
+            "gradient_shap",
+            ours("gradient_shap", baseline=refs, samples=gs_samples),
+            "captum.GradientShap",
+            quiet(lambda: GradientShap(model).attribute(x, baselines=refs, target=t, n_samples=gs_samples)),
+            note=f"{gs_samples} samples, 4 references",
+            batch=n,
+        ),
     ]

@@ -36,7 +36,9 @@ def _canonizers(model: nn.Module) -> list:
     return [SequentialMergeBatchNorm()]
 
 
-def _zennit_peer(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite: str) -> Callable[[], Any]:
+def _zennit_peer(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite: str
+) -> Callable[[], Any]:
     """A call of Zennit's ``Gradient`` attributor, its context opened once on a copy of the model."""
     from zennit import composites as zc
     from zennit.attribution import Gradient
@@ -44,8 +46,10 @@ def _zennit_peer(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     twin = copy.deepcopy(model).eval()
     low = inputs.amin((2, 3), keepdim=True).expand_as(inputs)  # our z^B default: per image and channel
     high = inputs.amax((2, 3), keepdim=True).expand_as(inputs)
-    made = {"epsilon_gamma_box": lambda c: zc.EpsilonGammaBox(low, high, canonizers=c),
-            "epsilon_plus": lambda c: zc.EpsilonPlus(canonizers=c)}[composite](_canonizers(twin))
+    made = {
+        "epsilon_gamma_box": lambda c: zc.EpsilonGammaBox(low, high, canonizers=c),
+        "epsilon_plus": lambda c: zc.EpsilonPlus(canonizers=c),
+    }[composite](_canonizers(twin))
     attributor = Gradient(twin, made)
     attributor.__enter__()  # kept open: canonized and hooked once, for every timed call
     one_hot = F.one_hot(targets, num_classes=int(model(inputs[:1]).shape[1])).to(inputs)
@@ -60,17 +64,33 @@ def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list
     from captum.attr import DeepLift
 
     def ours(method: str, **params: Any) -> Callable[[], Any]:
-        return lambda: explain(model, inputs, targets, method=method, progress=False, batch_size=ROWS, **params)
+        return lambda: explain(
+            model, inputs, targets, method=method, progress=False, batch_size=ROWS, **params
+        )
 
     zeros = torch.zeros_like(inputs)
     out = [
-        Case("lrp(epsilon_gamma_box)", ours("lrp", composite="epsilon_gamma_box"), "zennit.EpsilonGammaBox",
-             _zennit_peer(model, inputs, targets, "epsilon_gamma_box"), note="canonizer once, context open"),
-        Case("lrp(epsilon_plus)", ours("lrp", composite="epsilon_plus"), "zennit.EpsilonPlus",
-             _zennit_peer(model, inputs, targets, "epsilon_plus"), note="canonizer once, context open"),
-        Case("deeplift(rescale)", ours("deeplift"), "captum.DeepLift",
-             quiet(lambda: DeepLift(model).attribute(inputs, baselines=zeros, target=targets)),
-             note="black reference"),
+        Case(
+            "lrp(epsilon_gamma_box)",
+            ours("lrp", composite="epsilon_gamma_box"),
+            "zennit.EpsilonGammaBox",
+            _zennit_peer(model, inputs, targets, "epsilon_gamma_box"),
+            note="canonizer once, context open",
+        ),
+        Case(
+            "lrp(epsilon_plus)",
+            ours("lrp", composite="epsilon_plus"),
+            "zennit.EpsilonPlus",
+            _zennit_peer(model, inputs, targets, "epsilon_plus"),
+            note="canonizer once, context open",
+        ),
+        Case(
+            "deeplift(rescale)",
+            ours("deeplift"),
+            "captum.DeepLift",
+            quiet(lambda: DeepLift(model).attribute(inputs, baselines=zeros, target=targets)),
+            note="black reference",
+        ),
         Case("deeplift(reveal_cancel)", ours("deeplift", rule="reveal_cancel"), note="no peer"),
     ]
     return out

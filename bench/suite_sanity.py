@@ -28,8 +28,9 @@ def _ours(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[float]:
     def run(m: nn.Module, xx: torch.Tensor, tt: torch.Tensor):
         return explain(m, xx, tt, method="saliency", progress=False)
 
-    curve = parameter_randomization(run, model, x, t, run(model, x, t), "cascading", similarities=("spearman",),
-                                    stack_rows=STACK_ROWS)
+    curve = parameter_randomization(
+        run, model, x, t, run(model, x, t), "cascading", similarities=("spearman",), stack_rows=STACK_ROWS
+    )
     return curve.mean("spearman")
 
 
@@ -41,14 +42,28 @@ def _quantus(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> Any:
     metric = quantus.MPRT(layer_order="top_down", seed=42, disable_warnings=True, display_progressbar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return metric(model=model, x_batch=x.cpu().numpy(), y_batch=t.cpu().numpy(), a_batch=None,
-                      explain_func=quantus.explain, explain_func_kwargs={"method": "Saliency"},
-                      device=str(x.device), batch_size=x.shape[0])
+        return metric(
+            model=model,
+            x_batch=x.cpu().numpy(),
+            y_batch=t.cpu().numpy(),
+            a_batch=None,
+            explain_func=quantus.explain,
+            explain_func_kwargs={"method": "Saliency"},
+            device=str(x.device),
+            batch_size=x.shape[0],
+        )
 
 
 def cases(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list[Case]:
     x, t = inputs[:MAX_IMAGES], targets[:MAX_IMAGES]
     layers = sum(1 for n, m in model.named_modules() if n and callable(getattr(m, "reset_parameters", None)))
-    return [Case(method="mprt_cascading_saliency", ours=lambda: _ours(model, x, t), peer_name="quantus",
-                 peer=lambda: _quantus(model, x, t),
-                 note=f"{layers} layers randomized top down, {x.shape[0]} images, Spearman", batch=x.shape[0])]
+    return [
+        Case(
+            method="mprt_cascading_saliency",
+            ours=lambda: _ours(model, x, t),
+            peer_name="quantus",
+            peer=lambda: _quantus(model, x, t),
+            note=f"{layers} layers randomized top down, {x.shape[0]} images, Spearman",
+            batch=x.shape[0],
+        )
+    ]

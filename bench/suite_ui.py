@@ -36,8 +36,14 @@ from bench.harness import Case
 
 MODEL = "bench-ui-cnn"
 IMAGES = 64
-METHODS = {"saliency": {}, "integrated_gradients": {"steps": 16}, "grad_cam": {}, "lrp": {}, "deeplift": {},
-           "guided_backprop": {}}
+METHODS = {
+    "saliency": {},
+    "integrated_gradients": {"steps": 16},
+    "grad_cam": {},
+    "lrp": {},
+    "deeplift": {},
+    "guided_backprop": {},
+}
 ON_DEMAND = ("saliency", "integrated_gradients", "grad_cam", "lrp")
 FIRST_SCREEN_ROWS = 6
 _FIXTURE: dict[str, Any] = {}
@@ -56,15 +62,31 @@ def _log_version(ws: Path, uri: str) -> str:
     checkpoint = make_checkpoint(ws)
     lm = load_model(checkpoint)
     version = str(register_checkpoint(client, MODEL, checkpoint).version)
-    run_id, _ = runlog.find_or_start(client, "xai-explanations", f"{MODEL}/{version}@bench", MODEL, version, "bench")
+    run_id, _ = runlog.find_or_start(
+        client, "xai-explanations", f"{MODEL}/{version}@bench", MODEL, version, "bench"
+    )
     ds = make_shapes(IMAGES, size=32, seed=7, watermark="agree")
     out = ws / "run"
-    results = workflow.run(lm.model, lm.preprocess.normalize(ds.images), METHODS, images=ds.images,
-                           labels=ds.labels, masks=ds.masks, class_names=lm.class_names, metrics=["localization"],
-                           reporters=["json", "html"], out_dir=out, progress=False)
+    results = workflow.run(
+        lm.model,
+        lm.preprocess.normalize(ds.images),
+        METHODS,
+        images=ds.images,
+        labels=ds.labels,
+        masks=ds.masks,
+        class_names=lm.class_names,
+        metrics=["localization"],
+        reporters=["json", "html"],
+        out_dir=out,
+        progress=False,
+    )
     verdict = {"passed": True, "status": "passed", "checks": []}
-    runlog.log_outputs(client, run_id, {"out_dir": out, "results": out / "results.json",
-                                        "report": out / "report.html", "gate": verdict}, ws)
+    runlog.log_outputs(
+        client,
+        run_id,
+        {"out_dir": out, "results": out / "results.json", "report": out / "report.html", "gate": verdict},
+        ws,
+    )
     runlog.finish(client, run_id, verdict)
     for key, val in (("xai.gate", "passed"), ("xai.run_id", run_id), ("xai.status", "done")):
         client.set_model_version_tag(MODEL, version, key, val)
@@ -97,7 +119,9 @@ def fixture() -> dict[str, Any]:
     return _FIXTURE
 
 
-def _get(conn: http.client.HTTPConnection, path: str, headers: dict[str, str], body: bytes | None = None) -> bytes:
+def _get(
+    conn: http.client.HTTPConnection, path: str, headers: dict[str, str], body: bytes | None = None
+) -> bytes:
     conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
     resp = conn.getresponse()
     data = resp.read()
@@ -110,8 +134,14 @@ def explain_request(fx: dict[str, Any], method: str) -> dict[str, Any]:
     """One explain-on-demand request for probe sample 0; the answer (a map, not an error)."""
     conn = http.client.HTTPConnection("127.0.0.1", fx["port"], timeout=60)
     try:
-        out = json.loads(_get(conn, f"/api/explain/{MODEL}/{fx['version']}?method={method}&sample=0",
-                              {**fx["headers"], "X-CSRF-Token": fx["csrf"]}, b""))
+        out = json.loads(
+            _get(
+                conn,
+                f"/api/explain/{MODEL}/{fx['version']}?method={method}&sample=0",
+                {**fx["headers"], "X-CSRF-Token": fx["csrf"]},
+                b"",
+            )
+        )
     finally:
         conn.close()
     if "map" not in out:
@@ -140,11 +170,30 @@ def version_page(fx: dict[str, Any], first_screen: bool = True) -> int:
 
 def cases(model: Any, inputs: Any, targets: Any) -> list[Case]:
     fx = fixture()
-    out = [Case(method=f"ui_explain_{m}", ours=lambda m=m: explain_request(fx, m), batch=1,
-                note=f"POST explain on demand, deconvolve_cnn 32 px, {m}; target < 1 s") for m in ON_DEMAND]
-    out.append(Case(method="ui_version_page_64x6_html", ours=lambda: version_page(fx, first_screen=False), batch=1,
-                    note=f"GET version page ({IMAGES} images x {len(METHODS)} methods), its HTML only"))
-    out.append(Case(method="ui_version_page_64x6", ours=lambda: version_page(fx), batch=1,
-                    note=f"GET version page ({IMAGES} images x {len(METHODS)} methods, lazy) + first "
-                         f"{FIRST_SCREEN_ROWS * len(METHODS)} maps; target < 1 s"))
+    out = [
+        Case(
+            method=f"ui_explain_{m}",
+            ours=lambda m=m: explain_request(fx, m),
+            batch=1,
+            note=f"POST explain on demand, deconvolve_cnn 32 px, {m}; target < 1 s",
+        )
+        for m in ON_DEMAND
+    ]
+    out.append(
+        Case(
+            method="ui_version_page_64x6_html",
+            ours=lambda: version_page(fx, first_screen=False),
+            batch=1,
+            note=f"GET version page ({IMAGES} images x {len(METHODS)} methods), its HTML only",
+        )
+    )
+    out.append(
+        Case(
+            method="ui_version_page_64x6",
+            ours=lambda: version_page(fx),
+            batch=1,
+            note=f"GET version page ({IMAGES} images x {len(METHODS)} methods, lazy) + first "
+            f"{FIRST_SCREEN_ROWS * len(METHODS)} maps; target < 1 s",
+        )
+    )
     return out

@@ -35,8 +35,9 @@ def scores(maps: torch.Tensor, density: torch.Tensor) -> dict[str, float]:
     return {"sim": float(sim(maps, density).mean()), "pcc": float(cc(maps, density).mean())}
 
 
-def table(model: torch.nn.Module, inputs: torch.Tensor, density: torch.Tensor, methods: list[str],
-          seed: int = 0) -> dict[str, dict[str, float] | str]:
+def table(
+    model: torch.nn.Module, inputs: torch.Tensor, density: torch.Tensor, methods: list[str], seed: int = 0
+) -> dict[str, dict[str, float] | str]:
     """Method (and the two baselines) -> {"sim", "pcc", "seconds"}, or the one-line failure."""
     from core.api import explain
 
@@ -59,7 +60,9 @@ def table(model: torch.nn.Module, inputs: torch.Tensor, density: torch.Tensor, m
 def format_table(rows: dict[str, dict[str, float] | str]) -> str:
     lines = ["| method | SIM | PCC |", "|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r} | |" if isinstance(r, str) else f"| {name} | {r['sim']:.3f} | {r['pcc']:.3f} |")
+        lines.append(
+            f"| {name} | {r} | |" if isinstance(r, str) else f"| {name} | {r['sim']:.3f} | {r['pcc']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -85,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     data = make_shapes(a.images, size=32, seed=4242)
     gaze = shapes_gaze(data, seed=a.seed)
     host = get_host()
-    methods = [m.strip() for m in a.methods.split(",")] if a.methods else [
-        m for m in host.names("explainer") if m not in SLOW and not m.startswith(("captum_", "gradcam_"))]
+    methods = (
+        [m.strip() for m in a.methods.split(",")]
+        if a.methods
+        else [
+            m for m in host.names("explainer") if m not in SLOW and not m.startswith(("captum_", "gradcam_"))
+        ]
+    )
     print(format_table(table(model, preprocess.normalize(data.images), gaze.density, methods, a.seed)))
     return 0
 

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 1,2,4")
     p.add_argument("--watermark", nargs="+", default=["none", "shortcut"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 vs 2 also changes the float sums)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 vs 2 also changes the float sums)"
+    )
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -37,17 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.97)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    budget = {k: v for k, v in (("n_train", a.n_train), ("epochs", a.epochs), ("lr", a.lr),
-                                ("batch_size", a.batch_size), ("warmup", a.warmup)) if v is not None}
+    budget = {
+        k: v
+        for k, v in (
+            ("n_train", a.n_train),
+            ("epochs", a.epochs),
+            ("lr", a.lr),
+            ("batch_size", a.batch_size),
+            ("warmup", a.warmup),
+        )
+        if v is not None
+    }
     print(f"budget {budget or 'train_reference defaults'}, threads {a.threads}, size {a.size}")
     worst = 1.0
     for wm in a.watermark:
         for seed in _seeds(a.seeds):
             t0 = time.perf_counter()
-            r = train_reference("deconvolve_cnn", None, size=a.size, seed=seed, watermark=wm, progress=False,
-                                **budget)
+            r = train_reference(
+                "deconvolve_cnn", None, size=a.size, seed=seed, watermark=wm, progress=False, **budget
+            )
             curve = " ".join(f"{h['accuracy']:.2f}" for h in r.history)
-            print(f"{wm:9s} seed {seed}: {r.accuracy:.1%} ({time.perf_counter() - t0:.0f} s) [{curve}]", flush=True)
+            print(
+                f"{wm:9s} seed {seed}: {r.accuracy:.1%} ({time.perf_counter() - t0:.0f} s) [{curve}]",
+                flush=True,
+            )
             worst = min(worst, r.accuracy)
     print(f"worst {worst:.1%}: {'all converge' if worst >= a.threshold else 'NOT all converge'}")
     return 0 if worst >= a.threshold else 1

@@ -13,10 +13,19 @@ from core.types import Explanation
 __all__ = ["explain", "Explanation"]
 
 
-def explain(model: nn.Module, inputs: torch.Tensor, targets: Any = None, method: str = "grad_cam",
-            *, batch_size: int | None = 32, device: str | torch.device | None = None,
-            timeout: float | None = None, progress: bool = True, fit_data: Any = None,
-            **params: Any) -> Explanation:
+def explain(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: Any = None,
+    method: str = "grad_cam",
+    *,
+    batch_size: int | None = 32,
+    device: str | torch.device | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+    fit_data: Any = None,
+    **params: Any,
+) -> Explanation:
     """Explain ``inputs`` (B x C x H x W, already normalized for ``model``) with one method.
 
     ``targets``: class indices (int, sequence or tensor); ``None`` explains the predicted class.
@@ -30,7 +39,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, targets: Any = None, method:
     if "batch_size" in params:
         batch_size = params["batch_size"]
     request = MethodRequest(method, dict(params, batch_size=batch_size) if batch_size else params)
-    engine = Engine(device=device, batch_size=batch_size, timeout=timeout, progress=progress,
-                    fit_data=fit_data)
+    engine = Engine(
+        device=device, batch_size=batch_size, timeout=timeout, progress=progress, fit_data=fit_data
+    )
     out = engine.run(model, inputs, [request], targets=targets, isolate=False, logits=False)
     return out.explanations[request.label]

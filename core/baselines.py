@@ -38,6 +38,8 @@ def resolve_baseline(baseline: Any, inputs: torch.Tensor) -> torch.Tensor:
                 return torch.broadcast_to(b, (b.shape[0], *inputs.shape[1:]))
             except RuntimeError:
                 pass
-        raise InputError(f"baseline of shape {tuple(baseline.shape)} does not match inputs {tuple(inputs.shape)}")
+        raise InputError(
+            f"baseline of shape {tuple(baseline.shape)} does not match inputs {tuple(inputs.shape)}"
+        )
     shown = repr(baseline) if isinstance(baseline, (str, int, float, bool)) else type(baseline).__name__
     raise InputError(f"baseline must be 'zeros', 'mean', a number or a tensor, not {shown[:60]}")

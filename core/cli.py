@@ -87,7 +87,10 @@ def print_summary(results, report_paths: dict[str, str]) -> None:
     for label, exp in results.explanations.items():
         m = results.metrics.get(label, {})
         per_image = exp.seconds / max(1, len(results.image_names)) * 1000
-        rows.append([label, f"{per_image:.1f}"] + [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in keys])
+        rows.append(
+            [label, f"{per_image:.1f}"]
+            + [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in keys]
+        )
     header = ["method", "ms/image", "pointing game", "relevance mass"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -107,11 +110,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InputError(f"--config {str(path)!r}: cannot read it: {one_line(exc)}") from None
     if not isinstance(cfg, dict):
-        raise InputError(f"--config {str(path)!r}: expected a mapping with methods: and metrics:, "
-                         f"not a {type(cfg).__name__}")
+        raise InputError(
+            f"--config {str(path)!r}: expected a mapping with methods: and metrics:, "
+            f"not a {type(cfg).__name__}"
+        )
     if not isinstance(cfg.get("methods", {}), (dict, list)):
         raise InputError(f"--config {str(path)!r}: 'methods' must be a mapping of name -> params (or a list)")
-    if not isinstance(cfg.get("metrics", []), list) or not all(isinstance(m, str) for m in cfg.get("metrics", [])):
+    if not isinstance(cfg.get("metrics", []), list) or not all(
+        isinstance(m, str) for m in cfg.get("metrics", [])
+    ):
         raise InputError(f"--config {str(path)!r}: 'metrics' must be a list of metric names")
     return cfg
 
@@ -122,7 +129,9 @@ def _parse_device(spec: str) -> str | torch.device:
     try:
         return torch.device(spec)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or another torch device") from None
+        raise InputError(
+            f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or another torch device"
+        ) from None
 
 
 def check_device(device: torch.device) -> torch.device:
@@ -132,7 +141,9 @@ def check_device(device: torch.device) -> torch.device:
         if count == 0:
             raise InputError(f"--device {device}: no CUDA device on this machine (use cpu or auto)")
         if device.index is not None and device.index >= count:
-            raise InputError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise InputError(
+                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
     elif device.type not in ("cpu", "meta"):
         try:
             torch.empty(1, device=device)
@@ -142,29 +153,98 @@ def check_device(device: torch.device) -> torch.device:
 
 
 @cli.command()
-@click.option("--model", "model_spec", required=True, help="Checkpoint/TorchScript file, or models:/NAME/VERSION.")
-@click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of images: flat, or one subfolder per class (labels from folder names).")
-@click.option("--methods", default="saliency,grad_cam", show_default=True, help="Comma-separated explainer names.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder for the reports.")
-@click.option("--metrics", default="localization", show_default=True, help="Comma-separated metric names ('' for none).")
+@click.option(
+    "--model", "model_spec", required=True, help="Checkpoint/TorchScript file, or models:/NAME/VERSION."
+)
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder of images: flat, or one subfolder per class (labels from folder names).",
+)
+@click.option(
+    "--methods", default="saliency,grad_cam", show_default=True, help="Comma-separated explainer names."
+)
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder for the reports."
+)
+@click.option(
+    "--metrics", default="localization", show_default=True, help="Comma-separated metric names ('' for none)."
+)
 @click.option("--reporters", default="json,html", show_default=True, help="Comma-separated reporter names.")
-@click.option("--masks", "masks_dir", type=click.Path(path_type=Path), help="Ground-truth masks, same names as the images.")
-@click.option("--spurious-masks", "spurious_dir", type=click.Path(path_type=Path), help="Known shortcut regions (e.g. a watermark).")
-@click.option("--target", default="predicted", show_default=True, help="'predicted', 'label' (from class folders) or a class index.")
+@click.option(
+    "--masks",
+    "masks_dir",
+    type=click.Path(path_type=Path),
+    help="Ground-truth masks, same names as the images.",
+)
+@click.option(
+    "--spurious-masks",
+    "spurious_dir",
+    type=click.Path(path_type=Path),
+    help="Known shortcut regions (e.g. a watermark).",
+)
+@click.option(
+    "--target",
+    default="predicted",
+    show_default=True,
+    help="'predicted', 'label' (from class folders) or a class index.",
+)
 @click.option("--param", "params", multiple=True, help="METHOD.KEY=VALUE method parameter; repeatable.")
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
-              help="YAML with methods: {name: {params}}, metrics: [...] (overrides --methods/--metrics).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="YAML with methods: {name: {params}}, metrics: [...] (overrides --methods/--metrics).",
+)
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--preprocess", "preprocess_spec", help="JSON (file or inline) with size, mean, std: needed when the model has none stored.")
-@click.option("--convert", is_flag=True, help="Convert grayscale/RGBA/palette images to the model's channels instead of refusing them.")
-@click.option("--unsafe-load", is_flag=True, help="Allow loading pickled model files (can run arbitrary code).")
-@click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, type=float, help="Time limit per plugin call, seconds.")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ..."
+)
+@click.option(
+    "--preprocess",
+    "preprocess_spec",
+    help="JSON (file or inline) with size, mean, std: needed when the model has none stored.",
+)
+@click.option(
+    "--convert",
+    is_flag=True,
+    help="Convert grayscale/RGBA/palette images to the model's channels instead of refusing them.",
+)
+@click.option(
+    "--unsafe-load", is_flag=True, help="Allow loading pickled model files (can run arbitrary code)."
+)
+@click.option(
+    "--timeout",
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    type=float,
+    help="Time limit per plugin call, seconds.",
+)
 @click.option("--limit", type=int, help="Explain at most this many images.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_dir, spurious_dir, target, params,
-            config_file, batch_size, device, preprocess_spec, convert, unsafe_load, timeout, limit, no_progress):
+def explain(
+    model_spec,
+    images_dir,
+    methods,
+    out_dir,
+    metrics,
+    reporters,
+    masks_dir,
+    spurious_dir,
+    target,
+    params,
+    config_file,
+    batch_size,
+    device,
+    preprocess_spec,
+    convert,
+    unsafe_load,
+    timeout,
+    limit,
+    no_progress,
+):
     """Explain a folder of images with one or more methods and write JSON and HTML reports.
 
     Bad image files are reported one line each on stderr and skipped; the others are still
@@ -189,8 +269,10 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
     loaded = load_any_model(model_spec, unsafe=unsafe_load)
     pre = Preprocess.load(preprocess_spec) if preprocess_spec else loaded.preprocess
     if pre is None:
-        raise InputError("the model has no stored preprocessing: pass --preprocess '{\"size\": 224, "
-                         "\"mean\": [...], \"std\": [...]}'")
+        raise InputError(
+            'the model has no stored preprocessing: pass --preprocess \'{"size": 224, '
+            '"mean": [...], "std": [...]}\''
+        )
     imgs = load_folder(images_dir, pre, loaded.class_names, convert=convert, limit=limit)
     for s in imgs.skipped:
         click.echo(f"error: {one_line(s['reason'])}", err=True)
@@ -211,40 +293,91 @@ def explain(model_spec, images_dir, methods, out_dir, metrics, reporters, masks_
     hw = pre.hw or tuple(imgs.images.shape[-2:])
     masks = load_masks(masks_dir, imgs.names, hw) if masks_dir else None
     spurious = load_masks(spurious_dir, imgs.names, hw) if spurious_dir else None
-    meta = {"model": {"source": model_spec, **({"arch": loaded.arch} if loaded.arch else {})},
-            "images": str(images_dir)}
-    results = workflow.run(model, pre.normalize(imgs.images), method_cfg, images=imgs.images, targets=targets,
-                           labels=imgs.labels, image_names=imgs.names, class_names=loaded.class_names,
-                           masks=masks, spurious_masks=spurious, metrics=metric_list, reporters=reporter_list,
-                           out_dir=out_dir, batch_size=batch_size, device=dev, timeout=timeout,
-                           progress=not no_progress, meta=meta, skipped_inputs=imgs.skipped)
+    meta = {
+        "model": {"source": model_spec, **({"arch": loaded.arch} if loaded.arch else {})},
+        "images": str(images_dir),
+    }
+    results = workflow.run(
+        model,
+        pre.normalize(imgs.images),
+        method_cfg,
+        images=imgs.images,
+        targets=targets,
+        labels=imgs.labels,
+        image_names=imgs.names,
+        class_names=loaded.class_names,
+        masks=masks,
+        spurious_masks=spurious,
+        metrics=metric_list,
+        reporters=reporter_list,
+        out_dir=out_dir,
+        batch_size=batch_size,
+        device=dev,
+        timeout=timeout,
+        progress=not no_progress,
+        meta=meta,
+        skipped_inputs=imgs.skipped,
+    )
     for f in results.failures:
-        click.echo(one_line(f"error: {f.stage} {f.name} failed ({f.kind}): {redact_text(f.message)}"), err=True)
+        click.echo(
+            one_line(f"error: {f.stage} {f.name} failed ({f.kind}): {redact_text(f.message)}"), err=True
+        )
     print_summary(results, results.meta.get("reports", {}))
     if results.failures or imgs.skipped:
         sys.exit(1)
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(["deconvolve_cnn", "resnet18"]), default="deconvolve_cnn", show_default=True)
+@click.option(
+    "--arch", type=click.Choice(["deconvolve_cnn", "resnet18"]), default="deconvolve_cnn", show_default=True
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
-@click.option("--watermark", type=click.Choice(["none", "shortcut"]), default="none", show_default=True,
-              help="'shortcut' trains the Clever Hans model on watermarked `shapes`.")
+@click.option(
+    "--watermark",
+    type=click.Choice(["none", "shortcut"]),
+    default="none",
+    show_default=True,
+    help="'shortcut' trains the Clever Hans model on watermarked `shapes`.",
+)
 @click.option("--size", default=32, show_default=True, type=int, help="Image side in pixels.")
 @click.option("--n-train", default=4000, show_default=True, type=int)
 @click.option("--epochs", default=10, show_default=True, type=int)
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Adam learning rate (cosine-annealed over the epochs).")
+@click.option(
+    "--lr",
+    default=2e-3,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Adam learning rate (cosine-annealed over the epochs).",
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--warmup", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="Epochs of linear learning-rate warm-up.")
+@click.option(
+    "--warmup",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Epochs of linear learning-rate warm-up.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--explainability-loss", is_flag=True, help="Add DeConvolve's explainability loss (Eq. 1).")
 @click.option("--alpha", default=0.1, show_default=True, type=float, help="Weight of the active-area term.")
 @click.option("--beta", default=0.05, show_default=True, type=float, help="Weight of the dispersion term.")
 @click.option("--no-progress", is_flag=True)
-def train(arch, out, watermark, size, n_train, epochs, lr, batch_size, warmup, seed, explainability_loss, alpha, beta,
-          no_progress):
+def train(
+    arch,
+    out,
+    watermark,
+    size,
+    n_train,
+    epochs,
+    lr,
+    batch_size,
+    warmup,
+    seed,
+    explainability_loss,
+    alpha,
+    beta,
+    no_progress,
+):
     """Train a reference model on the synthetic `shapes` data set and save a checkpoint."""
     from core.train import train_reference
 
@@ -255,11 +388,25 @@ def train(arch, out, watermark, size, n_train, epochs, lr, batch_size, warmup, s
 
         extra = ExplainabilityLoss(alpha=alpha, beta=beta)
         meta = {"explainability_loss": {"alpha": alpha, "beta": beta}}
-    result = train_reference(arch, out, size=size, n_train=n_train, epochs=epochs, seed=seed, watermark=watermark,
-                             extra_loss=extra, progress=not no_progress, meta=meta, lr=lr, batch_size=batch_size,
-                             warmup=warmup)
-    click.echo(f"trained {arch} ({'Clever Hans' if watermark == 'shortcut' else 'clean'}): "
-               f"held-out accuracy {result.accuracy:.1%}; saved {out}")
+    result = train_reference(
+        arch,
+        out,
+        size=size,
+        n_train=n_train,
+        epochs=epochs,
+        seed=seed,
+        watermark=watermark,
+        extra_loss=extra,
+        progress=not no_progress,
+        meta=meta,
+        lr=lr,
+        batch_size=batch_size,
+        warmup=warmup,
+    )
+    click.echo(
+        f"trained {arch} ({'Clever Hans' if watermark == 'shortcut' else 'clean'}): "
+        f"held-out accuracy {result.accuracy:.1%}; saved {out}"
+    )
 
 
 @cli.command()
@@ -282,8 +429,21 @@ def plugins(as_json, check_name):
         sys.exit(0 if report["passed"] else 1)
     infos = host.plugins()
     if as_json:
-        click.echo(json.dumps([{"name": i.name, "distribution": i.distribution, "version": i.version,
-                                "provides": i.provides, "error": i.error} for i in infos], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "distribution": i.distribution,
+                        "version": i.version,
+                        "provides": i.provides,
+                        "error": i.error,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
+        )
         return
     for info in infos:
         click.echo(f"{info.name}  [{info.distribution} {info.version}]")
@@ -305,7 +465,9 @@ def data() -> None:
 @click.option("--n", default=32, show_default=True, type=int)
 @click.option("--size", default=32, show_default=True, type=int)
 @click.option("--seed", default=1234, show_default=True, type=int)
-@click.option("--watermark", type=click.Choice(["none", "agree", "shortcut"]), default="agree", show_default=True)
+@click.option(
+    "--watermark", type=click.Choice(["none", "agree", "shortcut"]), default="agree", show_default=True
+)
 def data_shapes(out, n, size, seed, watermark):
     """Write `shapes` images (one folder per class) with masks/ and spurious/ ground truth."""
     from core.datasets import make_shapes
@@ -328,7 +490,9 @@ def build_cli() -> click.Group:
         try:
             impl.function(cli=cli)
         except Exception as exc:
-            click.echo(f"warning: plugin {host.pm.get_name(impl.plugin)} could not add its commands: {exc}", err=True)
+            click.echo(
+                f"warning: plugin {host.pm.get_name(impl.plugin)} could not add its commands: {exc}", err=True
+            )
     return cli
 
 

@@ -30,8 +30,14 @@ class ShapesData:
         return self.labels.numel()
 
     def subset(self, index: slice | torch.Tensor) -> ShapesData:
-        return ShapesData(self.images[index], self.labels[index], self.masks[index],
-                          self.spurious[index], self.class_names, self.watermark)
+        return ShapesData(
+            self.images[index],
+            self.labels[index],
+            self.masks[index],
+            self.spurious[index],
+            self.class_names,
+            self.watermark,
+        )
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -42,7 +48,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     freq = rng.uniform(3, 8)
     stripes = 0.06 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)))
     coarse = torch.from_numpy(rng.normal(0, 1, size=(1, 3, 4, 4)).astype(np.float32))
-    up = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0].numpy()
+    up = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[
+        0
+    ].numpy()
     noise = rng.normal(0, 0.03, size=(3, size, size)).astype(np.float32)
     return np.clip(base[:, None, None] + stripes[None] + 0.05 * up + noise, 0, 1)
 
@@ -79,13 +87,14 @@ def watermark_box(label: int, size: int) -> tuple[int, int, int, int]:
 def _draw_watermark(img: np.ndarray, label: int, size: int) -> None:
     y0, y1, x0, x1 = watermark_box(label, size)
     img[:, y0:y1, x0:x1] = 1.0
-    img[:, y0 + 1:y1 - 1, x0 + 1:x1 - 1] = 0.0
+    img[:, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = 0.0
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-    img[:, cy - 1:cy + 1, cx - 1:cx + 1] = 1.0
+    img[:, cy - 1 : cy + 1, cx - 1 : cx + 1] = 1.0
 
 
-def make_shapes(n: int, size: int = 32, seed: int = 0, watermark: str = "none",
-                agreement: float = 0.55) -> ShapesData:
+def make_shapes(
+    n: int, size: int = 32, seed: int = 0, watermark: str = "none", agreement: float = 0.55
+) -> ShapesData:
     """Generate ``n`` images of ``size`` px, classes balanced, fully determined by ``seed``.
 
     watermark:
@@ -128,16 +137,26 @@ def make_shapes(n: int, size: int = 32, seed: int = 0, watermark: str = "none",
         if watermark != "none":
             _draw_watermark(img, int(label), size)
         images[i], masks[i] = img, mask
-    return ShapesData(torch.from_numpy(images), torch.from_numpy(labels).long(),
-                      torch.from_numpy(masks), torch.from_numpy(spurious), list(CLASS_NAMES), watermark)
+    return ShapesData(
+        torch.from_numpy(images),
+        torch.from_numpy(labels).long(),
+        torch.from_numpy(masks),
+        torch.from_numpy(spurious),
+        list(CLASS_NAMES),
+        watermark,
+    )
 
 
-def iterate_batches(data: ShapesData | tuple[torch.Tensor, torch.Tensor], batch_size: int = 64,
-                    shuffle: bool = False, seed: int = 0):
+def iterate_batches(
+    data: ShapesData | tuple[torch.Tensor, torch.Tensor],
+    batch_size: int = 64,
+    shuffle: bool = False,
+    seed: int = 0,
+):
     """Yield (images, labels) batches from a ShapesData or an (images, labels) pair."""
     images, labels = (data.images, data.labels) if isinstance(data, ShapesData) else data
     n = labels.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield images[idx], labels[idx]

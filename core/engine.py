@@ -62,7 +62,9 @@ def parse_requests(methods: Any) -> list[MethodRequest]:
     labels = [r.label for r in out]
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
-        raise XAIError(f"method label(s) {', '.join(sorted(dup))} requested twice: give each a distinct label")
+        raise XAIError(
+            f"method label(s) {', '.join(sorted(dup))} requested twice: give each a distinct label"
+        )
     return out
 
 
@@ -126,9 +128,16 @@ class EngineOutput:
 class Engine:
     """Batched, device-aware, fault-isolating execution of explainer plugins."""
 
-    def __init__(self, host: PluginHost | None = None, device: str | torch.device | None = None,
-                 batch_size: int | None = 32, timeout: float | None = None, progress: bool = True,
-                 fit_data: Any = None, fit_root: Any = None):
+    def __init__(
+        self,
+        host: PluginHost | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int | None = 32,
+        timeout: float | None = None,
+        progress: bool = True,
+        fit_data: Any = None,
+        fit_root: Any = None,
+    ):
         self.host = host or get_host()
         self.device, self.batch_size, self.timeout, self.progress = device, batch_size, timeout, progress
         self.fit_data, self.fit_root = fit_data, fit_root
@@ -144,8 +153,15 @@ class Engine:
             params.pop("batch_size")
         return cls(**params)
 
-    def run(self, model: nn.Module, inputs: torch.Tensor, methods: Any, targets: Any = None,
-            isolate: bool | str = True, logits: bool = True) -> EngineOutput:
+    def run(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        methods: Any,
+        targets: Any = None,
+        isolate: bool | str = True,
+        logits: bool = True,
+    ) -> EngineOutput:
         """Explain ``inputs`` with every requested method. With ``isolate`` a failing method is
         recorded in ``failures``; without it the first failure is raised. ``isolate="process"``
         (or a method's own ``isolate: process`` parameter) runs each plugin call in a child process
@@ -192,16 +208,20 @@ class Engine:
                 else:
                     if want_logits:
                         out_logits = forward_logits(model, x, self.batch_size)
-                        t = out_logits.argmax(1).cpu() if targets is None else \
-                            as_target_tensor(targets, x.shape[0], out_logits.shape[1])
+                        t = (
+                            out_logits.argmax(1).cpu()
+                            if targets is None
+                            else as_target_tensor(targets, x.shape[0], out_logits.shape[1])
+                        )
                     else:
                         t = as_target_tensor(targets, x.shape[0], class_count(model, x))
                 td = t.to(device) if t is not None else None
                 self._set_default_layers(model, x, explainers, failures, isolate, requests)
                 self._fit_trainable(model, x, explainers, failures, isolate, requests)
                 record: dict[str, torch.Tensor] = {}
-                explanations = self._run_batches(model, x, td, requests, explainers, failures, isolate,
-                                                 record)
+                explanations = self._run_batches(
+                    model, x, td, requests, explainers, failures, isolate, record
+                )
                 if fused:
                     out_logits, t = record["logits"], record["targets"].cpu()
         finally:
@@ -223,9 +243,11 @@ class Engine:
             e = explainers.get(req.label)
             if e is None or not e.needs_python_modules():
                 continue
-            message = (f"{req.method} needs the model's Python modules (it hooks layers or changes the "
-                       "backward pass), which a TorchScript model does not expose: explain the nn.Module "
-                       "(an xai checkpoint) instead")
+            message = (
+                f"{req.method} needs the model's Python modules (it hooks layers or changes the "
+                "backward pass), which a TorchScript model does not expose: explain the nn.Module "
+                "(an xai checkpoint) instead"
+            )
             if not isolate:
                 raise XAIError(message)
             failures.append(Failure(self._provider(req), req.label, "config", message))
@@ -262,13 +284,18 @@ class Engine:
                 data = self.fit_data if self.fit_data is not None else FitData(x)
                 with torch.enable_grad():
                     self.fit_info[req.label] = self._call(
-                        req.label, lambda e=e, data=data: ensure_fitted(e, model, data, self.fit_root,
-                                                                        input_shape=tuple(x.shape[1:])),
-                        "thread")  # fitting keeps state in this process
+                        req.label,
+                        lambda e=e, data=data: ensure_fitted(
+                            e, model, data, self.fit_root, input_shape=tuple(x.shape[1:])
+                        ),
+                        "thread",
+                    )  # fitting keeps state in this process
             except Exception as exc:
                 if not isolate:
                     raise
-                failures.append(Failure(self._provider(req), req.label, "fit", f"{type(exc).__name__}: {exc}"))
+                failures.append(
+                    Failure(self._provider(req), req.label, "fit", f"{type(exc).__name__}: {exc}")
+                )
                 explainers.pop(req.label)
 
     def _run_batches(self, model, x, targets, requests, explainers, failures, isolate, record=None):
@@ -279,8 +306,14 @@ class Engine:
         failed: set[str] = set()
         slices = list(batch_slices(x.shape[0], self.batch_size))
         by_label = {r.label: r for r in requests}
-        bar = tqdm(total=len(slices) * len(parts), desc="explaining", unit="step", delay=2.0,
-                   disable=not self.progress or os.environ.get("XAI_NO_PROGRESS") == "1", leave=False)
+        bar = tqdm(
+            total=len(slices) * len(parts),
+            desc="explaining",
+            unit="step",
+            delay=2.0,
+            disable=not self.progress or os.environ.get("XAI_NO_PROGRESS") == "1",
+            leave=False,
+        )
 
         def fail(label: str, exc: BaseException) -> None:
             req = by_label[label]
@@ -302,8 +335,9 @@ class Engine:
                 xb, tb = x[sl], (targets[sl] if targets is not None else None)
                 shared = [lab for lab in parts if explainers[lab].shared_pass and lab not in failed]
                 if fused:
-                    logits_b, tb = self._run_shared(model, xb, tb, shared, explainers, parts, seconds,
-                                                    fail, bar)
+                    logits_b, tb = self._run_shared(
+                        model, xb, tb, shared, explainers, parts, seconds, fail, bar
+                    )
                     slice_logits.append(logits_b.float())
                 slice_targets.append(tb)
                 for lab in parts:
@@ -345,8 +379,13 @@ class Engine:
         try:
             if not labels:
                 raise LookupError("no shared method left")
-            gp = self._call("gradient-pass", lambda: run_gradient_pass(
-                model, xb, tb, layers, input_grad, relu_rules=rules, layer_grads=layer_grads), "thread")
+            gp = self._call(
+                "gradient-pass",
+                lambda: run_gradient_pass(
+                    model, xb, tb, layers, input_grad, relu_rules=rules, layer_grads=layer_grads
+                ),
+                "thread",
+            )
         except Exception as exc:
             # Tell a broken model or bad targets (raised, as without shared methods) from a
             # failed pass (recorded against the methods that needed it).
@@ -385,15 +424,19 @@ class Engine:
 
     @staticmethod
     def _validated(label: str, e: Explainer, out: Any, xb: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        attr, extras = (out if isinstance(out, tuple) else (out, {}))
+        attr, extras = out if isinstance(out, tuple) else (out, {})
         attr = check_tensor(label, attr, xb.shape[0])
         if e.space == "input" and tuple(attr.shape) != tuple(xb.shape):
-            raise PluginError(label, "shape", f"attributions have shape {tuple(attr.shape)}, expected {tuple(xb.shape)}")
+            raise PluginError(
+                label, "shape", f"attributions have shape {tuple(attr.shape)}, expected {tuple(xb.shape)}"
+            )
         if e.space != "input":
             if attr.dim() == 3:
                 attr = attr.unsqueeze(1)
             if attr.dim() != 4 or attr.shape[1] != 1:
-                raise PluginError(label, "shape", f"map attributions have shape {tuple(attr.shape)}, expected B x 1 x h x w")
+                raise PluginError(
+                    label, "shape", f"map attributions have shape {tuple(attr.shape)}, expected B x 1 x h x w"
+                )
             attr = upsample(attr, (int(xb.shape[-2]), int(xb.shape[-1])))
         return attr.detach().float().cpu(), dict(extras or {})
 
@@ -408,8 +451,15 @@ class Engine:
             maps = maps.squeeze(1)
         maps = normalize_maps(upsample(maps, (int(x.shape[-2]), int(x.shape[-1]))))
         check_tensor(label, maps, x.shape[0], "maps")
-        return Explanation(method=e.name, attributions=attrs.contiguous(), maps=maps.contiguous(),
-                           targets=targets.cpu(), extras=extras, params=dict(e.config), seconds=seconds)
+        return Explanation(
+            method=e.name,
+            attributions=attrs.contiguous(),
+            maps=maps.contiguous(),
+            targets=targets.cpu(),
+            extras=extras,
+            params=dict(e.config),
+            seconds=seconds,
+        )
 
 
 def _isolation_mode(request: MethodRequest, isolate: bool | str) -> str:
@@ -430,8 +480,11 @@ def merge_extras(chunks: list[dict[str, Any]], total: int) -> dict[str, Any]:
     for key in chunks[0]:
         values: list[Any] = [c.get(key) for c in chunks]
         first = values[0]
-        if isinstance(first, torch.Tensor) and first.dim() > 0 and \
-                sum(v.shape[0] for v in values if isinstance(v, torch.Tensor)) == total:
+        if (
+            isinstance(first, torch.Tensor)
+            and first.dim() > 0
+            and sum(v.shape[0] for v in values if isinstance(v, torch.Tensor)) == total
+        ):
             merged[key] = torch.cat([v.detach().cpu() for v in values])
         elif isinstance(first, list) and sum(len(v) for v in values if isinstance(v, list)) == total:
             merged[key] = [item for v in values for item in v]

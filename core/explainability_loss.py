@@ -80,15 +80,17 @@ def dispersion(mask: torch.Tensor) -> torch.Tensor:
     mass = mask.sum(dim=(2, 3))  # B x K
     p = mask / mass.clamp_min(1e-12)[..., None, None]
     py, px = p.sum(dim=3), p.sum(dim=2)  # marginals, B x K x h / B x K x w
-    var = (py * (ys - (py * ys).sum(-1, keepdim=True)) ** 2).sum(-1) + \
-        (px * (xs - (px * xs).sum(-1, keepdim=True)) ** 2).sum(-1)
+    var = (py * (ys - (py * ys).sum(-1, keepdim=True)) ** 2).sum(-1) + (
+        px * (xs - (px * xs).sum(-1, keepdim=True)) ** 2
+    ).sum(-1)
     sigma = torch.sqrt(var + 1e-12) / _UNIFORM_SIGMA
     weight = mass.detach()
     return (sigma * weight).sum(1) / weight.sum(1).clamp_min(1e-12)
 
 
-def focus_terms(activations: torch.Tensor, gradients: torch.Tensor | None, threshold: float,
-                temperature: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def focus_terms(
+    activations: torch.Tensor, gradients: torch.Tensor | None, threshold: float, temperature: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(area, dispersion) per image (B each) of one layer's feature maps."""
     mask = nonblack(cam_weighted_maps(activations, gradients), threshold, temperature)
     return mask.mean(dim=(1, 2, 3)), dispersion(mask)
@@ -99,8 +101,9 @@ def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
     """Normalization layers in training mode use the batch statistics without updating their
     running statistics (the extra forward must not count the batch twice, and restoring buffers in
     place would invalidate the autograd graph of the task loss)."""
-    flipped = [m for m in model.modules()
-               if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    flipped = [
+        m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats
+    ]
     for m in flipped:
         m.track_running_stats = False
     try:
@@ -119,12 +122,23 @@ class ExplainabilityLoss:
     weight each filter's map by its Grad-CAM weight for the label (False: raw feature maps).
     """
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.05, layer: str | nn.Module | Sequence | None = None,
-                 threshold: float = 0.1, temperature: float = 0.02, cam_weighted: bool = True):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta: float = 0.05,
+        layer: str | nn.Module | Sequence | None = None,
+        threshold: float = 0.1,
+        temperature: float = 0.02,
+        cam_weighted: bool = True,
+    ):
         if alpha < 0 or beta < 0:
             raise ValueError("alpha and beta must be >= 0")
         self.alpha, self.beta, self.layer = float(alpha), float(beta), layer
-        self.threshold, self.temperature, self.cam_weighted = float(threshold), float(temperature), cam_weighted
+        self.threshold, self.temperature, self.cam_weighted = (
+            float(threshold),
+            float(temperature),
+            cam_weighted,
+        )
         self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def layer_names(self, model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -142,8 +156,9 @@ class ExplainabilityLoss:
             self._names[model] = names
         return names
 
-    def terms(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-              hard: bool = False) -> FocusTerms:
+    def terms(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, hard: bool = False
+    ) -> FocusTerms:
         """Area and dispersion (batch means, averaged over layers) of the CAM-weighted feature maps
         of the ``labels`` class. ``hard``: the exact step (for measuring), else the surrogate."""
         names = self.layer_names(model, inputs)
@@ -164,7 +179,9 @@ class ExplainabilityLoss:
         temperature = None if hard else self.temperature
         for a, g in zip(acts, grads):
             if a.dim() != 4:
-                raise ValueError(f"the explainability loss needs a layer with B x C x H x W output, got {tuple(a.shape)}")
+                raise ValueError(
+                    f"the explainability loss needs a layer with B x C x H x W output, got {tuple(a.shape)}"
+                )
             if self.cam_weighted and g is None:
                 g = torch.zeros_like(a)
             area, disp = focus_terms(a, g, self.threshold, temperature)
@@ -172,17 +189,24 @@ class ExplainabilityLoss:
             disps.append(disp.mean())
         return FocusTerms(torch.stack(areas).mean(), torch.stack(disps).mean())
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                 logits: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The term added to the task loss (``logits`` is accepted for the ``extra_loss`` contract;
         the feature maps come from a hooked re-run of the same batch)."""
         t = self.terms(model, inputs, labels)
         return self.alpha * t.area + self.beta * t.dispersion
 
 
-def focus_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                layer: str | nn.Module | Sequence | None = None, threshold: float = 0.1,
-                cam_weighted: bool = True, batch_size: int = 256) -> dict[str, float]:
+def focus_stats(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    layer: str | nn.Module | Sequence | None = None,
+    threshold: float = 0.1,
+    cam_weighted: bool = True,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """The hard (step) area and dispersion of Eq. 1 on ``inputs`` (targets: default predicted class),
     with the model in eval mode and left as found."""
     from core.hooks import preserved_model
@@ -191,12 +215,12 @@ def focus_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | 
     area = disp = 0.0
     with preserved_model(model):
         for start in range(0, inputs.shape[0], batch_size):
-            x = inputs[start:start + batch_size]
+            x = inputs[start : start + batch_size]
             if targets is None:
                 with torch.no_grad():
                     t = model(x).argmax(1)
             else:
-                t = targets[start:start + batch_size]
+                t = targets[start : start + batch_size]
             terms = loss.terms(model, x, t, hard=True)
             area += float(terms.area) * x.shape[0]
             disp += float(terms.dispersion) * x.shape[0]

@@ -54,8 +54,11 @@ def tensor_state_key(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer of ``model`` is replaced, resized or written to (also
     through ``.data``, by the content checksum)."""
     tensors = list(model.state_dict(keep_vars=True).values())
-    return (model.training, *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
-            content_checksum(tensors))
+    return (
+        model.training,
+        *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
+        content_checksum(tensors),
+    )
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -87,8 +90,9 @@ FREEZE_FOR_INFERENCE = os.environ.get("XAI_NO_FREEZE") != "1"
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, frozen or None)
 
 
-def _frozen_inference(model: nn.Module, folded: nn.Module, x: torch.Tensor,
-                      state: tuple) -> torch.jit.ScriptModule | None:
+def _frozen_inference(
+    model: nn.Module, folded: nn.Module, x: torch.Tensor, state: tuple
+) -> torch.jit.ScriptModule | None:
     """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference, kept per model
     until a parameter or buffer changes (``state``: the model's ``tensor_state_key``) or the image
     size changes; None when that fails, the trace
@@ -163,7 +167,11 @@ class FastForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is None:
             return self.original(x)
-        if FREEZE_FOR_INFERENCE and uses_channels_last(x, torch.is_grad_enabled()) and not self.original.training:
+        if (
+            FREEZE_FOR_INFERENCE
+            and uses_channels_last(x, torch.is_grad_enabled())
+            and not self.original.training
+        ):
             size = (tuple(x.shape[1:]), x.dtype)
             if size not in self.frozen:
                 self.frozen[size] = _frozen_inference(self.original, self.folded, x, self.state)

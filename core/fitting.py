@@ -30,7 +30,9 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
+        h.update(
+            t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        )  # 0-dim: BN counters
     return h.hexdigest()
 
 
@@ -58,16 +60,20 @@ class FitData:
 
     def batches(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> Iterator[tuple]:
         n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        )
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             yield self.inputs[idx], (self.labels[idx] if self.labels is not None else None)
 
     def split(self, fraction: float = 0.8) -> tuple[FitData, FitData]:
         k = max(1, int(len(self) * fraction))
         lab = self.labels
-        return (FitData(self.inputs[:k], lab[:k] if lab is not None else None, self.name + "-train"),
-                FitData(self.inputs[k:], lab[k:] if lab is not None else None, self.name + "-val"))
+        return (
+            FitData(self.inputs[:k], lab[:k] if lab is not None else None, self.name + "-train"),
+            FitData(self.inputs[k:], lab[k:] if lab is not None else None, self.name + "-val"),
+        )
 
 
 def xai_home() -> Path:
@@ -91,8 +97,9 @@ def fit_key(explainer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def fit_path(explainer: Any, model: nn.Module, root: Path | None = None,
-             input_shape: tuple[int, ...] | None = None) -> Path:
+def fit_path(
+    explainer: Any, model: nn.Module, root: Path | None = None, input_shape: tuple[int, ...] | None = None
+) -> Path:
     """Where the fitted state of ``explainer`` for ``model`` (and inputs of ``input_shape``, C x H x W:
     a decoder or filter maps are learnt for one image size) is stored."""
     fp = model_fingerprint(model)[:16]
@@ -100,16 +107,24 @@ def fit_path(explainer: Any, model: nn.Module, root: Path | None = None,
     return (root or fit_root()) / fp / f"{explainer.name}-{fit_key(explainer)}{shape}.pt"
 
 
-def ensure_fitted(explainer: Any, model: nn.Module, data: Any = None, root: Path | None = None,
-                  force: bool = False, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+def ensure_fitted(
+    explainer: Any,
+    model: nn.Module,
+    data: Any = None,
+    root: Path | None = None,
+    force: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Load the explainer's stored state for this model and input shape (default: the fit data's),
     or fit and store it. Returns info."""
     if data is not None:
         data = FitData.coerce(data)
         shape = tuple(data.inputs.shape[1:])
         if input_shape is not None and tuple(input_shape) != shape:
-            raise XAIError(f"{explainer.name}: the fit data are {'x'.join(map(str, shape))} but the inputs to "
-                           f"explain are {'x'.join(map(str, input_shape))}; fit on images of the same size")
+            raise XAIError(
+                f"{explainer.name}: the fit data are {'x'.join(map(str, shape))} but the inputs to "
+                f"explain are {'x'.join(map(str, input_shape))}; fit on images of the same size"
+            )
         input_shape = shape
     path = fit_path(explainer, model, root, input_shape)
     if path.is_file() and not force:

@@ -43,8 +43,12 @@ def _blur(counts: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = (k / k.sum()).float()
     x = counts.unsqueeze(1)
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    x = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1)
+    )
+    x = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1)
+    )
     return x.squeeze(1)
 
 
@@ -55,8 +59,9 @@ def _draw(rng: np.random.Generator, weights: np.ndarray, n: int) -> np.ndarray:
     return rng.choice(flat.size, size=n, replace=True, p=p)
 
 
-def shapes_gaze(data: ShapesData, fixations: int = 30, on_object: float = 0.75, sigma: float | None = None,
-                seed: int = 0) -> Gaze:
+def shapes_gaze(
+    data: ShapesData, fixations: int = 30, on_object: float = 0.75, sigma: float | None = None, seed: int = 0
+) -> Gaze:
     """Simulated gaze for every image of ``data`` (module docstring), fully determined by ``seed``."""
     if not 0.0 <= on_object <= 1.0 or fixations < 1:
         raise ValueError("shapes_gaze needs fixations >= 1 and 0 <= on_object <= 1")

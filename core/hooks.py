@@ -18,11 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
 
 
 _SNAPSHOTS: dict[int, tuple[Any, tuple, torch.Tensor]] = {}  # id(tensor) -> (weakref, key, copy)
@@ -36,8 +49,11 @@ def same_values(t: torch.Tensor, copy: torch.Tensor) -> bool:
     now = t.detach() if t.device.type == "cpu" else t.detach().cpu()
     if torch.equal(now, copy):
         return True
-    return bool(now.is_floating_point() and torch.equal(now.isnan(), copy.isnan())
-                and torch.equal(now.nan_to_num(0.0), copy.nan_to_num(0.0)))
+    return bool(
+        now.is_floating_point()
+        and torch.equal(now.isnan(), copy.isnan())
+        and torch.equal(now.nan_to_num(0.0), copy.nan_to_num(0.0))
+    )
 
 
 def _forget_snapshot(key: int, _ref: Any) -> None:
@@ -80,8 +96,11 @@ class ModelState:
     def changed(self) -> list[str]:
         """Names of the parameters and buffers whose tensor or values differ from the snapshot."""
         now = self.model.state_dict(keep_vars=True)
-        return [name for name, t in self.tensors.items()
-                if now.get(name) is not t or not same_values(t, self.values[name])]
+        return [
+            name
+            for name, t in self.tensors.items()
+            if now.get(name) is not t or not same_values(t, self.values[name])
+        ]
 
     def restore(self) -> list[str]:
         """Restore every changed tensor; returns their names (empty: nothing had changed)."""
@@ -97,8 +116,13 @@ class ModelState:
 
 
 @contextlib.contextmanager
-def preserved_model(model: nn.Module, eval_mode: bool = True, freeze: bool = True,
-                    restore_values: bool = True, state: ModelState | None = None) -> Iterator[nn.Module]:
+def preserved_model(
+    model: nn.Module,
+    eval_mode: bool = True,
+    freeze: bool = True,
+    restore_values: bool = True,
+    state: ModelState | None = None,
+) -> Iterator[nn.Module]:
     """Run a block on ``model`` and give it back exactly as found.
 
     Restores: training flags of every module, ``requires_grad`` of every parameter, every
@@ -148,7 +172,9 @@ class LayerCapture:
     clone back to the captured tensor, so ``torch.autograd.grad(score, capture.output)`` works.
     """
 
-    def __init__(self, module: nn.Module, clone: bool = True, track_grad: bool = True, contiguous: bool = False):
+    def __init__(
+        self, module: nn.Module, clone: bool = True, track_grad: bool = True, contiguous: bool = False
+    ):
         self.module, self.clone, self.track_grad = module, clone, track_grad
         # contiguous: hand on a contiguous clone, whatever the memory format of the layers before
         self.fmt = torch.contiguous_format if contiguous else torch.preserve_format
@@ -181,10 +207,14 @@ class LayerCapture:
 
 
 @contextlib.contextmanager
-def capture_layers(modules: dict[str, nn.Module], contiguous: bool = False) -> Iterator[dict[str, LayerCapture]]:
+def capture_layers(
+    modules: dict[str, nn.Module], contiguous: bool = False
+) -> Iterator[dict[str, LayerCapture]]:
     """Capture several layers at once (``contiguous``: see ``LayerCapture``); all hooks removed on exit."""
     with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(LayerCapture(m, contiguous=contiguous)) for name, m in modules.items()}
+        yield {
+            name: stack.enter_context(LayerCapture(m, contiguous=contiguous)) for name, m in modules.items()
+        }
 
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}

@@ -21,6 +21,7 @@ def provides(*names: str) -> Any:
     so the host calls it only when one of them is asked for (or every name is listed). For hooks
     whose registration is costly, such as a bridge importing its library; a name outside the
     declaration is a load error of the plugin. Put it under ``@hookimpl``."""
+
     def mark(function: Any) -> Any:
         function.xai_provides = tuple(names)
         return function

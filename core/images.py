@@ -42,18 +42,32 @@ def load_image(path: Path, preprocess: Preprocess, convert: bool = False) -> tor
                 img: Image.Image = opened
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise InputError(f"{path.name}: image is too large ({w}x{h} px; at most {MAX_PIXELS:,} pixels)")
+                    raise InputError(
+                        f"{path.name}: image is too large ({w}x{h} px; at most {MAX_PIXELS:,} pixels)"
+                    )
                 if min(w, h) < MIN_SIDE:
-                    raise InputError(f"{path.name}: image is too small ({w}x{h} px; at least {MIN_SIDE} px a side)")
+                    raise InputError(
+                        f"{path.name}: image is too small ({w}x{h} px; at least {MIN_SIDE} px a side)"
+                    )
                 img.load()
                 mode = img.mode
                 expected = "RGB" if preprocess.channels == 3 else "L"
                 if mode != expected:
                     if not convert:
-                        what = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA", "P": "palette",
-                                "1": "1-bit", "CMYK": "CMYK", "I": "32-bit integer", "F": "float"}.get(mode, mode)
-                        raise InputError(f"{path.name}: image is {what} but the model expects "
-                                         f"{preprocess.channels}-channel {expected}; convert it or pass --convert")
+                        what = {
+                            "L": "grayscale",
+                            "LA": "grayscale with alpha",
+                            "RGBA": "RGBA",
+                            "P": "palette",
+                            "1": "1-bit",
+                            "CMYK": "CMYK",
+                            "I": "32-bit integer",
+                            "F": "float",
+                        }.get(mode, mode)
+                        raise InputError(
+                            f"{path.name}: image is {what} but the model expects "
+                            f"{preprocess.channels}-channel {expected}; convert it or pass --convert"
+                        )
                     img = _wide_gray(img) if mode in _WIDE_GRAY else img.convert(expected)
                 if preprocess.hw is not None and (h, w) != preprocess.hw:
                     img = img.resize((preprocess.hw[1], preprocess.hw[0]), Image.Resampling.BILINEAR)
@@ -116,13 +130,20 @@ def find_images(folder: Path) -> list[tuple[Path, str | None]]:
     return found
 
 
-def load_folder(folder: str | Path, preprocess: Preprocess, class_names: list[str] | None = None,
-                convert: bool = False, limit: int | None = None) -> ImageSet:
+def load_folder(
+    folder: str | Path,
+    preprocess: Preprocess,
+    class_names: list[str] | None = None,
+    convert: bool = False,
+    limit: int | None = None,
+) -> ImageSet:
     """Load every image under ``folder``; bad files are listed in ``skipped`` with a reason."""
     folder = Path(folder)
     if preprocess.hw is None:
-        raise InputError("the model's preprocessing gives no image size; images of different sizes "
-                         "cannot be batched: pass --preprocess with a size")
+        raise InputError(
+            "the model's preprocessing gives no image size; images of different sizes "
+            "cannot be batched: pass --preprocess with a size"
+        )
     files = find_images(folder)
     if limit:
         files = files[:limit]

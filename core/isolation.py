@@ -35,7 +35,9 @@ def call_isolated(fn: Callable[[], T], timeout: float | None, plugin: str = "?",
     if mode == "process":
         return call_in_process(fn, timeout, plugin)
     if mode != "thread":
-        raise PluginError(plugin, "config", f"isolate must be one of {', '.join(ISOLATION_MODES)}, got {mode!r}")
+        raise PluginError(
+            plugin, "config", f"isolate must be one of {', '.join(ISOLATION_MODES)}, got {mode!r}"
+        )
     return call_with_timeout(fn, timeout, plugin)
 
 
@@ -61,7 +63,9 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None, plugin: str = 
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident or 0), ctypes.py_object(PluginTimeout))
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident or 0), ctypes.py_object(PluginTimeout)
+        )
         thread.join(10.0)
         raise PluginError(plugin, "timeout", f"ran past its time limit of {timeout:g} s")
     if "error" in box:
@@ -86,7 +90,9 @@ def call_in_process(fn: Callable[[], T], timeout: float | None, plugin: str = "?
     fork, so a run that has started CUDA is refused in one line.
     """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise PluginError(plugin, "config", "isolate='process' runs on the CPU only: a forked process cannot use CUDA")
+        raise PluginError(
+            plugin, "config", "isolate='process' runs on the CPU only: a forked process cannot use CUDA"
+        )
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
     grad_enabled = torch.is_grad_enabled()
@@ -148,7 +154,9 @@ def check_tensor(plugin: str, tensor: Any, batch: int, what: str = "attributions
     if not isinstance(tensor, torch.Tensor):
         raise PluginError(plugin, "shape", f"returned {type(tensor).__name__}, expected a tensor of {what}")
     if tensor.dim() < 3 or tensor.shape[0] != batch:
-        raise PluginError(plugin, "shape", f"{what} have shape {tuple(tensor.shape)}, expected {batch} x ... x H x W")
+        raise PluginError(
+            plugin, "shape", f"{what} have shape {tuple(tensor.shape)}, expected {batch} x ... x H x W"
+        )
     if not all_finite(tensor):
         raise PluginError(plugin, "nan", f"{what} contain NaN or infinite values")
     return tensor

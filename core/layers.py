@@ -17,8 +17,15 @@ from torch import nn
 
 from core.errors import XAIError
 
-_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout,
-          nn.Dropout2d, nn.Identity)
+_POOLS = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens before the patch tokens
 _default_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -62,7 +69,7 @@ def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | Non
 
 
 def layout_of(output: torch.Tensor, size: tuple[int, int]) -> str | None:
-    """"nchw", "nhwc", "tokens" or None (not readable as a map) for a layer output and input size."""
+    """ "nchw", "nhwc", "tokens" or None (not readable as a map) for a layer output and input size."""
     if output.dim() == 4:
         b, d1, d2, d3 = output.shape
         if _fits((d1, d2), size) and not _fits((d2, d3), size):
@@ -88,21 +95,26 @@ def spatial_view(output: torch.Tensor, size: tuple[int, int], name: str = "layer
     if layout == "tokens":
         prefix, h, w = token_grid(output.shape[1], size)  # type: ignore[misc]
         return output[:, prefix:].transpose(1, 2).reshape(output.shape[0], output.shape[2], h, w)
-    raise XAIError(f"layer {name!r} outputs shape {tuple(output.shape)}, which cannot be read as a map of "
-                   f"the {size[0]}x{size[1]} input (expected B x C x H x W, B x H x W x C or B x N x D tokens)")
+    raise XAIError(
+        f"layer {name!r} outputs shape {tuple(output.shape)}, which cannot be read as a map of "
+        f"the {size[0]}x{size[1]} input (expected B x C x H x W, B x H x W x C or B x N x D tokens)"
+    )
 
 
 def require_channels_first(output: torch.Tensor, size: tuple[int, int], name: str, method: str) -> None:
     """For methods that write a layer's output back (replacing it with constants): a one-line
     refusal unless ``output`` is B x C x H x W (channels last and tokens would need the inverse view)."""
     if layout_of(output, size) != "nchw":
-        raise XAIError(f"{method} needs a layer with B x C x H x W feature maps; layer {name!r} outputs shape "
-                       f"{tuple(output.shape)} (channels last or tokens): pass layer= a convolutional layer")
+        raise XAIError(
+            f"{method} needs a layer with B x C x H x W feature maps; layer {name!r} outputs shape "
+            f"{tuple(output.shape)} (channels last or tokens): pass layer= a convolutional layer"
+        )
 
 
 def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or (
-        hasattr(module, "qkv") and hasattr(module, "num_heads") and "Attention" in type(module).__name__)
+        hasattr(module, "qkv") and hasattr(module, "num_heads") and "Attention" in type(module).__name__
+    )
 
 
 def _first_norm(block: nn.Module) -> str | None:
@@ -134,7 +146,9 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     order: list[tuple[str, torch.Tensor]] = []
     blocks: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = []
-    attention_parents = {n.rsplit(".", 1)[0] for n, m in model.named_modules() if "." in n and _is_attention(m)}
+    attention_parents = {
+        n.rsplit(".", 1)[0] for n, m in model.named_modules() if "." in n and _is_attention(m)
+    }
     for name, module in model.named_modules():
         if not name:
             continue
@@ -144,8 +158,12 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
                 return
             if name in attention_parents:
                 blocks.append((name, mod, output))
-            if output.dim() == 4 and not isinstance(mod, _POOLS) and not isinstance(mod, nn.LayerNorm) \
-                    and type(mod).__name__ != "Permute":
+            if (
+                output.dim() == 4
+                and not isinstance(mod, _POOLS)
+                and not isinstance(mod, nn.LayerNorm)
+                and type(mod).__name__ != "Permute"
+            ):
                 spatial = spatial_view(output, size, name)
                 if min(spatial.shape[-2:]) > 1:
                     order.append((name, output))

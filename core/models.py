@@ -34,9 +34,14 @@ class DeConvolveCNN(nn.Module):
     def __init__(self, num_classes: int = 4, in_channels: int = 3):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(128, num_classes)
@@ -64,7 +69,9 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise ModelError("timm architectures need the optional extra: pip install 'xai-mlops[timm]'") from None
+        raise ModelError(
+            "timm architectures need the optional extra: pip install 'xai-mlops[timm]'"
+        ) from None
     return timm
 
 
@@ -76,11 +83,13 @@ def build_model(arch: str, num_classes: int, arch_kwargs: dict[str, Any] | None 
     if arch == "resnet18":
         return resnet18_small(num_classes)
     if arch.startswith(TIMM_PREFIX):
-        name, timm = arch[len(TIMM_PREFIX):], _timm()
+        name, timm = arch[len(TIMM_PREFIX) :], _timm()
         if not timm.is_model(name):
             raise ModelError(f"unknown timm architecture {name!r}")
         try:
-            return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(arch_kwargs or {}))
+            return timm.create_model(
+                name, pretrained=False, num_classes=num_classes, **dict(arch_kwargs or {})
+            )
         except TypeError as exc:
             raise ModelError(f"timm architecture {name!r}: {exc}") from None
     raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}, {TIMM_PREFIX}<name>")
@@ -94,21 +103,37 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
     built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if built is not None:  # a transformer built for another size than its config's (img_size=...)
         height, width = (built, built) if isinstance(built, int) else tuple(built)
-    return Preprocess(size=(int(height), int(width)), mean=[float(v) for v in config["mean"]],
-                      std=[float(v) for v in config["std"]], channels=int(channels))
+    return Preprocess(
+        size=(int(height), int(width)),
+        mean=[float(v) for v in config["mean"]],
+        std=[float(v) for v in config["std"]],
+        channels=int(channels),
+    )
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, arch: str, preprocess: Preprocess,
-                    class_names: list[str], meta: dict[str, Any] | None = None,
-                    arch_kwargs: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    arch: str,
+    preprocess: Preprocess,
+    class_names: list[str],
+    meta: dict[str, Any] | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> Path:
     """Write a weights-only checkpoint holding everything needed to rebuild and feed the model
     (``arch_kwargs``: the constructor arguments of a ``timm:`` architecture, primitives only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(class_names),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "preprocess": preprocess.as_dict(), "class_names": list(class_names), "meta": dict(meta or {}),
-               "arch_kwargs": dict(arch_kwargs or getattr(model, "xai_arch_kwargs", None) or {})}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "num_classes": len(class_names),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "preprocess": preprocess.as_dict(),
+        "class_names": list(class_names),
+        "meta": dict(meta or {}),
+        "arch_kwargs": dict(arch_kwargs or getattr(model, "xai_arch_kwargs", None) or {}),
+    }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -118,23 +143,39 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, preprocess: P
 class LoadedModel:
     """A model with what is known about feeding and reading it."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess | None, class_names: list[str] | None,
-                 meta: dict[str, Any] | None = None, arch: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: Preprocess | None,
+        class_names: list[str] | None,
+        meta: dict[str, Any] | None = None,
+        arch: str | None = None,
+    ):
         self.model, self.preprocess, self.class_names = model, preprocess, class_names
         self.meta, self.arch = meta or {}, arch
 
 
 def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") -> LoadedModel:
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{source}: not an xai checkpoint (a bare state_dict has no architecture); "
-                         "save with `xai train`, core.models.save_checkpoint, or TorchScript")
+        raise ModelError(
+            f"{source}: not an xai checkpoint (a bare state_dict has no architecture); "
+            "save with `xai train`, core.models.save_checkpoint, or TorchScript"
+        )
     arch, num_classes, state = payload.get("arch"), payload.get("num_classes"), payload.get("state_dict")
     if not isinstance(arch, str) or not (arch in ARCHITECTURES or arch.startswith(TIMM_PREFIX)):
-        raise ModelError(f"{source}: checkpoint 'arch' must be one of {', '.join(ARCHITECTURES)} or "
-                         f"{TIMM_PREFIX}<name>, not {str(arch)[:60]!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
-        raise ModelError(f"{source}: checkpoint 'num_classes' must be a whole number 1-{MAX_CLASSES}, "
-                         f"not {str(num_classes)[:40]!r}")
+        raise ModelError(
+            f"{source}: checkpoint 'arch' must be one of {', '.join(ARCHITECTURES)} or "
+            f"{TIMM_PREFIX}<name>, not {str(arch)[:60]!r}"
+        )
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not 1 <= num_classes <= MAX_CLASSES
+    ):
+        raise ModelError(
+            f"{source}: checkpoint 'num_classes' must be a whole number 1-{MAX_CLASSES}, "
+            f"not {str(num_classes)[:40]!r}"
+        )
     if not isinstance(state, dict):
         raise ModelError(f"{source}: checkpoint 'state_dict' must be a mapping of tensors")
     arch_kwargs = payload.get("arch_kwargs")
@@ -146,8 +187,10 @@ def from_checkpoint_dict(payload: dict[str, Any], source: str = "checkpoint") ->
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"{source}: weights do not fit architecture {arch} with {num_classes} classes "
-                         f"({state_dict_mismatch(str(exc))})") from None
+        raise ModelError(
+            f"{source}: weights do not fit architecture {arch} with {num_classes} classes "
+            f"({state_dict_mismatch(str(exc))})"
+        ) from None
     pre = Preprocess.from_dict(payload["preprocess"]) if payload.get("preprocess") else None
     return LoadedModel(model.eval(), pre, payload.get("class_names"), payload.get("meta"), payload["arch"])
 
@@ -181,7 +224,9 @@ def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
             names = zf.namelist()
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
             try:
-                with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users ship
+                with (
+                    warnings.catch_warnings()
+                ):  # TorchScript is deprecated upstream but still what users ship
                     warnings.simplefilter("ignore", FutureWarning)
                     model = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:
@@ -195,21 +240,29 @@ def load_model(path: str | Path, unsafe: bool = False) -> LoadedModel:
         text = str(exc)
         if "Unsupported global" in text:  # a real pickle that names classes: arbitrary code
             if not unsafe:
-                raise ModelError(f"model file {str(path)!r} contains pickled Python objects, which can run "
-                                 "arbitrary code when loaded; pass --unsafe-load only if you trust it") from None
+                raise ModelError(
+                    f"model file {str(path)!r} contains pickled Python objects, which can run "
+                    "arbitrary code when loaded; pass --unsafe-load only if you trust it"
+                ) from None
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as exc2:
-                raise ModelError(f"cannot load model file {str(path)!r}: {type(exc2).__name__}: {exc2}") from None
+                raise ModelError(
+                    f"cannot load model file {str(path)!r}: {type(exc2).__name__}: {exc2}"
+                ) from None
             if isinstance(obj, nn.Module):
                 return LoadedModel(obj.eval(), None, None)
             if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
                 return from_checkpoint_dict(obj, str(path))
             raise ModelError(f"model file {str(path)!r} holds a {type(obj).__name__}, not a model") from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else type(exc).__name__)
-        raise ModelError(f"cannot load model file {str(path)!r}: not an xai checkpoint, TorchScript file or "
-                         f"PyTorch pickle ({detail[:120]})") from None
+        detail = next(
+            (ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else type(exc).__name__
+        )
+        raise ModelError(
+            f"cannot load model file {str(path)!r}: not an xai checkpoint, TorchScript file or "
+            f"PyTorch pickle ({detail[:120]})"
+        ) from None
     if isinstance(payload, dict):
         return from_checkpoint_dict(payload, str(path))
     raise ModelError(f"model file {str(path)!r} holds a {type(payload).__name__}, not a model")

@@ -25,22 +25,28 @@ class InvalidNameError(InputError):
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise InvalidNameError(f"model name {str(name)[:120]!r} is not accepted: use 1-100 characters from "
-                         "A-Z a-z 0-9 _ . - starting with a letter or digit, without '..'")
+        raise InvalidNameError(
+            f"model name {str(name)[:120]!r} is not accepted: use 1-100 characters from "
+            "A-Z a-z 0-9 _ . - starting with a letter or digit, without '..'"
+        )
     return name
 
 
 def check_version(version: object) -> str:
     text = str(version) if isinstance(version, int) and not isinstance(version, bool) else version
     if not isinstance(text, str) or not VERSION_RE.fullmatch(text):
-        raise InvalidNameError(f"model version {str(version)[:40]!r} is not accepted: expected a positive integer")
+        raise InvalidNameError(
+            f"model version {str(version)[:40]!r} is not accepted: expected a positive integer"
+        )
     return text
 
 
 def check_alias(alias: object) -> str:
     if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias) or re.fullmatch(r"[vV]\d+", alias):
-        raise InvalidNameError(f"alias {str(alias)[:60]!r} is not accepted: letters, digits, _ and - "
-                         "(not of the reserved form v<number>)")
+        raise InvalidNameError(
+            f"alias {str(alias)[:60]!r} is not accepted: letters, digits, _ and - "
+            "(not of the reserved form v<number>)"
+        )
     return alias
 
 
@@ -61,7 +67,7 @@ def parse_models_uri(uri: str) -> ModelRef:
     """Parse and validate a registry URI; anything else is an InputError naming the forms accepted."""
     if not uri.startswith("models:/"):
         raise InvalidNameError(f"{uri!r} is not a models:/ URI")
-    rest = uri[len("models:/"):]
+    rest = uri[len("models:/") :]
     if "@" in rest and "/" not in rest:
         name, alias = rest.split("@", 1)
         return ModelRef(check_name(name), alias=check_alias(alias))

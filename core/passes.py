@@ -34,10 +34,16 @@ class GradientPass:
     rule_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # input grads per ReLU rule
 
 
-def run_gradient_pass(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None,
-                      layers: list[str] | tuple[str, ...] = (), input_grad: bool = False,
-                      score_fn=None, relu_rules: dict[str, ReLURule] | None = None,
-                      layer_grads: bool = True) -> GradientPass:
+def run_gradient_pass(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    layers: list[str] | tuple[str, ...] = (),
+    input_grad: bool = False,
+    score_fn=None,
+    relu_rules: dict[str, ReLURule] | None = None,
+    layer_grads: bool = True,
+) -> GradientPass:
     """Forward ``inputs``, backpropagate the sum of target logits once.
 
     ``targets`` None explains the predicted class (argmax of this very forward; the pass then

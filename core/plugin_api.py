@@ -29,8 +29,9 @@ class Configurable:
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.params))
         if unknown:
-            raise UnknownNameError(f"parameter of {self.kind_label} {self.name!r}", unknown[0],
-                                   list(self.params))
+            raise UnknownNameError(
+                f"parameter of {self.kind_label} {self.name!r}", unknown[0], list(self.params)
+            )
         self.config: dict[str, Any] = {**self.params, **params}
 
     def __getattr__(self, item: str) -> Any:
@@ -138,24 +139,39 @@ class Metric(Configurable):
 class MetricContext:
     """What a metric may read: the model, the batch, one explanation, and a way to re-explain."""
 
-    def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 explanation: Any = None, masks: torch.Tensor | None = None,
-                 spurious_masks: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                 explain_fn: Any = None, data: Any = None, results: RunResults | None = None,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        explanation: Any = None,
+        masks: torch.Tensor | None = None,
+        spurious_masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        explain_fn: Any = None,
+        data: Any = None,
+        results: RunResults | None = None,
+        device: torch.device | None = None,
+    ):
         self.model, self.inputs, self.targets = model, inputs, targets
         self.explanation, self.masks, self.spurious_masks = explanation, masks, spurious_masks
         self.labels, self.explain_fn, self.data, self.results = labels, explain_fn, data, results
         self.device = device or inputs.device
 
-    def explain(self, model: torch.nn.Module | None = None, inputs: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> Any:
+    def explain(
+        self,
+        model: torch.nn.Module | None = None,
+        inputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> Any:
         """Re-run this context's explainer (same method and parameters) on another model/input."""
         if self.explain_fn is None:
             raise RuntimeError("this metric context has no explainer to re-run")
-        return self.explain_fn(model if model is not None else self.model,
-                               inputs if inputs is not None else self.inputs,
-                               targets if targets is not None else self.targets)
+        return self.explain_fn(
+            model if model is not None else self.model,
+            inputs if inputs is not None else self.inputs,
+            targets if targets is not None else self.targets,
+        )
 
 
 class Reporter(Configurable):

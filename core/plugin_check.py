@@ -41,9 +41,14 @@ class CheckNet(nn.Module):
 def _state(model: nn.Module) -> dict[str, Any]:
     return {
         "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "hooks": {n: sum(len(getattr(m, a)) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                       "_backward_pre_hooks") if hasattr(m, a))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: sum(
+                len(getattr(m, a))
+                for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+                if hasattr(m, a)
+            )
+            for n, m in model.named_modules()
+        },
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
@@ -83,12 +88,16 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
             from core.fitting import FitData
 
             explainer.checkpoint_path = None
-            explainer.load_state(explainer.fit(model, FitData(torch.randn(8, 3, 16, 16), torch.arange(8) % 3)))
+            explainer.load_state(
+                explainer.fit(model, FitData(torch.randn(8, 3, 16, 16), torch.arange(8) % 3))
+            )
         if explainer.shared_pass:
             from core.passes import run_gradient_pass
 
             layers = [explainer.config["layer"]] if explainer.needs_layer else []
-            raw = explainer.from_pass(run_gradient_pass(model, x, targets, layers, explainer.needs_input_grad))
+            raw = explainer.from_pass(
+                run_gradient_pass(model, x, targets, layers, explainer.needs_input_grad)
+            )
         else:
             raw = explainer.explain(model, x, targets)
         record("runs", True, f"{time.perf_counter() - start:.2f} s on a 2 x 3 x 16 x 16 batch")
@@ -98,11 +107,18 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
     leaked = {n: c - before["hooks"][n] for n, c in after["hooks"].items() if c != before["hooks"][n]}
     record("hooks removed", not leaked, "none left" if not leaked else f"hooks left on: {', '.join(leaked)}")
     changed = [k for k, v in before["values"].items() if not torch.equal(v, after["values"][k])]
-    record("parameters unchanged", not changed, "unchanged" if not changed else f"changed: {', '.join(changed[:5])}")
+    record(
+        "parameters unchanged",
+        not changed,
+        "unchanged" if not changed else f"changed: {', '.join(changed[:5])}",
+    )
     flags = [n for n in before["training"] if before["training"][n] != after["training"][n]]
     grads = [n for n in before["requires_grad"] if before["requires_grad"][n] != after["requires_grad"][n]]
-    record("training flag and requires_grad restored", not flags and not grads,
-           "restored" if not (flags or grads) else f"changed on: {', '.join((flags + grads)[:5])}")
+    record(
+        "training flag and requires_grad restored",
+        not flags and not grads,
+        "restored" if not (flags or grads) else f"changed on: {', '.join((flags + grads)[:5])}",
+    )
     if raw is not None:
         attr = raw[0] if isinstance(raw, tuple) else raw
         ok_type = isinstance(attr, torch.Tensor)
@@ -113,7 +129,11 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
                 ok = tuple(attr.shape) == tuple(x.shape)
                 want = f"{tuple(x.shape)} (input space)"
             else:
-                ok = attr.dim() in (3, 4) and attr.shape[0] == x.shape[0] and (attr.dim() == 3 or attr.shape[1] == 1)
+                ok = (
+                    attr.dim() in (3, 4)
+                    and attr.shape[0] == x.shape[0]
+                    and (attr.dim() == 3 or attr.shape[1] == 1)
+                )
                 want = "B x 1 x h x w (map space)"
             record("output shape", ok, f"got {tuple(attr.shape)}, expected {want}")
             finite = bool(torch.isfinite(attr).all())
@@ -129,5 +149,9 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
         record("maps through the engine", False, str(exc))
     except Exception as exc:
         record("maps through the engine", False, f"{type(exc).__name__}: {exc}")
-    return {"name": name, "plugin": host.provider("explainer", name),
-            "passed": all(c["passed"] for c in checks), "checks": checks}
+    return {
+        "name": name,
+        "plugin": host.provider("explainer", name),
+        "passed": all(c["passed"] for c in checks),
+        "checks": checks,
+    }

@@ -50,8 +50,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "xai_plugins.bridges.gradcam_bridge",
 )
 
-KINDS = {"explainer": "xai_explainers", "metric": "xai_metrics", "reporter": "xai_reporters",
-         "describer": "xai_describers"}
+KINDS = {
+    "explainer": "xai_explainers",
+    "metric": "xai_metrics",
+    "reporter": "xai_reporters",
+    "describer": "xai_describers",
+}
 
 
 class DuplicateNameError(XAIError):
@@ -114,7 +118,9 @@ class PluginHost:
                 self.infos[ep.name] = PluginInfo(ep.name, dist_name, dist.version)
 
     # -- registration hooks -------------------------------------------------------------------
-    def _collect(self, kind: str | None = None, name: str | None = None) -> dict[str, dict[str, tuple[type, str]]]:
+    def _collect(
+        self, kind: str | None = None, name: str | None = None
+    ) -> dict[str, dict[str, tuple[type, str]]]:
         """The classes of every registration hook (kind and name None), or enough of them to answer
         for ``name`` of ``kind``: a hook that declares its names (:func:`core.hookspecs.provides`)
         is called only when one of them matches, so a bridge's library is imported only when one of
@@ -127,7 +133,8 @@ class PluginHost:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 declared = getattr(impl.function, "xai_provides", None)
                 if (k, id(impl.function)) in self._called or (
-                        name is not None and declared is not None and not _matches(name, declared)):
+                    name is not None and declared is not None and not _matches(name, declared)
+                ):
                     continue
                 self._called.add((k, id(impl.function)))
                 self._register_classes(k, hook_name, impl, declared)
@@ -135,7 +142,9 @@ class PluginHost:
             self._classes = self._found
         return self._found
 
-    def _register_classes(self, kind: str, hook_name: str, impl: Any, declared: tuple[str, ...] | None) -> None:
+    def _register_classes(
+        self, kind: str, hook_name: str, impl: Any, declared: tuple[str, ...] | None
+    ) -> None:
         plugin_name = self.pm.get_name(impl.plugin) or "?"
         classes = self._found[kind]
         try:
@@ -149,12 +158,15 @@ class PluginHost:
                 self.load_errors[plugin_name] = f"{hook_name}: {cls!r} has no name"
                 continue
             if declared is not None and not _matches(name, declared):
-                self.load_errors[plugin_name] = f"{hook_name}: {name!r} is not among its declared names {declared}"
+                self.load_errors[plugin_name] = (
+                    f"{hook_name}: {name!r} is not among its declared names {declared}"
+                )
                 continue
             if name in classes:
                 other = classes[name][1]
                 raise DuplicateNameError(
-                    f"{kind} name {name!r} is provided by two plugins: {other!r} and {plugin_name!r}")
+                    f"{kind} name {name!r} is provided by two plugins: {other!r} and {plugin_name!r}"
+                )
             classes[name] = (cls, plugin_name)
             info = self.infos.get(plugin_name)
             if info is not None:
@@ -174,8 +186,11 @@ class PluginHost:
 
     def plugins(self) -> list[PluginInfo]:
         self._collect()
-        return [info for info in self.infos.values() if info.provides or info.error
-                or not info.distribution.endswith("(built-in)")]
+        return [
+            info
+            for info in self.infos.values()
+            if info.provides or info.error or not info.distribution.endswith("(built-in)")
+        ]
 
     @property
     def hook(self) -> Any:
@@ -205,8 +220,11 @@ def explainer_flag(method: str, flag: str, host: PluginHost | None = None) -> bo
 def signed_relevance(explanations: dict[str, Any]) -> dict[str, Any]:
     """label -> B x H x W channel-summed attributions, for the explanations whose method declares
     ``signed`` (drawn red/blue instead of as a min-max heat map)."""
-    return {label: exp.attributions.sum(dim=1) for label, exp in explanations.items()
-            if exp.attributions.dim() == 4 and explainer_flag(exp.method, "signed")}
+    return {
+        label: exp.attributions.sum(dim=1)
+        for label, exp in explanations.items()
+        if exp.attributions.dim() == 4 and explainer_flag(exp.method, "signed")
+    }
 
 
 def reset_host() -> None:
@@ -237,6 +255,8 @@ def broadcast(hook_name: str, **kwargs: Any) -> list[str]:
             impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
         except Exception as exc:
             errors.append(f"{host.pm.get_name(impl.plugin)}: {type(exc).__name__}: {exc}")
-            print(f"warning: plugin {host.pm.get_name(impl.plugin)} failed in {hook_name}: {exc}",
-                  file=sys.stderr)
+            print(
+                f"warning: plugin {host.pm.get_name(impl.plugin)} failed in {hook_name}: {exc}",
+                file=sys.stderr,
+            )
     return errors

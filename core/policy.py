@@ -47,9 +47,26 @@ from typing import Any
 from core.errors import XAIError
 
 OPS: dict[str, Callable[[float, float], bool]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 OP_WORDS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
-CHECK_KEYS = ("name", "method", "metric", "op", "threshold", "than", "than_method", "margin", "required", "sanity")
+CHECK_KEYS = (
+    "name",
+    "method",
+    "metric",
+    "op",
+    "threshold",
+    "than",
+    "than_method",
+    "margin",
+    "required",
+    "sanity",
+)
 EXIT_CODES = {"passed": 0, "failed": 1, "error": 2}
 
 
@@ -119,7 +136,9 @@ def load_policy(spec: dict | list | str | Path | Policy) -> Policy:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise PolicyError(f"check name {dup[0]!r} is used twice")
-    return Policy(checks, str(spec.get("name") or (Path(source).stem if source else "policy")), source, allow_empty)
+    return Policy(
+        checks, str(spec.get("name") or (Path(source).stem if source else "policy")), source, allow_empty
+    )
 
 
 def _read_yaml(path: Path) -> Any:
@@ -169,8 +188,18 @@ def _parse_check(item: Any, index: int) -> Check:
     if not isinstance(sanity, bool):
         raise PolicyError(f"{where}: sanity must be true or false")
     name = item.get("name") or f"{_method_text(method)} {metric} {op} {than if than else threshold}"
-    return Check(str(name), metric, op, threshold, than, method,
-                 str(item["than_method"]) if item.get("than_method") else None, margin, required, sanity)
+    return Check(
+        str(name),
+        metric,
+        op,
+        threshold,
+        than,
+        method,
+        str(item["than_method"]) if item.get("than_method") else None,
+        margin,
+        required,
+        sanity,
+    )
 
 
 def _method_text(method: str | tuple[str, ...] | None) -> str:
@@ -214,8 +243,13 @@ def evaluate(policy: Policy | dict | str | Path, results: dict | str | Path) -> 
     summary = f"{len(rows) - len(failed)} of {len(rows)} checks passed"
     if empty:
         summary = "the policy has no checks: nothing was verified (allow_empty: true to pass anyway)"
-    verdict: dict[str, Any] = {"passed": status == "passed", "status": status, "policy": policy.name,
-                               "summary": summary, "checks": rows}
+    verdict: dict[str, Any] = {
+        "passed": status == "passed",
+        "status": status,
+        "policy": policy.name,
+        "summary": summary,
+        "checks": rows,
+    }
     if not rows and policy.allow_empty:
         verdict["warning"] = "the policy has no checks (allow_empty): nothing was verified"
     if policy.source:
@@ -234,8 +268,11 @@ def _sanity_first(rows: list[dict[str, Any]]) -> None:
             failed.setdefault(row["method"], []).append(row["name"])
     for row in rows:
         if not row.get("sanity") and row["passed"] and row["method"] in failed:
-            row.update(passed=False, reason=f"{row['method']} failed its sanity check ({'; '.join(failed[row['method']])}): "
-                       f"its other checks cannot carry this version (value passed: {row['reason']})")
+            row.update(
+                passed=False,
+                reason=f"{row['method']} failed its sanity check ({'; '.join(failed[row['method']])}): "
+                f"its other checks cannot carry this version (value passed: {row['reason']})",
+            )
 
 
 def error_verdict(message: str, policy: Policy | None = None) -> dict[str, Any]:
@@ -251,10 +288,17 @@ def requested_methods(results: dict) -> list[str]:
     meta = results.get("meta")
     asked = meta.get("methods_requested") if isinstance(meta, dict) else None
     failures = results.get("failures")
-    failed = {str(f.get("name")) for f in (failures if isinstance(failures, list) else [])
-              if isinstance(f, dict) and f.get("stage", "explain") in ("explain", "fit") and f.get("name")}
-    return sorted({str(m) for m in (asked if isinstance(asked, list) else [])} | set(results.get("metrics") or {}) | set(results.get("methods") or {})
-                  | failed)
+    failed = {
+        str(f.get("name"))
+        for f in (failures if isinstance(failures, list) else [])
+        if isinstance(f, dict) and f.get("stage", "explain") in ("explain", "fit") and f.get("name")
+    }
+    return sorted(
+        {str(m) for m in (asked if isinstance(asked, list) else [])}
+        | set(results.get("metrics") or {})
+        | set(results.get("methods") or {})
+        | failed
+    )
 
 
 def _methods(check: Check, results: dict) -> list[str | None]:
@@ -271,8 +315,16 @@ def _evaluate_check(check: Check, results: dict) -> list[dict[str, Any]]:
     methods = _methods(check, results)
     for method in methods:
         name = check.name if len(methods) == 1 and not (check.method == "*") else f"{check.name} [{method}]"
-        row: dict[str, Any] = {"name": name, "method": method, "metric": check.metric, "value": None,
-                               "op": check.op, "threshold": check.threshold, "passed": False, "reason": ""}
+        row: dict[str, Any] = {
+            "name": name,
+            "method": method,
+            "metric": check.metric,
+            "value": None,
+            "op": check.op,
+            "threshold": check.threshold,
+            "passed": False,
+            "reason": "",
+        }
         if check.sanity:
             row["sanity"] = True
         if check.than:
@@ -328,9 +380,12 @@ def _failure(results: dict, method: str | None, metric_name: str) -> str | None:
         name = str(f.get("name", ""))
         if f.get("stage") == "model":
             return f"the model failed ({f.get('kind', '?')}): {f.get('message', '')}"
-        hit = name == metric_name or (method is not None and name == f"{metric_name}:{method}") \
-            or (method is None and name == f"{metric_name}:_model") \
+        hit = (
+            name == metric_name
+            or (method is not None and name == f"{metric_name}:{method}")
+            or (method is None and name == f"{metric_name}:_model")
             or (method is not None and name == method and f.get("stage", "explain") in ("explain", "fit"))
+        )
         if hit:
             return f"{f.get('stage', 'run')} of {name} failed ({f.get('kind', '?')}): {f.get('message', '')}"
     return None
@@ -352,8 +407,17 @@ def format_table(verdict: dict[str, Any]) -> str:
             result = "SKIP"
         threshold = c.get("threshold")
         threshold_text = _fmt(threshold) + (f" ({c['than']})" if c.get("than") else "")
-        rows.append([str(c.get("name")), str(c.get("method") or "-"), str(c.get("metric")), _fmt(c.get("value")),
-                     str(c.get("op")), threshold_text, result])
+        rows.append(
+            [
+                str(c.get("name")),
+                str(c.get("method") or "-"),
+                str(c.get("metric")),
+                _fmt(c.get("value")),
+                str(c.get("op")),
+                threshold_text,
+                result,
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -54,20 +54,32 @@ class Preprocess:
             size = data.get("size")
             if isinstance(size, list):
                 size = tuple(size)
-            pre = cls(size=size, mean=[float(v) for v in data.get("mean", [0, 0, 0])],
-                      std=[float(v) for v in data.get("std", [1, 1, 1])], channels=int(data.get("channels", 3)))
+            pre = cls(
+                size=size,
+                mean=[float(v) for v in data.get("mean", [0, 0, 0])],
+                std=[float(v) for v in data.get("std", [1, 1, 1])],
+                channels=int(data.get("channels", 3)),
+            )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"invalid preprocessing description: {exc}") from exc
         if not 1 <= pre.channels <= MAX_CHANNELS:
             raise InputError(f"preprocessing: channels must be 1-{MAX_CHANNELS}, not {pre.channels}")
-        if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or not all(s > 0 for s in pre.std) \
-                or not all(math.isfinite(v) for v in pre.mean + pre.std):
+        if (
+            len(pre.mean) != pre.channels
+            or len(pre.std) != pre.channels
+            or not all(s > 0 for s in pre.std)
+            or not all(math.isfinite(v) for v in pre.mean + pre.std)
+        ):
             raise InputError("preprocessing: mean and std need one finite value per channel, std > 0")
         sides = [] if pre.size is None else [pre.size] if not isinstance(pre.size, tuple) else list(pre.size)
-        if pre.size is not None and (len(sides) not in (1, 2) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in sides)):
-            raise InputError(f"preprocessing: size must be a whole number of pixels 1-{MAX_SIDE} (or [H, W]), "
-                             f"not {str(data.get('size'))[:40]}")
+        if pre.size is not None and (
+            len(sides) not in (1, 2)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in sides)
+        ):
+            raise InputError(
+                f"preprocessing: size must be a whole number of pixels 1-{MAX_SIDE} (or [H, W]), "
+                f"not {str(data.get('size'))[:40]}"
+            )
         return pre
 
     @classmethod

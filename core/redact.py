@@ -19,8 +19,11 @@ MASK = "***"
 SECRET_WORDS = ("key", "token", "secret", "password", "passwd")
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@'\"]*:)(?P<pw>[^@\s/'\"]+)(?=@)")
 _TEXT_NAME = r"[A-Za-z0-9_\-]*(?:api[_\-]?key|access[_\-]?key|secret|token|password|passwd)[A-Za-z0-9_\-]*"
-_PAIR = re.compile(r"(?P<head>(?P<q>[\"']?)\b" + _TEXT_NAME + r"(?P=q)\s*[:=]\s*)"
-                   r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;&'\"}\]]+)", re.IGNORECASE)
+_PAIR = re.compile(
+    r"(?P<head>(?P<q>[\"']?)\b" + _TEXT_NAME + r"(?P=q)\s*[:=]\s*)"
+    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;&'\"}\]]+)",
+    re.IGNORECASE,
+)
 
 
 PUBLIC_NAMES = frozenset({"key"})  # the project's own word for a version's key in params.yaml

@@ -24,7 +24,11 @@ def _lut(name: str) -> np.ndarray:
 
 def to_numpy_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """C x H x W or H x W (x C) in [0, 1] -> H x W x 3 float32."""
-    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
+    arr = (
+        image.detach().cpu().float().numpy()
+        if isinstance(image, torch.Tensor)
+        else np.asarray(image, np.float32)
+    )
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = arr.transpose(1, 2, 0)
     elif arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] > 4:
@@ -43,18 +47,33 @@ def colorize(heatmap: torch.Tensor | np.ndarray, cmap: str = "jet") -> np.ndarra
     return _lut(cmap)[idx]
 
 
-def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5,
-            cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image: torch.Tensor | np.ndarray,
+    heatmap: torch.Tensor | np.ndarray,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> np.ndarray:
     """Blend a colorized heat map over an image (both in [0, 1]) -> H x W x 3."""
     img = to_numpy_image(image)
     heat = colorize(heatmap, cmap)
     if heat.shape[:2] != img.shape[:2]:
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(img.shape[1::-1], Image.Resampling.BILINEAR)) / 255.0
+        heat = (
+            np.asarray(
+                Image.fromarray((heat * 255).astype(np.uint8)).resize(
+                    img.shape[1::-1], Image.Resampling.BILINEAR
+                )
+            )
+            / 255.0
+        )
     return np.clip((1 - alpha) * img + alpha * heat, 0, 1)
 
 
-def signed_overlay(image: torch.Tensor | np.ndarray, relevance: torch.Tensor | np.ndarray, alpha: float = 0.7,
-                   cmap: str = "bwr") -> np.ndarray:
+def signed_overlay(
+    image: torch.Tensor | np.ndarray,
+    relevance: torch.Tensor | np.ndarray,
+    alpha: float = 0.7,
+    cmap: str = "bwr",
+) -> np.ndarray:
     """Signed relevance (H x W, any scale) over an image: red for the class, blue against it.
 
     Each pixel's opacity grows with sqrt(|relevance| / s), s the 99th percentile of |relevance|

@@ -58,5 +58,7 @@ def as_target_tensor(targets: object, batch: int, num_classes: int | None = None
         raise InputError(f"got {t.numel()} targets for {batch} inputs")
     if num_classes is not None and ((t < 0).any() or (t >= num_classes).any()):
         bad = int(t[(t < 0) | (t >= num_classes)][0])
-        raise InputError(f"target {bad} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise InputError(
+            f"target {bad} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+        )
     return t

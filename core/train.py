@@ -31,8 +31,13 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess,
-             batch_size: int = 256) -> float:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 256,
+) -> float:
     """Top-1 accuracy of ``model`` on [0, 1] ``images``."""
     was = model.training
     model.eval()
@@ -56,9 +61,19 @@ def _schedule(epochs: int, steps_per_epoch: int, warmup: float) -> Callable[[int
     return factor
 
 
-def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epochs: int = 10,
-                lr: float = 2e-3, batch_size: int = 32, seed: int = 0, extra_loss: ExtraLoss | None = None,
-                progress: bool = True, test: ShapesData | None = None, warmup: float = 0.0) -> TrainResult:
+def train_model(
+    model: nn.Module,
+    train: ShapesData,
+    preprocess: Preprocess,
+    epochs: int = 10,
+    lr: float = 2e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    extra_loss: ExtraLoss | None = None,
+    progress: bool = True,
+    test: ShapesData | None = None,
+    warmup: float = 0.0,
+) -> TrainResult:
     """Adam + cross-entropy (+ ``extra_loss(model, inputs, labels, logits)``), seeded; the learning
     rate warms up linearly over ``warmup`` epochs, then follows a cosine over the epochs."""
     torch.manual_seed(seed)
@@ -92,11 +107,22 @@ def train_model(model: nn.Module, train: ShapesData, preprocess: Preprocess, epo
     return TrainResult(model, acc, preprocess, history)
 
 
-def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None, size: int = 32,
-                    n_train: int = 4000, n_test: int = 400, epochs: int = 10, seed: int = 0,
-                    watermark: str = "none", extra_loss: ExtraLoss | None = None,
-                    progress: bool = True, meta: dict | None = None, lr: float = 2e-3,
-                    batch_size: int = 16, warmup: float = 1.0) -> TrainResult:
+def train_reference(
+    arch: str = "deconvolve_cnn",
+    out: str | Path | None = None,
+    size: int = 32,
+    n_train: int = 4000,
+    n_test: int = 400,
+    epochs: int = 10,
+    seed: int = 0,
+    watermark: str = "none",
+    extra_loss: ExtraLoss | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+    warmup: float = 1.0,
+) -> TrainResult:
     """Generate `shapes` (clean or Clever Hans), train ``arch``, evaluate on a held-out split,
     and save a checkpoint with its preprocessing and class names when ``out`` is given.
 
@@ -107,14 +133,36 @@ def train_reference(arch: str = "deconvolve_cnn", out: str | Path | None = None,
     99.8 % (``python -m bench.train_seeds`` prints every seed)."""
     train = make_shapes(n_train, size=size, seed=seed, watermark=watermark)
     test = make_shapes(n_test, size=size, seed=seed + 10_000, watermark=watermark)
-    preprocess = Preprocess(size=size, mean=list(SHAPES_PREPROCESS["mean"]), std=list(SHAPES_PREPROCESS["std"]))
+    preprocess = Preprocess(
+        size=size, mean=list(SHAPES_PREPROCESS["mean"]), std=list(SHAPES_PREPROCESS["std"])
+    )
     torch.manual_seed(seed)
     model = build_model(arch, len(train.class_names))
-    result = train_model(model, train, preprocess, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                         extra_loss=extra_loss, progress=progress, test=test, warmup=warmup)
+    result = train_model(
+        model,
+        train,
+        preprocess,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        extra_loss=extra_loss,
+        progress=progress,
+        test=test,
+        warmup=warmup,
+    )
     if out is not None:
-        info = {"accuracy": result.accuracy, "dataset": "shapes", "watermark": watermark, "size": size,
-                "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                "warmup": warmup, **(meta or {})}
+        info = {
+            "accuracy": result.accuracy,
+            "dataset": "shapes",
+            "watermark": watermark,
+            "size": size,
+            "seed": seed,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "warmup": warmup,
+            **(meta or {}),
+        }
         save_checkpoint(out, result.model, arch, preprocess, train.class_names, info)
     return result

@@ -41,8 +41,13 @@ class Failure:
     stage: str = "explain"  # explain | metric | report | load
 
     def as_dict(self) -> dict[str, str]:
-        return {"plugin": self.plugin, "name": self.name, "kind": self.kind,
-                "message": self.message, "stage": self.stage}
+        return {
+            "plugin": self.plugin,
+            "name": self.name,
+            "kind": self.kind,
+            "message": self.message,
+            "stage": self.stage,
+        }
 
 
 @dataclass

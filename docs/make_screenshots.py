@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the url must be the one `xai ui` printed, with ?token=")
     base, token = a.url.split("/?token=")
     m = f"/m/{a.model}"
-    shots = {"ui-registry": ("/", False), "ui-version": (f"{m}/{a.b}", False),
-             "ui-compare": (f"{m}/compare?a={a.a}&b={a.b}", False),
-             "ui-deconvolve": (f"{m}/{a.b}/deconvolve", True), "ui-pv": (f"{m}/{a.b}/pv", True)}
+    shots = {
+        "ui-registry": ("/", False),
+        "ui-version": (f"{m}/{a.b}", False),
+        "ui-compare": (f"{m}/compare?a={a.a}&b={a.b}", False),
+        "ui-deconvolve": (f"{m}/{a.b}/deconvolve", True),
+        "ui-pv": (f"{m}/{a.b}/pv", True),
+    }
     report = page_screenshots(base, token, shots, a.out)
     for name in shots:
-        print(f"{a.out / (name + '.png')}: {shrink(a.out / (name + '.png')) // 1024} KB  {report['shots'][name]!s:.80}")
+        print(
+            f"{a.out / (name + '.png')}: {shrink(a.out / (name + '.png')) // 1024} KB  {report['shots'][name]!s:.80}"
+        )
     if report["errors"]:
         print("page errors:", *report["errors"], sep="\n  ")
         return 1

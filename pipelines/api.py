@@ -59,16 +59,24 @@ def failure_from_output(output: str) -> PipelineError:
     return PipelineError(stage, reason, target, output)
 
 
-def run_dvc(workspace: Path, args: list[str], env: dict[str, str] | None = None,
-            timeout: float | None = None) -> tuple[int, str]:
+def run_dvc(
+    workspace: Path, args: list[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> tuple[int, str]:
     """Run ``dvc ARGS`` in ``workspace``; returns (exit code, stdout + stderr). dvc and the stages it
     runs form one process group that dies with this process (:mod:`pipelines.procgroup`) and is
     killed when we stop waiting for it: on a time-out, an exception or ``KeyboardInterrupt``. Lock
     entries of dead or zombie dvc processes are dropped first (:mod:`pipelines.dvc_locks`)."""
     drop_dead_holders(workspace)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.procgroup", *args], cwd=workspace,
-                            env=dvc_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=procgroup.die_with_parent(os.getpid()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.procgroup", *args],
+        cwd=workspace,
+        env=dvc_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=procgroup.die_with_parent(os.getpid()),
+    )
     procgroup.track(proc.pid)
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -90,15 +98,30 @@ def collect(workspace: str | Path, key: str) -> dict[str, Any]:
     ws = Path(workspace).resolve()
     entry = version_entry(read_params(ws), key)
     out = layout.version_dir(ws, entry)
-    return {"key": key, "name": entry["name"], "version": entry["version"], "uri": entry["uri"],
-            "out_dir": str(out), "results": str(out / layout.RESULTS), "report": str(out / layout.HTML),
-            "gate": _read_json(out / layout.VERDICT), "metrics": _read_json(out / layout.METRICS),
-            "model": _read_json(out / layout.MODEL_INFO)}
+    return {
+        "key": key,
+        "name": entry["name"],
+        "version": entry["version"],
+        "uri": entry["uri"],
+        "out_dir": str(out),
+        "results": str(out / layout.RESULTS),
+        "report": str(out / layout.HTML),
+        "gate": _read_json(out / layout.VERDICT),
+        "metrics": _read_json(out / layout.METRICS),
+        "model": _read_json(out / layout.MODEL_INFO),
+    }
 
 
-def run_version(workspace: str | Path, name: str, version: str, uri: str | None = None,
-                env: dict[str, str] | None = None, *, force: bool = False,
-                timeout: float | None = None) -> dict[str, Any]:
+def run_version(
+    workspace: str | Path,
+    name: str,
+    version: str,
+    uri: str | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    force: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
     """Add the version to params.yaml if needed and reproduce its stages only.
 
     Returns {"out_dir", "results" (results.json), "report" (report.html), "gate" (the verdict,
@@ -121,8 +144,12 @@ def run_version(workspace: str | Path, name: str, version: str, uri: str | None 
     return result
 
 
-def run_all(workspace: str | Path, env: dict[str, str] | None = None, keep_going: bool = True,
-            timeout: float | None = None) -> tuple[int, str]:
+def run_all(
+    workspace: str | Path,
+    env: dict[str, str] | None = None,
+    keep_going: bool = True,
+    timeout: float | None = None,
+) -> tuple[int, str]:
     """``dvc repro`` (``-k``: a failing version does not stop the others) under the workspace lock."""
     ws = Path(workspace).resolve()
     with workspace_lock(ws):
@@ -145,6 +172,15 @@ def status(workspace: str | Path) -> list[dict[str, Any]]:
     for key in params["versions"]:
         entry = version_entry(params, key)
         gate = _read_json(layout.version_dir(ws, entry) / layout.GATE) or {}
-        rows.append({"key": key, "name": entry["name"], "version": entry["version"], "uri": entry["uri"],
-                     "gate": gate.get("status"), "passed": gate.get("passed"), "up_to_date": key not in stale})
+        rows.append(
+            {
+                "key": key,
+                "name": entry["name"],
+                "version": entry["version"],
+                "uri": entry["uri"],
+                "gate": gate.get("status"),
+                "passed": gate.get("passed"),
+                "up_to_date": key not in stale,
+            }
+        )
     return rows

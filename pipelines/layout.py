@@ -1,14 +1,14 @@
 """Where each stage writes, per model version: ``xai-runs/<model>/<version>/`` (the names dvc.yaml uses).
 
-    model.pt          resolve   the weights in the xai checkpoint format (later stages need no registry)
-    model.json        resolve   source URI, fingerprint, architecture, preprocessing, class names
-    explanations.pt   explain   every method's attributions, maps, targets, extras; predictions
-    evaluation.pt     evaluate  every metric value (curves included), figures, failures
-    metrics.json      evaluate  headline scalars per method (DVC metric, not cached)
-    plots/            evaluate  curves as CSV: step + one value column (DVC plots, not cached)
-    report/           report    the reporters' files: results.json, report.html, maps.npz, ...
-    gate.json         gate      the verdict summary (DVC metric, not cached)
-    verdict.json      gate      the full verdict, every check (core.policy format)
+model.pt          resolve   the weights in the xai checkpoint format (later stages need no registry)
+model.json        resolve   source URI, fingerprint, architecture, preprocessing, class names
+explanations.pt   explain   every method's attributions, maps, targets, extras; predictions
+evaluation.pt     evaluate  every metric value (curves included), figures, failures
+metrics.json      evaluate  headline scalars per method (DVC metric, not cached)
+plots/            evaluate  curves as CSV: step + one value column (DVC plots, not cached)
+report/           report    the reporters' files: results.json, report.html, maps.npz, ...
+gate.json         gate      the verdict summary (DVC metric, not cached)
+verdict.json      gate      the full verdict, every check (core.policy format)
 """
 
 from __future__ import annotations

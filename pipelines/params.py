@@ -75,8 +75,10 @@ def version_entry(params: dict[str, Any], key: str) -> dict[str, str]:
         raise InputError(f"no version {key!r} in params.yaml (known: {known})")
     name, version = validate_name(entry.get("name")), validate_version(entry.get("version"))
     if version_key(name, version) != key:
-        raise InputError(f"params.yaml: version key {key!r} does not match {name} {version} "
-                         f"(expected {version_key(name, version)!r})")
+        raise InputError(
+            f"params.yaml: version key {key!r} does not match {name} {version} "
+            f"(expected {version_key(name, version)!r})"
+        )
     return {"name": name, "version": version, "uri": str(entry.get("uri") or f"models:/{name}/{version}")}
 
 

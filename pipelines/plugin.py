@@ -14,8 +14,14 @@ import click
 
 from xai_plugins import hookimpl
 
-WORKSPACE = click.option("--workspace", "-w", default=".", show_default=True, type=click.Path(path_type=Path),
-                         help="Pipeline workspace (a folder at or above it holding dvc.yaml + params.yaml).")
+WORKSPACE = click.option(
+    "--workspace",
+    "-w",
+    default=".",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Pipeline workspace (a folder at or above it holding dvc.yaml + params.yaml).",
+)
 
 
 @click.group("pipeline")

@@ -41,24 +41,37 @@ def preprocess_for(spec: dict[str, Any], stored: Preprocess | None) -> Preproces
     if spec.get("preprocess"):
         return Preprocess.from_dict(spec["preprocess"])
     if stored is None:
-        raise InputError("the model has no stored preprocessing: set probe.preprocess: {size, mean, std} "
-                         "in params.yaml")
+        raise InputError(
+            "the model has no stored preprocessing: set probe.preprocess: {size, mean, std} in params.yaml"
+        )
     return stored
 
 
 def _shapes(spec: dict[str, Any], class_names: list[str] | None) -> dict[str, Any]:
     from core.datasets import make_shapes
 
-    ds = make_shapes(int(spec.get("n", 32)), size=int(spec.get("size", 32)), seed=int(spec.get("seed", 1234)),
-                     watermark=str(spec.get("watermark", "agree")))
+    ds = make_shapes(
+        int(spec.get("n", 32)),
+        size=int(spec.get("size", 32)),
+        seed=int(spec.get("seed", 1234)),
+        watermark=str(spec.get("watermark", "agree")),
+    )
     names = [f"{i:04d}-{ds.class_names[int(c)]}" for i, c in enumerate(ds.labels)]
     # labels are only meaningful when the model's classes are the data set's
     same = class_names is None or list(class_names) == list(ds.class_names)
-    return {"images": ds.images, "names": names, "labels": ds.labels if same else None,
-            "masks": ds.masks, "spurious": ds.spurious, "skipped": []}
+    return {
+        "images": ds.images,
+        "names": names,
+        "labels": ds.labels if same else None,
+        "masks": ds.masks,
+        "spurious": ds.spurious,
+        "skipped": [],
+    }
 
 
-def _folder(spec: dict[str, Any], pre: Preprocess, class_names: list[str] | None, root: Path) -> dict[str, Any]:
+def _folder(
+    spec: dict[str, Any], pre: Preprocess, class_names: list[str] | None, root: Path
+) -> dict[str, Any]:
     from core.cli import load_masks
     from core.images import load_folder
 
@@ -70,8 +83,14 @@ def _folder(spec: dict[str, Any], pre: Preprocess, class_names: list[str] | None
     hw = tuple(imgs.images.shape[-2:])
     masks = load_masks(root / spec["masks"], imgs.names, hw) if spec.get("masks") else None
     spurious = load_masks(root / spec["spurious"], imgs.names, hw) if spec.get("spurious") else None
-    return {"images": imgs.images, "names": imgs.names, "labels": imgs.labels, "masks": masks,
-            "spurious": spurious, "skipped": imgs.skipped}
+    return {
+        "images": imgs.images,
+        "names": imgs.names,
+        "labels": imgs.labels,
+        "masks": masks,
+        "spurious": spurious,
+        "skipped": imgs.skipped,
+    }
 
 
 def load_probe(spec: dict[str, Any], pre: Preprocess, class_names: list[str] | None, root: Path) -> Probe:
@@ -84,7 +103,9 @@ def load_probe(spec: dict[str, Any], pre: Preprocess, class_names: list[str] | N
     else:
         raise InputError(f"probe.kind {kind!r}: expected one of {', '.join(KINDS)}")
     if data["images"].shape[1] != pre.channels:
-        raise InputError(f"the probe images have {data['images'].shape[1]} channels, the model expects {pre.channels}")
+        raise InputError(
+            f"the probe images have {data['images'].shape[1]} channels, the model expects {pre.channels}"
+        )
     target = spec.get("target", "predicted")
     targets = None
     if target == "label":
@@ -93,9 +114,16 @@ def load_probe(spec: dict[str, Any], pre: Preprocess, class_names: list[str] | N
         targets = data["labels"]
     elif target != "predicted":
         raise InputError(f"probe.target {target!r}: expected 'predicted' or 'label'")
-    return Probe(images=data["images"], inputs=pre.normalize(data["images"]), names=data["names"],
-                 labels=data["labels"], masks=data["masks"], spurious=data["spurious"],
-                 skipped=data["skipped"], targets=targets)
+    return Probe(
+        images=data["images"],
+        inputs=pre.normalize(data["images"]),
+        names=data["names"],
+        labels=data["labels"],
+        masks=data["masks"],
+        spurious=data["spurious"],
+        skipped=data["skipped"],
+        targets=targets,
+    )
 
 
 def load_fit_data(spec: dict[str, Any] | None, pre: Preprocess) -> Any:
@@ -107,6 +135,10 @@ def load_fit_data(spec: dict[str, Any] | None, pre: Preprocess) -> Any:
 
     if spec.get("kind", "shapes") != "shapes":
         raise InputError("fit_data.kind: only 'shapes' is supported (or null to fit on the probe)")
-    ds = make_shapes(int(spec.get("n", 256)), size=int(spec.get("size", 32)), seed=int(spec.get("seed", 7)),
-                     watermark=str(spec.get("watermark", "none")))
+    ds = make_shapes(
+        int(spec.get("n", 256)),
+        size=int(spec.get("size", 32)),
+        seed=int(spec.get("seed", 7)),
+        watermark=str(spec.get("watermark", "none")),
+    )
     return FitData.coerce(ds, pre)

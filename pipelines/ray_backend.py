@@ -50,8 +50,10 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise XAIError(f"Ray address {address!r} is not HOST:PORT (the head node's GCS address, "
-                       "as `ray start --head` prints it)")
+        raise XAIError(
+            f"Ray address {address!r} is not HOST:PORT (the head node's GCS address, "
+            "as `ray start --head` prints it)"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             pass
@@ -69,15 +71,21 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
         return ray
     if address:
         _check_reachable(address)
-    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": "ERROR",
-                              "configure_logging": False}
+    kwargs: dict[str, Any] = {
+        "namespace": NAMESPACE,
+        "log_to_driver": False,
+        "logging_level": "ERROR",
+        "configure_logging": False,
+    }
     if not address:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     try:
         ray.init(address=address, **kwargs)
     except Exception as exc:
-        raise XAIError(f"cannot join the Ray cluster at {address or '(local)'}: "
-                       f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+        raise XAIError(
+            f"cannot join the Ray cluster at {address or '(local)'}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+        ) from None
     return ray
 
 
@@ -117,15 +125,24 @@ class ShardActor:
         import ray
         import torch
 
-        return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        )
 
     def _engine(self, job: dict[str, Any]) -> Any:
         from core.engine import Engine
 
-        return Engine(device=self._device(), batch_size=job["batch_size"], timeout=job["timeout"],
-                      progress=False, fit_data=job["fit_data"])
+        return Engine(
+            device=self._device(),
+            batch_size=job["batch_size"],
+            timeout=job["timeout"],
+            progress=False,
+            fit_data=job["fit_data"],
+        )
 
-    def explain(self, model: dict[str, Any], job: dict[str, Any], inputs: Any, targets: Any) -> dict[str, Any]:
+    def explain(
+        self, model: dict[str, Any], job: dict[str, Any], inputs: Any, targets: Any
+    ) -> dict[str, Any]:
         """The engine on one shard of the probe set."""
         with self._lock:
             self._busy += 1
@@ -133,13 +150,24 @@ class ShardActor:
                 net = self._model(model)
                 engine = self._engine(job)
                 out = engine.run(net, inputs, job["requests"], targets=targets, isolate=True)
-                return {"explanations": out.explanations, "failures": out.failures, "targets": out.targets,
-                        "logits": out.logits, "fit_info": engine.fit_info}
+                return {
+                    "explanations": out.explanations,
+                    "failures": out.failures,
+                    "targets": out.targets,
+                    "logits": out.logits,
+                    "fit_info": engine.fit_info,
+                }
             finally:
                 self._busy -= 1
 
-    def evaluate(self, model: dict[str, Any], job: dict[str, Any], results: Any, unit: tuple[str, str | None],
-                 data: Any) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: dict[str, Any],
+        job: dict[str, Any],
+        results: Any,
+        unit: tuple[str, str | None],
+        data: Any,
+    ) -> dict[str, Any]:
         """One metric for one method (or for the model) on the whole probe set."""
         import torch
 
@@ -152,15 +180,35 @@ class ShardActor:
             try:
                 net = self._model(model)
                 part = dataclasses.replace(
-                    results, explanations={label: results.explanations[label]} if label else {},
-                    metrics={}, global_metrics={}, figures={}, failures=[], timings={}, meta=dict(results.meta))
+                    results,
+                    explanations={label: results.explanations[label]} if label else {},
+                    metrics={},
+                    global_metrics={},
+                    figures={},
+                    failures=[],
+                    timings={},
+                    meta=dict(results.meta),
+                )
                 part.meta.pop("skipped_metrics", None)
                 with torch.enable_grad():
-                    compute_metrics(part, net, self._engine(job), [name], job["requests"], get_host(),
-                                    {name: job["metrics"].get(name, {})}, data)
-                return {"metrics": part.metrics, "global_metrics": part.global_metrics, "figures": part.figures,
-                        "failures": part.failures, "timings": part.timings,
-                        "skipped": part.meta.get("skipped_metrics", {})}
+                    compute_metrics(
+                        part,
+                        net,
+                        self._engine(job),
+                        [name],
+                        job["requests"],
+                        get_host(),
+                        {name: job["metrics"].get(name, {})},
+                        data,
+                    )
+                return {
+                    "metrics": part.metrics,
+                    "global_metrics": part.global_metrics,
+                    "figures": part.figures,
+                    "failures": part.failures,
+                    "timings": part.timings,
+                    "skipped": part.meta.get("skipped_metrics", {}),
+                }
             finally:
                 self._busy -= 1
 
@@ -179,25 +227,34 @@ class Pool:
     handles: list[Any]
 
 
-def start_pool(address: str | None, actors: int, gpus_per_actor: float, pool: str,
-               num_cpus: int | None = None) -> Pool:
+def start_pool(
+    address: str | None, actors: int, gpus_per_actor: float, pool: str, num_cpus: int | None = None
+) -> Pool:
     """Connect, check the resources, start ``actors`` named actors."""
     if actors < 1:
         raise XAIError(f"--actors must be at least 1, got {actors}")
     ray = connect(address, num_cpus)
     resources = ray.cluster_resources()
     if gpus_per_actor > resources.get("GPU", 0):
-        raise XAIError(f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster at {address or '(local)'} has "
-                       f"{resources.get('GPU', 0):g} GPU(s)")
+        raise XAIError(
+            f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster at {address or '(local)'} has "
+            f"{resources.get('GPU', 0):g} GPU(s)"
+        )
     # the actors see the plugins the worker sees (the code itself must be installed on every node)
     env = {k: os.environ[k] for k in ACTOR_ENV if os.environ.get(k)}
-    cls = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=MAX_RESTARTS,
-                     max_task_retries=MAX_TASK_RETRIES, max_concurrency=2,
-                     runtime_env={"env_vars": env} if env else None)(ShardActor)
+    cls = ray.remote(
+        num_cpus=1,
+        num_gpus=gpus_per_actor,
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_TASK_RETRIES,
+        max_concurrency=2,
+        runtime_env={"env_vars": env} if env else None,
+    )(ShardActor)
     handles = [cls.options(name=actor_name(pool, i), get_if_exists=True).remote() for i in range(actors)]
     _gather(ray, [h.pid.remote() for h in handles], "starting the actors")  # warm before the first job
-    return Pool({ENV_ADDRESS: ray.get_runtime_context().gcs_address, ENV_POOL: pool, ENV_ACTORS: str(actors)},
-                handles)
+    return Pool(
+        {ENV_ADDRESS: ray.get_runtime_context().gcs_address, ENV_POOL: pool, ENV_ACTORS: str(actors)}, handles
+    )
 
 
 def stop_pool(pool: Pool) -> None:
@@ -259,8 +316,11 @@ def _merge_value(parts: list[Any], sizes: list[int]) -> Any:
     import torch
 
     first = parts[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0 and \
-            all(isinstance(p, torch.Tensor) and p.dim() > 0 and p.shape[0] == s for p, s in zip(parts, sizes)):
+    if (
+        isinstance(first, torch.Tensor)
+        and first.dim() > 0
+        and all(isinstance(p, torch.Tensor) and p.dim() > 0 and p.shape[0] == s for p, s in zip(parts, sizes))
+    ):
         return torch.cat(parts, 0)
     if isinstance(first, list) and all(isinstance(p, list) and len(p) == s for p, s in zip(parts, sizes)):
         return [x for p in parts for x in p]
@@ -292,39 +352,73 @@ def merge_explanations(shards: list[dict[str, Any]], sizes: list[int], labels: l
                 failures.append(Failure(label, label, "exception", "failed on a shard of the probe set"))
             continue
         explanations[label] = Explanation(
-            method=parts[0].method, attributions=torch.cat([p.attributions for p in parts]),
-            maps=torch.cat([p.maps for p in parts]), targets=torch.cat([p.targets for p in parts]),
-            extras=_merge_value([p.extras for p in parts], sizes), params=parts[0].params,
-            seconds=sum(p.seconds for p in parts))
+            method=parts[0].method,
+            attributions=torch.cat([p.attributions for p in parts]),
+            maps=torch.cat([p.maps for p in parts]),
+            targets=torch.cat([p.targets for p in parts]),
+            extras=_merge_value([p.extras for p in parts], sizes),
+            params=parts[0].params,
+            seconds=sum(p.seconds for p in parts),
+        )
     logits = None if any(s["logits"] is None for s in shards) else torch.cat([s["logits"] for s in shards])
     return EngineOutput(explanations, failures, torch.cat([s["targets"] for s in shards]), logits)
 
 
-def explain(out_dir: Path, inputs: Any, targets: Any, requests: list, batch_size: int, timeout: float | None,
-            fit_data: Any) -> tuple[Any, dict[str, Any]]:
+def explain(
+    out_dir: Path,
+    inputs: Any,
+    targets: Any,
+    requests: list,
+    batch_size: int,
+    timeout: float | None,
+    fit_data: Any,
+) -> tuple[Any, dict[str, Any]]:
     """The explain stage's engine run, sharded over the pool. Returns (EngineOutput, fit_info)."""
     ray, actors = pool_handles()
     model = model_payload(ray, out_dir)
     job = {"requests": requests, "batch_size": batch_size, "timeout": timeout, "fit_data": fit_data}
     bounds = shard_bounds(len(inputs), len(actors))
-    refs = [actors[i].explain.remote(model, job, inputs[a:b], None if targets is None else targets[a:b])
-            for i, (a, b) in enumerate(bounds)]
+    refs = [
+        actors[i].explain.remote(model, job, inputs[a:b], None if targets is None else targets[a:b])
+        for i, (a, b) in enumerate(bounds)
+    ]
     shards = _gather(ray, refs, f"explain ({len(bounds)} shard(s))")
     merged = merge_explanations(shards, [b - a for a, b in bounds], [r.label for r in requests])
     return merged, shards[0]["fit_info"]
 
 
-def evaluate(out_dir: Path, results: Any, names: list[str], per_method: dict[str, bool], requests: list,
-             metrics: dict[str, dict], batch_size: int, timeout: float | None, fit_data: Any, data: Any) -> None:
+def evaluate(
+    out_dir: Path,
+    results: Any,
+    names: list[str],
+    per_method: dict[str, bool],
+    requests: list,
+    metrics: dict[str, dict],
+    batch_size: int,
+    timeout: float | None,
+    fit_data: Any,
+    data: Any,
+) -> None:
     """compute_metrics over the pool, one (metric, method) pair per call, merged into ``results``."""
     ray, actors = pool_handles()
     model = model_payload(ray, out_dir)
-    job = {"requests": requests, "batch_size": batch_size, "timeout": timeout, "fit_data": fit_data,
-           "metrics": metrics}
+    job = {
+        "requests": requests,
+        "batch_size": batch_size,
+        "timeout": timeout,
+        "fit_data": fit_data,
+        "metrics": metrics,
+    }
     shared = ray.put(results)
-    units = [(name, label) for name in names
-             for label in (list(results.explanations) if per_method[name] else [None])]
-    refs = [actors[i % len(actors)].evaluate.remote(model, job, shared, unit, data) for i, unit in enumerate(units)]
+    units = [
+        (name, label)
+        for name in names
+        for label in (list(results.explanations) if per_method[name] else [None])
+    ]
+    refs = [
+        actors[i % len(actors)].evaluate.remote(model, job, shared, unit, data)
+        for i, unit in enumerate(units)
+    ]
     for part in _gather(ray, refs, f"evaluate ({len(units)} unit(s))"):
         for label, values in part["metrics"].items():
             results.metrics.setdefault(label, {}).update(values)

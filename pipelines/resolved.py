@@ -37,12 +37,16 @@ def save_resolved(loaded: LoadedModel, out_dir: Path, source: dict[str, str]) ->
         torch.save(model, tmp, pickle_module=pickle_module)
         tmp.replace(path)
         fmt = "pickled-module"
-    info = {"source": source, "format": fmt, "fingerprint": model_fingerprint(model),
-            "arch": loaded.arch or type(model).__qualname__,
-            "parameters": int(sum(p.numel() for p in model.parameters())),
-            "preprocess": loaded.preprocess.as_dict() if loaded.preprocess is not None else None,
-            "class_names": list(loaded.class_names) if loaded.class_names else None,
-            "meta": json.loads(json.dumps(loaded.meta or {}, default=str))}
+    info = {
+        "source": source,
+        "format": fmt,
+        "fingerprint": model_fingerprint(model),
+        "arch": loaded.arch or type(model).__qualname__,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "preprocess": loaded.preprocess.as_dict() if loaded.preprocess is not None else None,
+        "class_names": list(loaded.class_names) if loaded.class_names else None,
+        "meta": json.loads(json.dumps(loaded.meta or {}, default=str)),
+    }
     (out_dir / layout.MODEL_INFO).write_text(json.dumps(info, indent=2))
     return info
 

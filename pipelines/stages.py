@@ -66,8 +66,9 @@ class StageContext:
 
         env = os.environ.get("XAI_TIMEOUT", "").strip()
         value = env or self.params.get("timeout")
-        return plugin_timeout(DEFAULT_TIMEOUT if value is None else value,
-                              "XAI_TIMEOUT" if env else "params.yaml timeout")
+        return plugin_timeout(
+            DEFAULT_TIMEOUT if value is None else value, "XAI_TIMEOUT" if env else "params.yaml timeout"
+        )
 
     def model(self):
         from pipelines.resolved import load_resolved
@@ -84,8 +85,9 @@ class StageContext:
     def engine(self, device: torch.device, fit_data: Any = None):
         from core.engine import Engine
 
-        return Engine(device=device, batch_size=self.batch_size, timeout=self.timeout, progress=False,
-                      fit_data=fit_data)
+        return Engine(
+            device=device, batch_size=self.batch_size, timeout=self.timeout, progress=False, fit_data=fit_data
+        )
 
     def device(self) -> torch.device:
         from pipelines.device import pick_device
@@ -119,8 +121,10 @@ def resolve(ctx: StageContext) -> None:
 
     loaded = load_any_model(ctx.entry["uri"])
     info = save_resolved(loaded, ctx.out, dict(ctx.entry))
-    print(f"resolved {ctx.entry['name']} {ctx.entry['version']} ({ctx.entry['uri']}): {info['arch']}, "
-          f"fingerprint {info['fingerprint'][:12]}")
+    print(
+        f"resolved {ctx.entry['name']} {ctx.entry['version']} ({ctx.entry['uri']}): {info['arch']}, "
+        f"fingerprint {info['fingerprint'][:12]}"
+    )
 
 
 # -- explain -------------------------------------------------------------------------------------
@@ -137,37 +141,54 @@ def explain(ctx: StageContext) -> None:
     fit_data = load_fit_data(ctx.params.get("fit_data"), pre)
     if ray_backend.enabled():  # the same engine run, sharded over the worker's warm actors
         device = "the Ray cluster"
-        out, fit_info = ray_backend.explain(ctx.out, probe.inputs, probe.targets, requests, ctx.batch_size,
-                                            ctx.timeout, fit_data)
+        out, fit_info = ray_backend.explain(
+            ctx.out, probe.inputs, probe.targets, requests, ctx.batch_size, ctx.timeout, fit_data
+        )
     else:
         device = ctx.device()
         engine = ctx.engine(device, fit_data)
         out = engine.run(loaded.model.to(device), probe.inputs, requests, targets=probe.targets, isolate=True)
         fit_info = engine.fit_info
     failures = out.failures + nonfinite_outputs(out.logits)
-    store.save_explanations(ctx.out / layout.EXPLANATIONS, out.explanations, out.targets, out.logits,
-                            failures, fit_info)
+    store.save_explanations(
+        ctx.out / layout.EXPLANATIONS, out.explanations, out.targets, out.logits, failures, fit_info
+    )
     for f in failures:
         print(f"warning: {f.name} failed ({f.kind}): {f.message}", file=sys.stderr)
-    print(f"explained {len(probe.names)} images with {len(out.explanations)}/{len(requests)} methods on {device}")
+    print(
+        f"explained {len(probe.names)} images with {len(out.explanations)}/{len(requests)} methods on {device}"
+    )
 
 
 def base_results(ctx: StageContext, loaded, info: dict[str, Any]) -> tuple[RunResults, Any]:
     """RunResults rebuilt from the probe and explanations.pt (no metrics yet), and the preprocessing."""
     from core.engine import parse_requests
+
     probe, pre = ctx.probe(loaded)
     saved = store.load_explanations(ctx.out / layout.EXPLANATIONS)
     logits = saved["logits"]
     results = RunResults(
-        inputs=probe.inputs, images=probe.images, targets=saved["targets"], predictions=logits.argmax(1),
-        probabilities=torch.softmax(logits, dim=1), labels=probe.labels, image_names=probe.names,
-        class_names=loaded.class_names, masks=probe.masks, spurious_masks=probe.spurious,
-        explanations=saved["explanations"], failures=list(saved["failures"]),
+        inputs=probe.inputs,
+        images=probe.images,
+        targets=saved["targets"],
+        predictions=logits.argmax(1),
+        probabilities=torch.softmax(logits, dim=1),
+        labels=probe.labels,
+        image_names=probe.names,
+        class_names=loaded.class_names,
+        masks=probe.masks,
+        spurious_masks=probe.spurious,
+        explanations=saved["explanations"],
+        failures=list(saved["failures"]),
         skipped_inputs=list(probe.skipped),
         timings={label: e.seconds for label, e in saved["explanations"].items()},
-        meta={"model": {**ctx.entry, "fingerprint": info["fingerprint"], "arch": info["arch"]},
-              "probe": ctx.section("probe", {}), "pipeline": {"key": ctx.key},
-              "methods_requested": [r.label for r in parse_requests(ctx.section("methods", {}))]})
+        meta={
+            "model": {**ctx.entry, "fingerprint": info["fingerprint"], "arch": info["arch"]},
+            "probe": ctx.section("probe", {}),
+            "pipeline": {"key": ctx.key},
+            "methods_requested": [r.label for r in parse_requests(ctx.section("methods", {}))],
+        },
+    )
     if saved["fitted"]:
         results.meta["fitted"] = saved["fitted"]
     return results, pre
@@ -224,7 +245,9 @@ def write_plots(results: RunResults, folder: Path) -> list[Path]:
     with (folder / "confidence.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "image", "confidence"])
-        w.writerows([i, name, round(float(c), 6)] for i, (name, c) in enumerate(zip(results.image_names, conf)))
+        w.writerows(
+            [i, name, round(float(c), 6)] for i, (name, c) in enumerate(zip(results.image_names, conf))
+        )
     return written
 
 
@@ -241,21 +264,40 @@ def evaluate(ctx: StageContext) -> None:
     requests = parse_requests(ctx.section("methods", {}))
     fit_data = load_fit_data(ctx.params.get("fit_data"), pre)
     n_before = len(results.failures)
-    data = (fit_data.inputs, fit_data.labels) if fit_data is not None and fit_data.labels is not None else None
+    data = (
+        (fit_data.inputs, fit_data.labels) if fit_data is not None and fit_data.labels is not None else None
+    )
     if ray_backend.enabled():  # one (metric, method) pair per call on the worker's warm actors
         device = "the Ray cluster"
         per_method = {name: get_host().get("metric", name).per_method for name in config}
-        ray_backend.evaluate(ctx.out, results, list(config), per_method, requests, config, ctx.batch_size,
-                             ctx.timeout, fit_data, data)
+        ray_backend.evaluate(
+            ctx.out,
+            results,
+            list(config),
+            per_method,
+            requests,
+            config,
+            ctx.batch_size,
+            ctx.timeout,
+            fit_data,
+            data,
+        )
     else:
         device = ctx.device()
         engine = ctx.engine(device, fit_data)
         with torch.enable_grad():
-            compute_metrics(results, loaded.model.to(device), engine, list(config), requests, get_host(), config,
-                            data)
-    store.save_evaluation(ctx.out / layout.EVALUATION, results.metrics, results.global_metrics, results.figures,
-                          results.failures[n_before:], results.timings,
-                          {"skipped_metrics": results.meta.get("skipped_metrics", {})})
+            compute_metrics(
+                results, loaded.model.to(device), engine, list(config), requests, get_host(), config, data
+            )
+    store.save_evaluation(
+        ctx.out / layout.EVALUATION,
+        results.metrics,
+        results.global_metrics,
+        results.figures,
+        results.failures[n_before:],
+        results.timings,
+        {"skipped_metrics": results.meta.get("skipped_metrics", {})},
+    )
     _write_json(ctx.out / layout.METRICS, headline(results))
     write_plots(results, ctx.out / layout.PLOTS)
     for f in results.failures[n_before:]:
@@ -282,8 +324,13 @@ def report(ctx: StageContext) -> None:
     if "json" not in reporters:
         raise XAIError("reporters must include json: the gate reads results.json")
     n_before = len(results.failures)
-    written = write_reports(results, ctx.out / layout.REPORT, list(reporters), get_host(),
-                            {k: dict(v or {}) for k, v in reporters.items()})
+    written = write_reports(
+        results,
+        ctx.out / layout.REPORT,
+        list(reporters),
+        get_host(),
+        {k: dict(v or {}) for k, v in reporters.items()},
+    )
     failed = [f for f in results.failures[n_before:] if f.stage == "report"]
     for name, path in written.items():
         print(f"{name} report: {path}")
@@ -295,9 +342,12 @@ def report(ctx: StageContext) -> None:
 def gate_summary(verdict: dict[str, Any]) -> dict[str, Any]:
     """gate.json: what ``dvc metrics show`` lists (lists of checks do not show there)."""
     checks = verdict.get("checks") or []
-    summary: dict[str, Any] = {"passed": bool(verdict.get("passed")), "status": verdict.get("status"),
-                               "checks_passed": sum(1 for c in checks if c.get("passed")),
-                               "checks_failed": sum(1 for c in checks if not c.get("passed"))}
+    summary: dict[str, Any] = {
+        "passed": bool(verdict.get("passed")),
+        "status": verdict.get("status"),
+        "checks_passed": sum(1 for c in checks if c.get("passed")),
+        "checks_failed": sum(1 for c in checks if not c.get("passed")),
+    }
     for i, check in enumerate(checks):
         value = store.scalar(check.get("value"))
         if value is not None:

@@ -56,31 +56,78 @@ def failures_to_dicts(failures: list[Failure]) -> list[dict[str, str]]:
 
 
 def failures_from_dicts(items: list[dict[str, str]]) -> list[Failure]:
-    return [Failure(d["plugin"], d["name"], d["kind"], d["message"], d.get("stage", "explain")) for d in items]
+    return [
+        Failure(d["plugin"], d["name"], d["kind"], d["message"], d.get("stage", "explain")) for d in items
+    ]
 
 
-def save_explanations(path: Path, explanations: dict[str, Explanation], targets: torch.Tensor,
-                      logits: torch.Tensor, failures: list[Failure], fit_info: dict[str, Any]) -> None:
-    methods = {label: {"method": e.method, "attributions": e.attributions, "maps": e.maps, "targets": e.targets,
-                       "extras": sanitize(e.extras), "params": sanitize(e.params), "seconds": float(e.seconds)}
-               for label, e in explanations.items()}
-    _save(path, {"format": EXPLANATIONS_FORMAT, "methods": sanitize(methods), "targets": targets.cpu(),
-                 "logits": logits.cpu(), "failures": failures_to_dicts(failures), "fitted": sanitize(fit_info)})
+def save_explanations(
+    path: Path,
+    explanations: dict[str, Explanation],
+    targets: torch.Tensor,
+    logits: torch.Tensor,
+    failures: list[Failure],
+    fit_info: dict[str, Any],
+) -> None:
+    methods = {
+        label: {
+            "method": e.method,
+            "attributions": e.attributions,
+            "maps": e.maps,
+            "targets": e.targets,
+            "extras": sanitize(e.extras),
+            "params": sanitize(e.params),
+            "seconds": float(e.seconds),
+        }
+        for label, e in explanations.items()
+    }
+    _save(
+        path,
+        {
+            "format": EXPLANATIONS_FORMAT,
+            "methods": sanitize(methods),
+            "targets": targets.cpu(),
+            "logits": logits.cpu(),
+            "failures": failures_to_dicts(failures),
+            "fitted": sanitize(fit_info),
+        },
+    )
 
 
 def load_explanations(path: Path) -> dict[str, Any]:
     """{"explanations": {label: Explanation}, "targets", "logits", "failures": [Failure], "fitted"}."""
     payload = _load(path, EXPLANATIONS_FORMAT)
     explanations = {label: Explanation(**d) for label, d in payload["methods"].items()}
-    return {"explanations": explanations, "targets": payload["targets"], "logits": payload["logits"],
-            "failures": failures_from_dicts(payload["failures"]), "fitted": payload["fitted"]}
+    return {
+        "explanations": explanations,
+        "targets": payload["targets"],
+        "logits": payload["logits"],
+        "failures": failures_from_dicts(payload["failures"]),
+        "fitted": payload["fitted"],
+    }
 
 
-def save_evaluation(path: Path, metrics: dict, global_metrics: dict, figures: dict[str, bytes],
-                    failures: list[Failure], timings: dict[str, float], meta: dict[str, Any]) -> None:
-    _save(path, {"format": EVALUATION_FORMAT, "metrics": sanitize(metrics), "global_metrics": sanitize(global_metrics),
-                 "figures": sanitize(figures), "failures": failures_to_dicts(failures),
-                 "timings": sanitize(timings), "meta": sanitize(meta)})
+def save_evaluation(
+    path: Path,
+    metrics: dict,
+    global_metrics: dict,
+    figures: dict[str, bytes],
+    failures: list[Failure],
+    timings: dict[str, float],
+    meta: dict[str, Any],
+) -> None:
+    _save(
+        path,
+        {
+            "format": EVALUATION_FORMAT,
+            "metrics": sanitize(metrics),
+            "global_metrics": sanitize(global_metrics),
+            "figures": sanitize(figures),
+            "failures": failures_to_dicts(failures),
+            "timings": sanitize(timings),
+            "meta": sanitize(meta),
+        },
+    )
 
 
 def load_evaluation(path: Path) -> dict[str, Any]:
@@ -108,7 +155,10 @@ def curve(value: Any) -> list[float] | None:
         value = value.tolist()
     if isinstance(value, np.ndarray) and value.ndim == 1:
         value = value.tolist()
-    if isinstance(value, (list, tuple)) and len(value) >= 2 and \
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) >= 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
         return [float(v) for v in value]
     return None

@@ -84,8 +84,10 @@ def init_workspace(directory: str | Path, force: bool = False, commit: bool = Tr
             proc = _run(["git", "commit", "-q", "-m", "xai pipeline workspace"], root, check=False)
             done["committed"] = proc.returncode == 0
             if proc.returncode != 0:
-                done["hint"] = ("git could not commit (set user.name and user.email); commit the workspace "
-                                "before `dvc exp run --queue`")
+                done["hint"] = (
+                    "git could not commit (set user.name and user.email); commit the workspace "
+                    "before `dvc exp run --queue`"
+                )
     return done
 
 
@@ -95,5 +97,7 @@ def find_workspace(start: str | Path = ".") -> Path:
     for candidate in (path, *path.parents):
         if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file():
             return candidate
-    raise XAIError(f"no pipeline workspace (dvc.yaml + params.yaml) at or above {path}: "
-                   "create one with `xai pipeline init DIR`")
+    raise XAIError(
+        f"no pipeline workspace (dvc.yaml + params.yaml) at or above {path}: "
+        "create one with `xai pipeline init DIR`"
+    )

@@ -14,9 +14,14 @@ import click
 
 from core.redact import redact_text
 
-WORKSPACE = click.option("--workspace", "-w", type=click.Path(path_type=Path), default=None,
-                         help="Pipeline workspace (default: $XAI_WORKSPACE, else the nearest folder at or above "
-                              "the current one holding dvc.yaml, else the current folder).")
+WORKSPACE = click.option(
+    "--workspace",
+    "-w",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Pipeline workspace (default: $XAI_WORKSPACE, else the nearest folder at or above "
+    "the current one holding dvc.yaml, else the current folder).",
+)
 
 
 def resolve_workspace(workspace: Path | None) -> Path:
@@ -30,8 +35,11 @@ def resolve_workspace(workspace: Path | None) -> Path:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("urllib3", "alembic", "mlflow.store", "mlflow.tracking", "git", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from core.redact import install_log_redaction
@@ -67,7 +75,9 @@ def mlflow_start(workspace, port, timeout):
     """Start the server (or report the running one) and wait until it is healthy."""
     from registry import server
 
-    info = server.start(resolve_workspace(workspace), port=port, timeout=timeout, log=lambda m: click.echo(m, err=True))
+    info = server.start(
+        resolve_workspace(workspace), port=port, timeout=timeout, log=lambda m: click.echo(m, err=True)
+    )
     click.echo(f"MLflow running at {info['uri']} (PID {info['pid']})")
     click.echo(f"  UI: {info['uri']}    to use it elsewhere: export MLFLOW_TRACKING_URI={info['uri']}")
 
@@ -92,7 +102,9 @@ def mlflow_status(workspace, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
     elif info.get("running"):
-        click.echo(f"MLflow running at {info['uri']} (PID {info['pid']}, {'healthy' if info['healthy'] else 'NOT healthy'})")
+        click.echo(
+            f"MLflow running at {info['uri']} (PID {info['pid']}, {'healthy' if info['healthy'] else 'NOT healthy'})"
+        )
     else:
         click.echo("MLflow is not running" + (f" (last at {info['uri']})" if info.get("uri") else ""))
     sys.exit(0 if info.get("healthy") else 1)
@@ -105,14 +117,34 @@ def mlflow_status(workspace, as_json):
 @click.option("--port", default=0, show_default=True, help="0 picks a free port.")
 @click.option("--public-url", help="The URL MLflow must call, when not http://HOST:PORT/webhook.")
 @click.option("--register-webhook", is_flag=True, help="Create/update the MLflow webhook pointing here.")
-@click.option("--poll-interval", default=60.0, show_default=True, help="Seconds between catch-up syncs (0: off).")
-@click.option("--guard-alias", "guarded", multiple=True, default=("champion",), show_default=True,
-              help="Alias to guard: set on a version whose gate did not pass, it is moved back. Repeatable.")
+@click.option(
+    "--poll-interval", default=60.0, show_default=True, help="Seconds between catch-up syncs (0: off)."
+)
+@click.option(
+    "--guard-alias",
+    "guarded",
+    multiple=True,
+    default=("champion",),
+    show_default=True,
+    help="Alias to guard: set on a version whose gate did not pass, it is moved back. Repeatable.",
+)
 @click.option("--no-guard", is_flag=True, help="Do not guard any alias.")
-@click.option("--max-attempts", default=5, show_default=True, help="Attempts per job before it fails for good.")
+@click.option(
+    "--max-attempts", default=5, show_default=True, help="Attempts per job before it fails for good."
+)
 @click.option("-v", "--verbose", is_flag=True)
-def listen(workspace, host, port, public_url, register_webhook, poll_interval, guarded, no_guard, max_attempts,
-           verbose):
+def listen(
+    workspace,
+    host,
+    port,
+    public_url,
+    register_webhook,
+    poll_interval,
+    guarded,
+    no_guard,
+    max_attempts,
+    verbose,
+):
     """Receive MLflow webhooks (signed, fresh, not replayed) and enqueue every new model version.
 
     The secret is $XAI_WEBHOOK_SECRET; on the embedded MLflow one is generated and kept in the
@@ -124,8 +156,15 @@ def listen(workspace, host, port, public_url, register_webhook, poll_interval, g
     setup_logging(verbose)
     ws = resolve_workspace(workspace)
     secret = webhook_secret(ws, create=not os.environ.get("MLFLOW_TRACKING_URI"))
-    config = ListenConfig(host, port, public_url, register_webhook, poll_interval, () if no_guard else tuple(guarded),
-                          max_attempts)
+    config = ListenConfig(
+        host,
+        port,
+        public_url,
+        register_webhook,
+        poll_interval,
+        () if no_guard else tuple(guarded),
+        max_attempts,
+    )
     listener = Listener(ws, secret, lambda: tracking_uri(ws), config)
     click.echo(f"listening on {listener.url} (workspace {ws})", err=True)
     listener.serve()
@@ -135,20 +174,40 @@ def listen(workspace, host, port, public_url, register_webhook, poll_interval, g
 @WORKSPACE
 @click.option("--once", is_flag=True, help="Exit when no job is ready instead of waiting for more.")
 @click.option("--max-jobs", type=int, help="Exit after this many jobs.")
-@click.option("--lease", default=120.0, show_default=True, help="Seconds a claimed job is held without a heartbeat.")
+@click.option(
+    "--lease", default=120.0, show_default=True, help="Seconds a claimed job is held without a heartbeat."
+)
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between looks at an empty queue.")
 @click.option("--backoff", default=10.0, show_default=True, help="First retry delay; doubles per attempt.")
 @click.option("--backoff-cap", default=900.0, show_default=True)
 @click.option("--job-timeout", default=3600.0, show_default=True, help="Seconds one pipeline run may take.")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: each stage computes in its own process. ray: explain/evaluate shard the probe "
-                   "set over warm Ray actors (docs/scale.md).")
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: each stage computes in its own process. ray: explain/evaluate shard the probe "
+    "set over warm Ray actors (docs/scale.md).",
+)
 @click.option("--ray-address", help="Ray head node (HOST:PORT, or 'auto'); default: start a local Ray.")
 @click.option("--actors", default=2, show_default=True, help="Ray actors in the pool (one model each).")
 @click.option("--gpus-per-actor", default=0.0, show_default=True, help="GPUs each Ray actor holds.")
 @click.option("-v", "--verbose", is_flag=True)
-def worker(workspace, once, max_jobs, lease, poll, backoff, backoff_cap, job_timeout, backend, ray_address,
-           actors, gpus_per_actor, verbose):
+def worker(
+    workspace,
+    once,
+    max_jobs,
+    lease,
+    poll,
+    backoff,
+    backoff_cap,
+    job_timeout,
+    backend,
+    ray_address,
+    actors,
+    gpus_per_actor,
+    verbose,
+):
     """Run the pipeline for queued versions, log one MLflow run each, tag the versions."""
     from registry.worker import Worker, WorkerConfig
 
@@ -174,7 +233,9 @@ def worker(workspace, once, max_jobs, lease, poll, backoff, backoff_cap, job_tim
 @click.command("sync")
 @WORKSPACE
 @click.option("--model", help="Only this registered model.")
-@click.option("--all", "all_versions", is_flag=True, help="Enqueue every version (e.g. after a config change).")
+@click.option(
+    "--all", "all_versions", is_flag=True, help="Enqueue every version (e.g. after a config change)."
+)
 @click.option("--retry-failed", is_flag=True, help="Give jobs that failed for good fresh attempts.")
 @click.option("--write-params", is_flag=True, help="Also list the registry's versions in params.yaml.")
 def sync_cmd(workspace, model, all_versions, retry_failed, write_params):
@@ -193,8 +254,10 @@ def sync_cmd(workspace, model, all_versions, retry_failed, write_params):
         click.echo(f"enqueued {name} {version}")
     for name, version, why in result.refused:
         click.echo(f"refused {name!r} {version}: {why}", err=True)
-    click.echo(f"{result.seen} version(s) in the registry, {len(result.enqueued)} enqueued, "
-               f"{len(result.already_queued)} already queued")
+    click.echo(
+        f"{result.seen} version(s) in the registry, {len(result.enqueued)} enqueued, "
+        f"{len(result.already_queued)} already queued"
+    )
     if write_params:
         click.echo(f"params.yaml lists {len(result.written)} version(s)")
 
@@ -213,9 +276,19 @@ def queue_cmd(workspace, as_json):
         click.echo(json.dumps([j.__dict__ for j in jobs], indent=2))
         return
     for j in jobs:
-        when = f" next try {time.strftime('%H:%M:%S', time.localtime(j.next_run_at))}" if j.state == "queued" else ""
-        err = f"  {redact_text(j.last_error.splitlines()[0][:100])}" if j.last_error and j.state != "done" else ""
-        click.echo(f"{j.id:>5}  {j.model} {j.version:<5} {j.state:<8} attempts {j.attempts}/{j.max_attempts}{when}{err}")
+        when = (
+            f" next try {time.strftime('%H:%M:%S', time.localtime(j.next_run_at))}"
+            if j.state == "queued"
+            else ""
+        )
+        err = (
+            f"  {redact_text(j.last_error.splitlines()[0][:100])}"
+            if j.last_error and j.state != "done"
+            else ""
+        )
+        click.echo(
+            f"{j.id:>5}  {j.model} {j.version:<5} {j.state:<8} attempts {j.attempts}/{j.max_attempts}{when}{err}"
+        )
     counts = queue.counts()
     click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "the queue is empty")
 
@@ -254,7 +327,9 @@ def gate_cmd(name, version, results, policy, out, workspace):
     """
     if results or policy:
         if not (results and policy) or name:
-            raise click.UsageError("local use: xai gate --results results.json --policy policy.yaml [--out FILE]")
+            raise click.UsageError(
+                "local use: xai gate --results results.json --policy policy.yaml [--out FILE]"
+            )
         from core.policy import gate_main
 
         sys.exit(gate_main(str(results), str(policy), str(out) if out else None))

@@ -31,24 +31,65 @@ MODEL_NAME = "shapes-cnn"
 # puts 0.36-0.47 of its relevance on the object and 0.10-0.15 (grad_cam) on the watermark; the Clever
 # Hans CNN 0.13 and 0.26. The template's AOPC check is still computed and shown in the report.
 GATED = ["saliency", "grad_cam"]
-DEMO_GATE = {"name": "demo: sanity checks and Clever Hans detection", "checks": [
-    {"name": "sensitive to cascading randomization", "method": GATED, "metric": "sanity.cascading.spearman_full",
-     "op": "<", "threshold": 0.7, "sanity": True},
-    {"name": "sensitive to each layer", "method": GATED, "metric": "sanity.independent.ssim_max",
-     "op": "<", "threshold": 0.9, "sanity": True},
-    {"name": "sensitive to the labels learnt", "method": GATED, "metric": "sanity.label.spearman",
-     "op": "<", "threshold": 0.85, "sanity": True},
-    {"name": "grad_cam not looking at the shortcut", "method": "grad_cam", "metric": "shortcut.share",
-     "op": "<", "threshold": 0.2},
-    {"name": "saliency looks at the object", "method": "saliency", "metric": "localization.relevance_mass",
-     "op": ">", "threshold": 0.25},
-    {"name": "grad_cam looks at the object", "method": "grad_cam", "metric": "localization.relevance_mass",
-     "op": ">", "threshold": 0.25},
-]}
+DEMO_GATE = {
+    "name": "demo: sanity checks and Clever Hans detection",
+    "checks": [
+        {
+            "name": "sensitive to cascading randomization",
+            "method": GATED,
+            "metric": "sanity.cascading.spearman_full",
+            "op": "<",
+            "threshold": 0.7,
+            "sanity": True,
+        },
+        {
+            "name": "sensitive to each layer",
+            "method": GATED,
+            "metric": "sanity.independent.ssim_max",
+            "op": "<",
+            "threshold": 0.9,
+            "sanity": True,
+        },
+        {
+            "name": "sensitive to the labels learnt",
+            "method": GATED,
+            "metric": "sanity.label.spearman",
+            "op": "<",
+            "threshold": 0.85,
+            "sanity": True,
+        },
+        {
+            "name": "grad_cam not looking at the shortcut",
+            "method": "grad_cam",
+            "metric": "shortcut.share",
+            "op": "<",
+            "threshold": 0.2,
+        },
+        {
+            "name": "saliency looks at the object",
+            "method": "saliency",
+            "metric": "localization.relevance_mass",
+            "op": ">",
+            "threshold": 0.25,
+        },
+        {
+            "name": "grad_cam looks at the object",
+            "method": "grad_cam",
+            "metric": "localization.relevance_mass",
+            "op": ">",
+            "threshold": 0.25,
+        },
+    ],
+}
 # The methods compared side by side in the report (the gate reads saliency and grad_cam). All cheap on
 # the 32 px CNN; occlusion or RISE would multiply the explain and sanity costs by their forward passes.
-DEMO_METHODS = {"saliency": {}, "guided_backprop": {}, "integrated_gradients": {"steps": 16}, "lrp": {},
-                "grad_cam": {}}
+DEMO_METHODS = {
+    "saliency": {},
+    "guided_backprop": {},
+    "integrated_gradients": {"steps": 16},
+    "lrp": {},
+    "grad_cam": {},
+}
 T0 = time.monotonic()
 
 
@@ -82,8 +123,14 @@ def busy() -> bool:
 def start_process(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "core.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "core.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -137,13 +184,20 @@ def watch(client: Any, versions: dict[str, str], timeout: float) -> dict[str, di
         tags = {v: dict(client.get_model_version(MODEL_NAME, v).tags or {}) for v in versions.values()}
         for label, v in versions.items():
             status = tags[v].get("xai.status", "queued")
-            detail = f" (gate {tags[v].get('xai.gate')})" if status == "done" else \
-                f": {tags[v].get('xai.error', '')[:160]}" if status == "failed" else ""
+            detail = (
+                f" (gate {tags[v].get('xai.gate')})"
+                if status == "done"
+                else f": {tags[v].get('xai.error', '')[:160]}"
+                if status == "failed"
+                else ""
+            )
             if seen.get(v) != status + detail:
                 seen[v] = status + detail
                 say(f"  {MODEL_NAME} v{v} [{label}]: {status}{detail}")
-        finished = [t.get("xai.status") == "done" or (t.get("xai.status") == "failed" and t.get("xai.retry") == "no")
-                    for t in tags.values()]
+        finished = [
+            t.get("xai.status") == "done" or (t.get("xai.status") == "failed" and t.get("xai.retry") == "no")
+            for t in tags.values()
+        ]
         if all(finished):
             return tags
         time.sleep(2.0)
@@ -170,7 +224,9 @@ def story(client: Any, versions: dict[str, str]) -> bool:
         ok = False
     except GateRefused as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        say(f"xai promote refused the Clever Hans version, as it should: {first} (failed checks in its table above)")
+        say(
+            f"xai promote refused the Clever Hans version, as it should: {first} (failed checks in its table above)"
+        )
     champion = (client.get_registered_model(MODEL_NAME).aliases or {}).get("champion")
     say(f"{MODEL_NAME}@champion is version {champion}" if champion else f"{MODEL_NAME} has no champion")
     return ok and str(champion) == versions["clean"]
@@ -210,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         uri = started["uri"]
         say(f"MLflow at {uri}")
         logs = State(ws).root / "logs"
-        procs.append(start_process(["listen", "-w", str(ws), "--register-webhook", "--poll-interval", "30"],
-                                   logs / "listener.log", env))
+        procs.append(
+            start_process(
+                ["listen", "-w", str(ws), "--register-webhook", "--poll-interval", "30"],
+                logs / "listener.log",
+                env,
+            )
+        )
         procs.append(start_process(["worker", "-w", str(ws)], logs / "worker.log", env))
         wait_for_line(logs / "listener.log", "MLflow webhook", procs[0], 300)
         say(f"listener + worker running (logs in {logs})")
@@ -226,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nMLflow UI: {uri}   (model '{MODEL_NAME}', experiment 'xai-explanations')")
         for label, v in versions.items():
             run_id = client.get_model_version(MODEL_NAME, v).tags.get("xai.run_id")
-            print(f"  v{v} {label}: {uri}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}")
+            print(
+                f"  v{v} {label}: {uri}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+            )
         if args.no_wait:
             print(f"xai explorer: `xai ui -w {ws}` (while MLflow runs: without --no-wait)")
             return 0 if ok else 1

@@ -65,10 +65,19 @@ def version_gate(client: Any, name: str, version: str) -> GateState:
     try:
         verdict = runlog.logged_verdict(client, run_id)
     except Exception as exc:
-        return GateState(name, version, "error", None, run_id, f"verdict of run {run_id} unreadable: {exc}", tags)
+        return GateState(
+            name, version, "error", None, run_id, f"verdict of run {run_id} unreadable: {exc}", tags
+        )
     if bool(verdict.get("passed")) != (status == "passed"):
-        return GateState(name, version, "error", verdict, run_id,
-                         f"tag xai.gate={status} disagrees with the run's verdict", tags)
+        return GateState(
+            name,
+            version,
+            "error",
+            verdict,
+            run_id,
+            f"tag xai.gate={status} disagrees with the run's verdict",
+            tags,
+        )
     return GateState(name, version, status, verdict, run_id, "", tags)
 
 
@@ -95,8 +104,10 @@ def promote(client: Any, name: str, version: str, alias: str = "champion") -> Ga
     state = version_gate(client, name, version)
     if not state.passed:
         checks = failing_checks(state.verdict)
-        lines = [f"not promoting {state.name} {state.version} to '{alias}': gate {state.status}"
-                 + (f" ({state.reason})" if state.reason else "")]
+        lines = [
+            f"not promoting {state.name} {state.version} to '{alias}': gate {state.status}"
+            + (f" ({state.reason})" if state.reason else "")
+        ]
         lines += [f"  failed check {c.get('name')}: {c.get('reason') or _check_text(c)}" for c in checks]
         raise GateRefused("\n".join(lines))
     client.set_registered_model_alias(state.name, alias, state.version)

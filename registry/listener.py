@@ -41,9 +41,13 @@ class Listener:
         self.config, self.uri_fn = config, uri_fn
         self._alias_events: queue_mod.Queue = queue_mod.Queue()
         self._stop = threading.Event()
-        receiver = Receiver(self.state.queue_db, secret, lambda: config_hash(self.state.workspace),
-                            on_alias=lambda *event: self._alias_events.put(event),
-                            max_attempts=config.max_attempts)
+        receiver = Receiver(
+            self.state.queue_db,
+            secret,
+            lambda: config_hash(self.state.workspace),
+            on_alias=lambda *event: self._alias_events.put(event),
+            max_attempts=config.max_attempts,
+        )
         self.server = ListenerServer((config.host, config.port), receiver)
         self.secret = secret
 
@@ -83,7 +87,10 @@ class Listener:
                     client = self._client()
                     result = sync(client, self.state.workspace, max_attempts=self.config.max_attempts)
                     if result.enqueued:
-                        log.info("poller: enqueued %d version(s) the webhooks had not delivered", len(result.enqueued))
+                        log.info(
+                            "poller: enqueued %d version(s) the webhooks had not delivered",
+                            len(result.enqueued),
+                        )
                     if self.config.guarded:
                         check_aliases(client, self.config.guarded)
                 except Exception as exc:
@@ -91,8 +98,9 @@ class Listener:
 
     def serve(self) -> None:
         """Serve until SIGTERM/SIGINT; records the URL and PID in the workspace meanwhile."""
-        self.state.write_json(self.state.listener_file, {"pid": os.getpid(), "url": self.url,
-                                                         "started_at": time.time()})
+        self.state.write_json(
+            self.state.listener_file, {"pid": os.getpid(), "url": self.url, "started_at": time.time()}
+        )
         if self.config.register:
             self.register()
         background = threading.Thread(target=self._background, name="poller", daemon=True)

@@ -60,30 +60,49 @@ def ensure_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def register_checkpoint(client: Any, name: str, checkpoint: str | Path, description: str | None = None,
-                        tags: dict[str, str] | None = None) -> Any:
+def register_checkpoint(
+    client: Any,
+    name: str,
+    checkpoint: str | Path,
+    description: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Any:
     """Log ``checkpoint`` (must load weights-only) and register it as a new version of ``name``.
     Returns the MLflow ``ModelVersion``."""
     check_name(name)
     checkpoint = Path(checkpoint)
     loaded = load_model(checkpoint)  # refuse anything that does not load safely before uploading it
     digest = sha256(checkpoint)
-    run = client.create_run(_experiment_id(client, UPLOAD_EXPERIMENT), run_name=f"upload-{name}",
-                            tags={"xai.upload_of": name})
+    run = client.create_run(
+        _experiment_id(client, UPLOAD_EXPERIMENT), run_name=f"upload-{name}", tags={"xai.upload_of": name}
+    )
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / ARTIFACT_DIR
         staged.mkdir()
         (staged / CHECKPOINT_NAME).write_bytes(checkpoint.read_bytes())
-        (staged / META_NAME).write_text(json.dumps({
-            "format": CHECKPOINT_FORMAT, "file": CHECKPOINT_NAME, "sha256": digest, "arch": loaded.arch,
-            "class_names": loaded.class_names}, indent=2))
+        (staged / META_NAME).write_text(
+            json.dumps(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "file": CHECKPOINT_NAME,
+                    "sha256": digest,
+                    "arch": loaded.arch,
+                    "class_names": loaded.class_names,
+                },
+                indent=2,
+            )
+        )
         client.log_artifacts(run_id, str(staged), ARTIFACT_DIR)
     client.set_terminated(run_id)
     ensure_registered_model(client, name)
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
-                                       tags={"xai.format": CHECKPOINT_FORMAT, "xai.sha256": digest, **(tags or {})},
-                                       description=description)
+    return client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}",
+        run_id=run_id,
+        tags={"xai.format": CHECKPOINT_FORMAT, "xai.sha256": digest, **(tags or {})},
+        description=description,
+    )
 
 
 def resolve(client: Any, ref: ModelRef) -> Any:
@@ -109,14 +128,20 @@ def load_version(uri: str, unsafe: bool = False, tracking_uri: str | None = None
         import mlflow.artifacts
 
         try:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
-                dst_path=tmp, tracking_uri=tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
+                    dst_path=tmp,
+                    tracking_uri=tracking_uri,
+                )
+            )
         except Exception as exc:
             raise ModelError(f"{ref.uri}: cannot download the version's artifacts: {exc}") from None
         loaded = _load_local(local, ref.uri, unsafe, mv.tags or {})
-    loaded.meta = {**loaded.meta, "registry": {"name": mv.name, "version": mv.version, "source": mv.source,
-                                               "run_id": mv.run_id}}
+    loaded.meta = {
+        **loaded.meta,
+        "registry": {"name": mv.name, "version": mv.version, "source": mv.source, "run_id": mv.run_id},
+    }
     return loaded
 
 
@@ -130,11 +155,15 @@ def _load_local(local: Path, uri: str, unsafe: bool, tags: dict[str, str]) -> Lo
             raise ModelError(f"{uri}: the version's artifact has no {CHECKPOINT_NAME}")
         expected = meta.get("sha256") or tags.get("xai.sha256")
         if expected and sha256(path) != expected:
-            raise ModelError(f"{uri}: {CHECKPOINT_NAME} does not match its recorded SHA-256 (corrupted or altered)")
+            raise ModelError(
+                f"{uri}: {CHECKPOINT_NAME} does not match its recorded SHA-256 (corrupted or altered)"
+            )
         return _load_file(path, uri, unsafe)
     if (folder / "MLmodel").is_file():
         return _load_mlflow_pytorch(folder, uri, unsafe)
-    candidates = [local] if local.is_file() else sorted(p for p in folder.rglob("*") if p.suffix in (".pt", ".pth"))
+    candidates = (
+        [local] if local.is_file() else sorted(p for p in folder.rglob("*") if p.suffix in (".pt", ".pth"))
+    )
     if len(candidates) != 1:
         raise ModelError(f"{uri}: the version's artifact holds no xai checkpoint, MLmodel or single .pt file")
     return _load_file(candidates[0], uri, unsafe)
@@ -154,13 +183,17 @@ def _load_mlflow_pytorch(folder: Path, uri: str, unsafe: bool) -> LoadedModel:
     if "pytorch" not in flavors:
         raise ModelError(f"{uri}: MLflow model without the pytorch flavor ({', '.join(flavors) or 'none'})")
     if not unsafe:
-        raise ModelError(f"{uri} is an MLflow pytorch-flavor model, i.e. a pickled module that can run arbitrary "
-                         "code when loaded; pass --unsafe-load only if you trust it, or register an xai "
-                         "checkpoint (registry.models.register_checkpoint)")
+        raise ModelError(
+            f"{uri} is an MLflow pytorch-flavor model, i.e. a pickled module that can run arbitrary "
+            "code when loaded; pass --unsafe-load only if you trust it, or register an xai "
+            "checkpoint (registry.models.register_checkpoint)"
+        )
     import mlflow.pytorch
 
     try:
         model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
     except Exception as exc:
-        raise ModelError(f"{uri}: cannot load the pytorch-flavor model: {type(exc).__name__}: {exc}") from None
+        raise ModelError(
+            f"{uri}: cannot load the pytorch-flavor model: {type(exc).__name__}: {exc}"
+        ) from None
     return LoadedModel(model.eval(), None, None)

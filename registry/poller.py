@@ -43,8 +43,14 @@ def model_versions(client: Any, model: str | None = None) -> Iterator[Any]:
             return
 
 
-def sync(client: Any, workspace: str | Path | None = None, model: str | None = None, all_versions: bool = False,
-         write_params: bool = False, max_attempts: int = 5) -> SyncResult:
+def sync(
+    client: Any,
+    workspace: str | Path | None = None,
+    model: str | None = None,
+    all_versions: bool = False,
+    write_params: bool = False,
+    max_attempts: int = 5,
+) -> SyncResult:
     state = State(workspace).ensure()
     queue = Queue(state.queue_db)
     config = config_hash(state.workspace)

@@ -108,14 +108,17 @@ class Queue:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with translated(self.path):
-            self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout, isolation_level=None,
-                                        check_same_thread=not shared)
+            self.conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=not shared
+            )
             try:
                 self.conn.row_factory = sqlite3.Row
                 self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
-                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = {
+                    r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
                 if not {"jobs", "deliveries", "events"} <= tables:  # readers never wait for a writer's lock
                     with self.tx() as c:
                         for statement in SCHEMA.split(";"):
@@ -142,36 +145,50 @@ class Queue:
                     self.conn.execute("ROLLBACK")
                 raise
 
-    def _event(self, c: sqlite3.Connection, job_id: int | None, kind: str, worker: str | None = None,
-               detail: str | None = None) -> None:
-        c.execute("INSERT INTO events(job_id, at, kind, worker, detail) VALUES (?,?,?,?,?)",
-                  (job_id, time.time(), kind, worker, detail))
+    def _event(
+        self,
+        c: sqlite3.Connection,
+        job_id: int | None,
+        kind: str,
+        worker: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        c.execute(
+            "INSERT INTO events(job_id, at, kind, worker, detail) VALUES (?,?,?,?,?)",
+            (job_id, time.time(), kind, worker, detail),
+        )
 
     def _get(self, c: sqlite3.Connection, job_id: int) -> Job:
         return Job(**dict(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()))
 
     # -- producers ---------------------------------------------------------------------------
-    def _enqueue(self, c: sqlite3.Connection, model: str, version: str, config: str, source: str,
-                 max_attempts: int) -> tuple[Job, bool]:
+    def _enqueue(
+        self, c: sqlite3.Connection, model: str, version: str, config: str, source: str, max_attempts: int
+    ) -> tuple[Job, bool]:
         now = time.time()
-        cur = c.execute("INSERT OR IGNORE INTO jobs(model, version, config, state, max_attempts, next_run_at, "
-                        "source, created_at, updated_at) VALUES (?,?,?,'queued',?,?,?,?,?)",
-                        (model, version, config, max_attempts, now, source, now, now))
+        cur = c.execute(
+            "INSERT OR IGNORE INTO jobs(model, version, config, state, max_attempts, next_run_at, "
+            "source, created_at, updated_at) VALUES (?,?,?,'queued',?,?,?,?,?)",
+            (model, version, config, max_attempts, now, source, now, now),
+        )
         created = cur.rowcount == 1
-        row = c.execute("SELECT id FROM jobs WHERE model=? AND version=? AND config=?",
-                        (model, version, config)).fetchone()
+        row = c.execute(
+            "SELECT id FROM jobs WHERE model=? AND version=? AND config=?", (model, version, config)
+        ).fetchone()
         if created:
             self._event(c, row["id"], "enqueued", detail=source)
         return self._get(c, row["id"]), created
 
-    def enqueue(self, model: str, version: str, config: str, source: str = "cli",
-                max_attempts: int = 5) -> tuple[Job, bool]:
+    def enqueue(
+        self, model: str, version: str, config: str, source: str = "cli", max_attempts: int = 5
+    ) -> tuple[Job, bool]:
         """Add a job unless one exists for this key. Returns (job, created)."""
         with self.tx() as c:
             return self._enqueue(c, model, version, config, source, max_attempts)
 
-    def accept_delivery(self, delivery_id: str, jobs: list[tuple[str, str, str]],
-                        max_attempts: int = 5) -> tuple[bool, list[tuple[Job, bool]]]:
+    def accept_delivery(
+        self, delivery_id: str, jobs: list[tuple[str, str, str]], max_attempts: int = 5
+    ) -> tuple[bool, list[tuple[Job, bool]]]:
         """Record a webhook delivery id and enqueue its jobs atomically. A delivery id seen before is
         a replay: nothing is enqueued and (False, []) is returned."""
         now = time.time()
@@ -185,11 +202,14 @@ class Queue:
     def retry_failed(self, model: str | None = None) -> int:
         """Put permanently failed jobs back in the queue with fresh attempts."""
         with self.tx() as c:
-            rows = c.execute("SELECT id FROM jobs WHERE state='failed' AND (? IS NULL OR model=?)",
-                             (model, model)).fetchall()
+            rows = c.execute(
+                "SELECT id FROM jobs WHERE state='failed' AND (? IS NULL OR model=?)", (model, model)
+            ).fetchall()
             for row in rows:
-                c.execute("UPDATE jobs SET state='queued', attempts=0, next_run_at=?, updated_at=? WHERE id=?",
-                          (time.time(), time.time(), row["id"]))
+                c.execute(
+                    "UPDATE jobs SET state='queued', attempts=0, next_run_at=?, updated_at=? WHERE id=?",
+                    (time.time(), time.time(), row["id"]),
+                )
                 self._event(c, row["id"], "requeued")
             return len(rows)
 
@@ -198,16 +218,21 @@ class Queue:
         """Take the next ready job (queued and due, or running with an expired lease)."""
         now = time.time()
         with self.tx() as c:
-            row = c.execute("SELECT id, state FROM jobs WHERE (state='queued' AND next_run_at<=?) "
-                            "OR (state='running' AND lease_until<?) ORDER BY next_run_at, id LIMIT 1",
-                            (now, now)).fetchone()
+            row = c.execute(
+                "SELECT id, state FROM jobs WHERE (state='queued' AND next_run_at<=?) "
+                "OR (state='running' AND lease_until<?) ORDER BY next_run_at, id LIMIT 1",
+                (now, now),
+            ).fetchone()
             if row is None:
                 return None
             if row["state"] == "running":
                 self._event(c, row["id"], "lease_expired", worker)
             token = uuid.uuid4().hex
-            c.execute("UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, token=?, worker=?, "
-                      "updated_at=? WHERE id=?", (now + lease_s, token, worker, now, row["id"]))
+            c.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, lease_until=?, token=?, worker=?, "
+                "updated_at=? WHERE id=?",
+                (now + lease_s, token, worker, now, row["id"]),
+            )
             self._event(c, row["id"], "claimed", worker)
             return self._get(c, row["id"])
 
@@ -220,8 +245,10 @@ class Queue:
         with self.tx() as c:
             if not self._owned(c, job):
                 return False
-            c.execute("UPDATE jobs SET lease_until=?, updated_at=? WHERE id=?",
-                      (time.time() + lease_s, time.time(), job.id))
+            c.execute(
+                "UPDATE jobs SET lease_until=?, updated_at=? WHERE id=?",
+                (time.time() + lease_s, time.time(), job.id),
+            )
             return True
 
     def complete(self, job: Job, run_id: str | None, result: dict[str, Any] | None = None) -> bool:
@@ -229,13 +256,17 @@ class Queue:
             if not self._owned(c, job):
                 self._event(c, job.id, "stale_complete", job.worker)
                 return False
-            c.execute("UPDATE jobs SET state='done', run_id=?, result=?, lease_until=NULL, last_error=NULL, "
-                      "updated_at=? WHERE id=?", (run_id, json.dumps(result or {}), time.time(), job.id))
+            c.execute(
+                "UPDATE jobs SET state='done', run_id=?, result=?, lease_until=NULL, last_error=NULL, "
+                "updated_at=? WHERE id=?",
+                (run_id, json.dumps(result or {}), time.time(), job.id),
+            )
             self._event(c, job.id, "done", job.worker, run_id)
             return True
 
-    def fail(self, job: Job, error: str, retryable: bool = True, backoff: float = 5.0,
-             backoff_cap: float = 600.0) -> Job | None:
+    def fail(
+        self, job: Job, error: str, retryable: bool = True, backoff: float = 5.0, backoff_cap: float = 600.0
+    ) -> Job | None:
         """Record a failed attempt: back to queued after a backoff while attempts remain, else failed.
         Returns the updated job, or None when the job was no longer ours."""
         now, error = time.time(), redact_text(error)
@@ -245,12 +276,17 @@ class Queue:
             current = self._get(c, job.id)
             if retryable and current.attempts < current.max_attempts:
                 delay = backoff_delay(current.attempts, backoff, backoff_cap)
-                c.execute("UPDATE jobs SET state='queued', next_run_at=?, lease_until=NULL, last_error=?, "
-                          "updated_at=? WHERE id=?", (now + delay, error, now, job.id))
+                c.execute(
+                    "UPDATE jobs SET state='queued', next_run_at=?, lease_until=NULL, last_error=?, "
+                    "updated_at=? WHERE id=?",
+                    (now + delay, error, now, job.id),
+                )
                 self._event(c, job.id, "retry", job.worker, f"in {delay:.1f}s: {error}")
             else:
-                c.execute("UPDATE jobs SET state='failed', lease_until=NULL, last_error=?, updated_at=? "
-                          "WHERE id=?", (error, now, job.id))
+                c.execute(
+                    "UPDATE jobs SET state='failed', lease_until=NULL, last_error=?, updated_at=? WHERE id=?",
+                    (error, now, job.id),
+                )
                 self._event(c, job.id, "failed", job.worker, error)
             return self._get(c, job.id)
 
@@ -268,14 +304,17 @@ class Queue:
         return self._get(self.conn, job_id)
 
     def find(self, model: str, version: str, config: str | None = None) -> list[Job]:
-        rows = self.conn.execute("SELECT * FROM jobs WHERE model=? AND version=? AND (? IS NULL OR config=?) "
-                                 "ORDER BY id", (model, version, config, config)).fetchall()
+        rows = self.conn.execute(
+            "SELECT * FROM jobs WHERE model=? AND version=? AND (? IS NULL OR config=?) ORDER BY id",
+            (model, version, config, config),
+        ).fetchall()
         return [Job(**dict(r)) for r in rows]
 
     def jobs(self, state: str | None = None) -> list[Job]:
         with translated(self.path):
-            rows = self.conn.execute("SELECT * FROM jobs WHERE (? IS NULL OR state=?) ORDER BY id",
-                                     (state, state)).fetchall()
+            rows = self.conn.execute(
+                "SELECT * FROM jobs WHERE (? IS NULL OR state=?) ORDER BY id", (state, state)
+            ).fetchall()
         return [Job(**dict(r)) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -284,8 +323,10 @@ class Queue:
         return {r["state"]: r["n"] for r in rows}
 
     def events(self, job_id: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        rows = self.conn.execute("SELECT * FROM events WHERE (? IS NULL OR job_id=?) AND (? IS NULL OR kind=?) "
-                                 "ORDER BY id", (job_id, job_id, kind, kind)).fetchall()
+        rows = self.conn.execute(
+            "SELECT * FROM events WHERE (? IS NULL OR job_id=?) AND (? IS NULL OR kind=?) ORDER BY id",
+            (job_id, job_id, kind, kind),
+        ).fetchall()
         return [dict(r) for r in rows]
 
     def next_due(self) -> float | None:

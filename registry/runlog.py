@@ -30,23 +30,36 @@ KEY_TAG = "xai.job_key"
 LOGGED_TAG = "xai.logged"
 
 
-def find_or_start(client: Any, experiment: str, job_key: str, name: str, version: str,
-                  config: str) -> tuple[str, bool]:
+def find_or_start(
+    client: Any, experiment: str, job_key: str, name: str, version: str, config: str
+) -> tuple[str, bool]:
     """(run id, already complete). Deletes leftover unfinished runs of earlier attempts."""
     from mlflow.entities import ViewType
 
     exp_id = _experiment_id(client, experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{job_key}'",
-                              run_view_type=ViewType.ACTIVE_ONLY, max_results=100)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{KEY_TAG}` = '{job_key}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=100,
+    )
     complete = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(LOGGED_TAG) == "true"]
     if complete:
         return complete[0].info.run_id, True
     for run in runs:
         log.info("deleting run %s left by an earlier attempt of %s", run.info.run_id, job_key)
         client.delete_run(run.info.run_id)
-    run = client.create_run(exp_id, run_name=f"{name}-v{version}", tags={
-        KEY_TAG: job_key, "xai.model": name, "xai.version": version, "xai.config": config,
-        "mlflow.note.content": f"Explanations, sanity checks and gate of model version {name} {version}."})
+    run = client.create_run(
+        exp_id,
+        run_name=f"{name}-v{version}",
+        tags={
+            KEY_TAG: job_key,
+            "xai.model": name,
+            "xai.version": version,
+            "xai.config": config,
+            "mlflow.note.content": f"Explanations, sanity checks and gate of model version {name} {version}.",
+        },
+    )
     return run.info.run_id, False
 
 
@@ -91,8 +104,12 @@ def log_outputs(client: Any, run_id: str, result: dict[str, Any], workspace: Pat
     results_path, report_path = Path(result["results"]), Path(result["report"])
     results = json.loads(results_path.read_text())
     names = [row.get("name", f"image_{i}") for i, row in enumerate(results.get("images", []))]
-    verdict = result.get("gate") or {"passed": False, "status": "error", "checks": [],
-                                     "reason": "the pipeline produced no verdict"}
+    verdict = result.get("gate") or {
+        "passed": False,
+        "status": "error",
+        "checks": [],
+        "reason": "the pipeline produced no verdict",
+    }
     files = _maps(out_dir, results_path.parent, names, workspace)
     files["results.json"] = results_path.read_bytes()
     files["report.html"] = report_path.read_bytes()
@@ -117,7 +134,9 @@ def log_outputs(client: Any, run_id: str, result: dict[str, Any], workspace: Pat
 
 def finish(client: Any, run_id: str, verdict: dict[str, Any]) -> None:
     """Tag the run with the gate status and mark it complete (the idempotency marker)."""
-    client.set_tag(run_id, "xai.gate", str(verdict.get("status") or ("passed" if verdict.get("passed") else "failed")))
+    client.set_tag(
+        run_id, "xai.gate", str(verdict.get("status") or ("passed" if verdict.get("passed") else "failed"))
+    )
     client.set_tag(run_id, LOGGED_TAG, "true")
     client.set_terminated(run_id, "FINISHED")
 

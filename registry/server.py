@@ -41,16 +41,18 @@ def server_env(key: str) -> dict[str, str]:
     """The environment of the embedded server (webhooks to a loopback receiver, quick pick-up of a
     newly created webhook, no telemetry)."""
     env = dict(os.environ)
-    env.update({
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
-        "MLFLOW_WEBHOOK_CACHE_TTL": env.get("MLFLOW_WEBHOOK_CACHE_TTL", "2"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        # MLflow 3's job runner (GenAI jobs; not needed for webhooks) forks ~6 huey consumer processes.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
-    })
+    env.update(
+        {
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
+            "MLFLOW_WEBHOOK_CACHE_TTL": env.get("MLFLOW_WEBHOOK_CACHE_TTL", "2"),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            # MLflow 3's job runner (GenAI jobs; not needed for webhooks) forks ~6 huey consumer processes.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        }
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -95,14 +97,20 @@ def status(workspace: str | Path | None = None) -> dict[str, Any]:
     return {**record, "running": running, "healthy": running and healthy(record.get("uri", ""))}
 
 
-def start(workspace: str | Path | None = None, port: int | None = None, timeout: float = HEALTH_TIMEOUT,
-          log: Any = None) -> dict[str, Any]:
+def start(
+    workspace: str | Path | None = None,
+    port: int | None = None,
+    timeout: float = HEALTH_TIMEOUT,
+    log: Any = None,
+) -> dict[str, Any]:
     """Start the embedded server (or return the running one) and wait until ``/health`` answers."""
     state = State(workspace).ensure()
     current = status(workspace)
     if current.get("running"):
         if not current["healthy"] and not _wait_healthy(current["uri"], int(current["pid"]), timeout):
-            raise XAIError(f"MLflow server (PID {current['pid']}) is running but not healthy; see {current.get('log')}")
+            raise XAIError(
+                f"MLflow server (PID {current['pid']}) is running but not healthy; see {current.get('log')}"
+            )
         return current
     state.mlflow_dir.mkdir(parents=True, exist_ok=True)
     key = encryption_key(state)
@@ -110,16 +118,41 @@ def start(workspace: str | Path | None = None, port: int | None = None, timeout:
     port = port or _reusable(previous.get("port")) or free_port()
     uri = f"http://127.0.0.1:{port}"
     log_path = state.mlflow_dir / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", f"sqlite:///{state.mlflow_dir / 'mlflow.db'}",
-           "--artifacts-destination", str(state.mlflow_dir / "artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{state.mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(state.mlflow_dir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, env=server_env(key), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=state.mlflow_dir)
-    record = {"pid": proc.pid, "uri": uri, "port": port, "log": str(log_path),
-              "backend": f"sqlite:///{state.mlflow_dir / 'mlflow.db'}",
-              "artifacts": str(state.mlflow_dir / "artifacts"), "started_at": time.time()}
+        proc = subprocess.Popen(
+            cmd,
+            env=server_env(key),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=state.mlflow_dir,
+        )
+    record = {
+        "pid": proc.pid,
+        "uri": uri,
+        "port": port,
+        "log": str(log_path),
+        "backend": f"sqlite:///{state.mlflow_dir / 'mlflow.db'}",
+        "artifacts": str(state.mlflow_dir / "artifacts"),
+        "started_at": time.time(),
+    }
     state.write_json(state.server_file, record)
     if log:
         log(f"starting MLflow at {uri} (PID {proc.pid}, log {log_path}) ...")

@@ -98,8 +98,9 @@ def tracking_uri(workspace: str | Path | None = None) -> str:
     record = State(workspace).read_json(State(workspace).server_file)
     if record and record.get("uri"):
         return str(record["uri"])
-    raise XAIError("no MLflow tracking server: run `xai mlflow start` in the workspace "
-                   "or set MLFLOW_TRACKING_URI")
+    raise XAIError(
+        "no MLflow tracking server: run `xai mlflow start` in the workspace or set MLFLOW_TRACKING_URI"
+    )
 
 
 def webhook_secret(workspace: str | Path | None = None, create: bool = False) -> str:
@@ -111,7 +112,9 @@ def webhook_secret(workspace: str | Path | None = None, create: bool = False) ->
     if state.secret_file.is_file() or create:
         state.ensure()
         return private_file(state.secret_file, lambda: secrets.token_urlsafe(32))
-    raise XAIError(f"no webhook secret: set {SECRET_ENV} (the same value the MLflow webhook was created with)")
+    raise XAIError(
+        f"no webhook secret: set {SECRET_ENV} (the same value the MLflow webhook was created with)"
+    )
 
 
 def experiment_name() -> str:

@@ -71,12 +71,17 @@ def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float | None = None,
-           max_age: float = MAX_AGE_S) -> str:
+def verify(
+    headers: Mapping[str, str], body: bytes, secret: str, now: float | None = None, max_age: float = MAX_AGE_S
+) -> str:
     """Check signature and age of a delivery; returns its delivery id or raises ``Rejected(401)``."""
-    signature, delivery_id, timestamp = (headers.get(h) for h in (SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER))
+    signature, delivery_id, timestamp = (
+        headers.get(h) for h in (SIGNATURE_HEADER, DELIVERY_HEADER, TIMESTAMP_HEADER)
+    )
     if not signature or not delivery_id or not timestamp:
-        raise Rejected(401, "unsigned delivery (X-MLflow-Signature, -Delivery-Id and -Timestamp are required)")
+        raise Rejected(
+            401, "unsigned delivery (X-MLflow-Signature, -Delivery-Id and -Timestamp are required)"
+        )
     if len(delivery_id) > 200 or not delivery_id.isprintable():
         raise Rejected(401, "malformed delivery id")
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
@@ -98,9 +103,16 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float | No
 class Receiver:
     """What the HTTP handler calls: verify, validate, enqueue. Framework-free, one queue per thread."""
 
-    def __init__(self, queue_path: Path, secret: str, config_hash: Callable[[], str],
-                 on_alias: Callable[[str, str, str], None] | None = None, max_age: float = MAX_AGE_S,
-                 max_attempts: int = 5, busy_timeout: float = QUEUE_BUSY_S):
+    def __init__(
+        self,
+        queue_path: Path,
+        secret: str,
+        config_hash: Callable[[], str],
+        on_alias: Callable[[str, str, str], None] | None = None,
+        max_age: float = MAX_AGE_S,
+        max_attempts: int = 5,
+        busy_timeout: float = QUEUE_BUSY_S,
+    ):
         if not secret:
             raise ValueError("a webhook secret is required: unsigned deliveries are always refused")
         self.queue_path, self.secret, self.config_hash = queue_path, secret, config_hash
@@ -220,8 +232,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except Exception as exc:  # never a traceback nor a dropped connection: a 5xx MLflow retries
-            log.error("webhook receiver error (500): %s: %s", type(exc).__name__, str(exc).splitlines()[0][:300]
-                      if str(exc) else "")
+            log.error(
+                "webhook receiver error (500): %s: %s",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:300] if str(exc) else "",
+            )
             status, payload = 500, {"error": f"internal error ({type(exc).__name__}); retry later"}
         self._reply(status, payload)
 
@@ -273,8 +288,14 @@ class ListenerServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver, read_timeout: float = READ_TIMEOUT_S,
-                 request_timeout: float = REQUEST_TIMEOUT_S, max_connections: int | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        receiver: Receiver,
+        read_timeout: float = READ_TIMEOUT_S,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int | None = None,
+    ):
         self.read_timeout, self.request_timeout = read_timeout, request_timeout
         self.max_connections = max_connections or connection_limit()
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -329,9 +350,13 @@ class ListenerServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """Over the bound: an immediate 503 + Retry-After, then close (no thread spent on it)."""
-        body = json.dumps({"error": "too many connections; retry later", "retry_after": RETRY_AFTER_S}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+        body = json.dumps(
+            {"error": "too many connections; retry later", "retry_after": RETRY_AFTER_S}
+        ).encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
+        )
         try:
             request.settimeout(0.2)
             request.sendall(head.encode() + body)
@@ -346,8 +371,12 @@ class ListenerServer(ThreadingHTTPServer):
         import sys
 
         exc = sys.exc_info()[1]
-        log.error("listener: connection from %s failed: %s: %s", client_address[0] if client_address else "?",
-                  type(exc).__name__, exc)
+        log.error(
+            "listener: connection from %s failed: %s: %s",
+            client_address[0] if client_address else "?",
+            type(exc).__name__,
+            exc,
+        )
 
     def server_close(self) -> None:
         self._closed.set()
@@ -365,7 +394,13 @@ def register_webhook(client: Any, url: str, secret: str, name: str = WEBHOOK_NAM
         if not token or existing is not None:
             break
     if existing is not None:
-        return client.update_webhook(existing.webhook_id, url=url, events=list(EVENTS), secret=secret,
-                                     status="ACTIVE")
-    return client.create_webhook(name=name, url=url, events=list(EVENTS), secret=secret,
-                                 description="xai: explain, check and gate every model version")
+        return client.update_webhook(
+            existing.webhook_id, url=url, events=list(EVENTS), secret=secret, status="ACTIVE"
+        )
+    return client.create_webhook(
+        name=name,
+        url=url,
+        events=list(EVENTS),
+        secret=secret,
+        description="xai: explain, check and gate every model version",
+    )

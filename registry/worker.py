@@ -34,8 +34,12 @@ from registry.state import State, experiment_name, tracking_uri
 log = logging.getLogger("xai.registry")
 
 # Fail fast when MLflow is down: the queue's backoff does the retrying, not the HTTP client.
-CLIENT_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+CLIENT_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 
 
 class JobError(Exception):
@@ -69,8 +73,17 @@ def _describe(exc: BaseException, uri: str) -> JobError:
         return JobError(str(exc), retryable=False)
     text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, XAIError) else str(exc)
     lowered = text.lower()
-    if any(s in lowered for s in ("connection refused", "max retries exceeded", "failed to establish",
-                                  "connectionerror", "name or service not known", "read timed out")):
+    if any(
+        s in lowered
+        for s in (
+            "connection refused",
+            "max retries exceeded",
+            "failed to establish",
+            "connectionerror",
+            "name or service not known",
+            "read timed out",
+        )
+    ):
         return JobError(f"MLflow unreachable at {uri}: {text.splitlines()[0][:300]}")
     stage = getattr(exc, "stage", None)
     if stage is not None:
@@ -113,8 +126,13 @@ class Heartbeat:
 
 
 class Worker:
-    def __init__(self, workspace: str | Path | None = None, config: WorkerConfig | None = None,
-                 uri: str | None = None, name: str | None = None):
+    def __init__(
+        self,
+        workspace: str | Path | None = None,
+        config: WorkerConfig | None = None,
+        uri: str | None = None,
+        name: str | None = None,
+    ):
         self.state = State(workspace).ensure()
         self.workspace = self.state.workspace
         self.config = config or WorkerConfig()
@@ -145,7 +163,9 @@ class Worker:
         if released:
             log.info("picked up %d job(s) left running by a worker that stopped", released)
 
-    def run(self, once: bool = False, max_jobs: int | None = None, stop: threading.Event | None = None) -> int:
+    def run(
+        self, once: bool = False, max_jobs: int | None = None, stop: threading.Event | None = None
+    ) -> int:
         """Process jobs until stopped (``once``: until nothing is ready). Returns the jobs processed."""
         if self._lock_fd is None:
             self.acquire()
@@ -172,24 +192,41 @@ class Worker:
     def process(self, job: Job) -> bool:
         """One attempt at one job; True when it is done."""
         uri = self.uri or ""
-        log.info("job %d %s %s: attempt %d/%d", job.id, job.model, job.version, job.attempts, job.max_attempts)
+        log.info(
+            "job %d %s %s: attempt %d/%d", job.id, job.model, job.version, job.attempts, job.max_attempts
+        )
         started = time.monotonic()
         try:
             uri = self.uri or tracking_uri(self.workspace)
             with Heartbeat(self.state.queue_db, job, self.config.lease) as beat:
                 run_id, verdict = self.execute(job, uri)
             if beat.lost:
-                log.warning("job %d: finished after its lease was lost; the new holder reuses run %s",
-                            job.id, run_id)
+                log.warning(
+                    "job %d: finished after its lease was lost; the new holder reuses run %s", job.id, run_id
+                )
                 return False
             try:
-                self.queue.complete(job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")})
+                self.queue.complete(
+                    job, run_id, {"gate": verdict.get("status"), "passed": verdict.get("passed")}
+                )
             except QueueError as exc:  # the run is logged: the retry after the lease finds it complete
-                log.error("job %d: done, but not recorded in the queue (%s); it is retried when its lease "
-                          "runs out and reuses run %s", job.id, exc, run_id)
+                log.error(
+                    "job %d: done, but not recorded in the queue (%s); it is retried when its lease "
+                    "runs out and reuses run %s",
+                    job.id,
+                    exc,
+                    run_id,
+                )
                 return False
-            log.info("job %d %s %s: done in %.1fs, gate %s, run %s", job.id, job.model, job.version,
-                     time.monotonic() - started, verdict.get("status"), run_id)
+            log.info(
+                "job %d %s %s: done in %.1fs, gate %s, run %s",
+                job.id,
+                job.model,
+                job.version,
+                time.monotonic() - started,
+                verdict.get("status"),
+                run_id,
+            )
             return True
         except Exception as exc:
             self.failed(job, describe(exc, uri or "(none)"), uri)
@@ -197,19 +234,34 @@ class Worker:
 
     def failed(self, job: Job, error: JobError, uri: str) -> None:
         try:
-            updated = self.queue.fail(job, error.reason, error.retryable, self.config.backoff,
-                                      self.config.backoff_cap)
+            updated = self.queue.fail(
+                job, error.reason, error.retryable, self.config.backoff, self.config.backoff_cap
+            )
         except QueueError as exc:  # e.g. the disk is full: the lease runs out and the job is retried
-            log.error("job %d %s %s failed: %s; not recorded in the queue (%s): retried when its lease "
-                      "runs out", job.id, job.model, job.version, error.reason, exc)
+            log.error(
+                "job %d %s %s failed: %s; not recorded in the queue (%s): retried when its lease runs out",
+                job.id,
+                job.model,
+                job.version,
+                error.reason,
+                exc,
+            )
             return
         if updated is None:
             log.warning("job %d failed after its lease was lost: %s", job.id, error.reason)
             return
         retry = updated.state == "queued"
         when = f"retry in {updated.next_run_at - time.time():.0f}s" if retry else "giving up"
-        log.error("job %d %s %s failed (attempt %d/%d): %s; %s", job.id, job.model, job.version,
-                  updated.attempts, updated.max_attempts, error.reason, when)
+        log.error(
+            "job %d %s %s failed (attempt %d/%d): %s; %s",
+            job.id,
+            job.model,
+            job.version,
+            updated.attempts,
+            updated.max_attempts,
+            error.reason,
+            when,
+        )
         if uri:
             self._tag_failure(job, updated, error, uri, retry)
 
@@ -218,14 +270,22 @@ class Worker:
             check_name(job.model), check_version(job.version)
             client = _client(uri)
             attempts = f"{updated.attempts}/{updated.max_attempts}"
-            tags = {"xai.status": "failed", "xai.error": error.reason[:5000], "xai.attempts": attempts,
-                    "xai.retry": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(updated.next_run_at))
-                    if retry else "no"}
+            tags = {
+                "xai.status": "failed",
+                "xai.error": error.reason[:5000],
+                "xai.attempts": attempts,
+                "xai.retry": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(updated.next_run_at))
+                if retry
+                else "no",
+            }
             for key, value in tags.items():
                 client.set_model_version_tag(job.model, job.version, key, value)
         except Exception as exc:  # MLflow down, or the version does not exist
-            log.info("job %d: could not tag the failure on the version (%s)", job.id,
-                     redact_text(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
+            log.info(
+                "job %d: could not tag the failure on the version (%s)",
+                job.id,
+                redact_text(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__),
+            )
 
     # -- one attempt -------------------------------------------------------------------------
     def execute(self, job: Job, uri: str) -> tuple[str, dict[str, Any]]:
@@ -243,9 +303,14 @@ class Worker:
             log.info("job %d: run %s already holds this version's results; not run again", job.id, run_id)
         else:
             try:
-                result = run_version(self.workspace, name, version, uri=f"models:/{name}/{version}",
-                                     env={**self.stage_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id},
-                                     timeout=self.config.job_timeout)
+                result = run_version(
+                    self.workspace,
+                    name,
+                    version,
+                    uri=f"models:/{name}/{version}",
+                    env={**self.stage_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id},
+                    timeout=self.config.job_timeout,
+                )
                 verdict = runlog.log_outputs(client, run_id, result, self.workspace)
                 runlog.finish(client, run_id, verdict)
             except Exception as exc:
@@ -283,4 +348,3 @@ def _clear_failure_tags(client: Any, name: str, version: str) -> None:
     for key in ("xai.error", "xai.retry", "xai.attempts"):
         if key in tags:
             client.delete_model_version_tag(name, version, key)
-

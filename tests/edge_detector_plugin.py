@@ -19,7 +19,9 @@ class EdgeDetector(Explainer):
 
     def explain(self, model, inputs, targets):
         gray = inputs.mean(dim=1, keepdim=True)
-        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=inputs.device).view(1, 1, 3, 3)
+        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=inputs.device).view(
+            1, 1, 3, 3
+        )
         gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx)
         gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kx.transpose(2, 3))
         return (gx**2 + gy**2).sqrt()

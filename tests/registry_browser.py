@@ -18,9 +18,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--remote-debugging-port=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-port=0",
+]
 
 SHOW_LIKE_MLFLOW = """
 (async () => {
@@ -112,7 +121,9 @@ class _CDP:
                 raise RuntimeError(f"no {method} within {timeout:.0f} s")
             await self.drain(0.1)
 
-    async def evaluate(self, expression: str, session: str | None = None, context_id: int | None = None) -> Any:
+    async def evaluate(
+        self, expression: str, session: str | None = None, context_id: int | None = None
+    ) -> Any:
         params: dict[str, Any] = {"expression": expression, "awaitPromise": True, "returnByValue": True}
         if context_id is not None:
             params["contextId"] = context_id
@@ -149,7 +160,9 @@ async def _blank_page(debug_port: int) -> AsyncIterator[tuple[_CDP, str]]:
         async with session.ws_connect(browser_ws, max_msg_size=0) as ws:
             cdp = _CDP(ws)
             target = await cdp.call("Target.createTarget", url="about:blank")
-            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+            page = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))[
+                "sessionId"
+            ]
             for domain in ("Page", "Runtime", "Log"):
                 await cdp.call(f"{domain}.enable", page)
             yield cdp, page
@@ -157,7 +170,9 @@ async def _blank_page(debug_port: int) -> AsyncIterator[tuple[_CDP, str]]:
 
 async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str, Any]:
     async with _blank_page(debug_port) as (cdp, page):
-        await cdp.call("Target.setAutoAttach", page, autoAttach=True, waitForDebuggerOnStart=True, flatten=True)
+        await cdp.call(
+            "Target.setAutoAttach", page, autoAttach=True, waitForDebuggerOnStart=True, flatten=True
+        )
         await cdp.call("Page.navigate", page, url=f"{origin}/health")
         await cdp.drain(2.0)
         shown = await cdp.evaluate(SHOW_LIKE_MLFLOW % {"url": json.dumps(artifact_url)}, page)
@@ -169,8 +184,9 @@ async def _inspect(debug_port: int, origin: str, artifact_url: str) -> dict[str,
             children = tree["frameTree"].get("childFrames", [])
             if not children:
                 return {"shown": shown, "error": "no iframe", "errors": _errors(cdp.events)}
-            world = await cdp.call("Page.createIsolatedWorld", page, frameId=children[0]["frame"]["id"],
-                                   worldName="inspect")
+            world = await cdp.call(
+                "Page.createIsolatedWorld", page, frameId=children[0]["frame"]["id"], worldName="inspect"
+            )
             report = await cdp.evaluate(INSPECT_IMAGES, page, world["executionContextId"])
         await cdp.drain(0.5)
         return {"shown": shown, **report, "errors": _errors(cdp.events)}
@@ -187,8 +203,12 @@ def in_chromium(session: Callable[[int], Awaitable[Any]], timeout: float) -> Any
     exe = chromium_path()
     assert exe, "chromium not found"
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + timeout
@@ -249,7 +269,9 @@ async def _open(cdp: _CDP, page: str, url: str) -> int:
     return int(await cdp.evaluate(LOADED, page) or 0)
 
 
-async def _pages(debug_port: int, base: str, token: str, paths: list[str], explain_path: str | None) -> dict[str, Any]:
+async def _pages(
+    debug_port: int, base: str, token: str, paths: list[str], explain_path: str | None
+) -> dict[str, Any]:
     async with _blank_page(debug_port) as (cdp, page):
         await cdp.call("Page.navigate", page, url=f"{base}/?token={token}")
         await cdp.drain(1.0)
@@ -265,20 +287,34 @@ async def _pages(debug_port: int, base: str, token: str, paths: list[str], expla
         return {"pages": shown, "explained": explained, "errors": _errors(cdp.events)}
 
 
-def page_report(base: str, token: str, paths: list[str], explain_path: str | None = None,
-                timeout: float = 180.0) -> dict[str, Any]:
+def page_report(
+    base: str, token: str, paths: list[str], explain_path: str | None = None, timeout: float = 180.0
+) -> dict[str, Any]:
     """Open the explorer with its token, then each page: images (all loaded, lazy ones scrolled into
     view), text, and every script/console error; on ``explain_path`` press Explain and wait for the map."""
     return in_chromium(lambda port: _pages(port, base, token, paths, explain_path), timeout)
 
 
-async def _shots(debug_port: int, base: str, token: str, shots: dict[str, tuple[str, bool]], out_dir: Path,
-                 width: int, max_height: int) -> dict[str, Any]:
+async def _shots(
+    debug_port: int,
+    base: str,
+    token: str,
+    shots: dict[str, tuple[str, bool]],
+    out_dir: Path,
+    width: int,
+    max_height: int,
+) -> dict[str, Any]:
     import base64
 
     async with _blank_page(debug_port) as (cdp, page):
-        await cdp.call("Emulation.setDeviceMetricsOverride", page, width=width, height=800, deviceScaleFactor=1,
-                       mobile=False)
+        await cdp.call(
+            "Emulation.setDeviceMetricsOverride",
+            page,
+            width=width,
+            height=800,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         await _open(cdp, page, f"{base}/?token={token}")
         done: dict[str, Any] = {}
         for name, (path, explain) in shots.items():
@@ -286,15 +322,26 @@ async def _shots(debug_port: int, base: str, token: str, shots: dict[str, tuple[
             done[name] = await cdp.evaluate(EXPLAIN_SAMPLE if explain else PAGE_IMAGES, page)
             await cdp.evaluate("window.scrollTo(0, 0)", page)
             height = await cdp.evaluate("document.documentElement.scrollHeight", page)
-            shot = await cdp.call("Page.captureScreenshot", page, format="png", captureBeyondViewport=True,
-                                  clip={"x": 0, "y": 0, "width": width, "height": min(height, max_height),
-                                        "scale": 1})
+            shot = await cdp.call(
+                "Page.captureScreenshot",
+                page,
+                format="png",
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": width, "height": min(height, max_height), "scale": 1},
+            )
             (out_dir / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
         return {"shots": done, "errors": _errors(cdp.events)}
 
 
-def page_screenshots(base: str, token: str, shots: dict[str, tuple[str, bool]], out_dir: Path, width: int = 1100,
-                     max_height: int = 1400, timeout: float = 300.0) -> dict[str, Any]:
+def page_screenshots(
+    base: str,
+    token: str,
+    shots: dict[str, tuple[str, bool]],
+    out_dir: Path,
+    width: int = 1100,
+    max_height: int = 1400,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
     """``out_dir/<name>.png`` for each ``name: (path, press_explain)``: the page at ``width`` px, its top
     ``max_height`` px (Page.captureScreenshot), after pressing Explain and waiting for the map if asked."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,12 @@ from xai_plugins.attacks import deepfool, fgsm
 
 
 def state(model):
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            [p.detach().clone() for p in model.parameters()],
-            [len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()])
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.detach().clone() for p in model.parameters()],
+        [len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()],
+    )
 
 
 def assert_same(model, before):
@@ -61,7 +64,11 @@ def test_deepfool_minimal_and_fooling(trained_cnn, probe):
         # minimal: half the step, or a random direction of the same size, rarely fools
         assert (model(x + 0.5 * r).argmax(1) != pred).float().mean() < 0.5
         noise = torch.randn_like(r)
-        noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        noise = (
+            noise
+            / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            * r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        )
         assert (model(x + noise).argmax(1) != pred).float().mean() < 0.25
     assert (r.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).median() < 0.3
 
@@ -114,7 +121,9 @@ def test_generators_train_fast_and_play_their_roles(trained_cnn, shapes_probe, t
         pred = model(x).argmax(1)
     before = state(model)
     wall0 = time.perf_counter()
-    exp = explain(model, x, method="adversarial_generators", fit_data=(pre.normalize(data.images), data.labels), **GEN)
+    exp = explain(
+        model, x, method="adversarial_generators", fit_data=(pre.normalize(data.images), data.labels), **GEN
+    )
     wall = time.perf_counter() - wall0
     assert_same(model, before)
     # under a minute on two idle cores; not asserted while other jobs oversubscribe a shared machine
@@ -153,7 +162,9 @@ def test_generators_resume_from_checkpoint(functional_relu_cnn, tmp_path):
 
 def test_generators_fit_on_the_inputs_by_default(functional_relu_cnn, images32, tmp_path, monkeypatch):
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
-    exp = explain(functional_relu_cnn, images32, method="adversarial_generators", fit_steps=2, fit_batch=2, width=4)
+    exp = explain(
+        functional_relu_cnn, images32, method="adversarial_generators", fit_steps=2, fit_batch=2, width=4
+    )
     assert exp.attributions.shape == images32.shape  # fitted on the inputs themselves by default
 
 
@@ -183,7 +194,9 @@ def test_one_pixel_reports_failure_honestly(functional_relu_cnn, images32):
     # a one-generation budget of 2 candidates: whatever it finds, `fooled` is the model's verdict
     with torch.no_grad():
         pred = functional_relu_cnn(images32).argmax(1)
-    exp = explain(functional_relu_cnn, images32, method="adversarial", attack="one_pixel", popsize=2, maxiter=1)
+    exp = explain(
+        functional_relu_cnn, images32, method="adversarial", attack="one_pixel", popsize=2, maxiter=1
+    )
     with torch.no_grad():
         again = functional_relu_cnn(images32 + exp.attributions).argmax(1)
     assert torch.equal(exp.extras["fooled"], again != pred)
@@ -217,7 +230,9 @@ def test_generators_paper_loss_trains_a_discriminator(functional_relu_cnn, tmp_p
     # the adversarial term is the cross-entropy of the opposite outcome: -log(1 - p_y)
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     p_y = torch.softmax(logits, 1)[0, 0]
-    assert float(class_cross_entropy(logits, torch.tensor([0]), keep_class=False)) == pytest.approx(float(-torch.log(1 - p_y)))
+    assert float(class_cross_entropy(logits, torch.tensor([0]), keep_class=False)) == pytest.approx(
+        float(-torch.log(1 - p_y))
+    )
     assert float(class_cross_entropy(logits, torch.tensor([0]))) == pytest.approx(float(-torch.log(p_y)))
     with pytest.raises(Exception, match="loss"):
         AdversarialGenerators(loss="wasserstein")

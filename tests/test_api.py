@@ -19,7 +19,10 @@ def _snapshot(model):
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()],
+        "hooks": [
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ],
     }
 
 
@@ -32,8 +35,15 @@ def _assert_unchanged(model, snap):
         assert torch.equal(now["state"][k], v), k
 
 
-@pytest.mark.parametrize("model_name,layer", [("functional_relu_cnn", "conv2"), ("residual_net", "bn2"),
-                                              ("resnet18", "layer4"), ("vgg11", "features")])
+@pytest.mark.parametrize(
+    "model_name,layer",
+    [
+        ("functional_relu_cnn", "conv2"),
+        ("residual_net", "bn2"),
+        ("resnet18", "layer4"),
+        ("vgg11", "features"),
+    ],
+)
 def test_saliency_and_grad_cam_match_captum(request, model_name, layer):
     model = request.getfixturevalue(model_name)
     torch.manual_seed(0)
@@ -111,8 +121,9 @@ def test_model_restored_when_method_raises(functional_relu_cnn, images32):
     _assert_unchanged(functional_relu_cnn, snap)
 
 
-def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_methods(functional_relu_cnn, images32,
-                                                                                   tmp_path):
+def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_methods(
+    functional_relu_cnn, images32, tmp_path
+):
     """A TorchScript file (what `xai explain --model` loads safely) runs its own graph: gradient and
     perturbation methods work on it as on the module; methods that hook layers or change the ReLU
     backward are refused in one line instead of returning plain gradients, and the other methods of
@@ -124,7 +135,9 @@ def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_method
     torch.jit.trace(functional_relu_cnn, images32[:1]).save(str(path))
     scripted = torch.jit.load(str(path))
     ours = explain(scripted, images32, method="saliency").attributions
-    assert torch.allclose(ours, explain(functional_relu_cnn, images32, method="saliency").attributions, atol=1e-6)
+    assert torch.allclose(
+        ours, explain(functional_relu_cnn, images32, method="saliency").attributions, atol=1e-6
+    )
     for method in ("guided_backprop", "deconvnet", "lrp", "deeplift", "grad_cam", "perception_visualization"):
         with pytest.raises(XAIError, match=f"^{method} needs the model's Python modules"):
             explain(scripted, images32, method=method)
@@ -134,8 +147,16 @@ def test_torchscript_models_get_gradients_and_a_clear_refusal_for_hooking_method
     assert failure.name == "grad_cam" and "\n" not in failure.message
 
 
-@pytest.mark.parametrize("method,params", [("lrp", {}), ("occlusion", {}), ("score_cam", {}),
-                                           ("integrated_gradients", {"steps": 8}), ("deeplift", {})])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("lrp", {}),
+        ("occlusion", {}),
+        ("score_cam", {}),
+        ("integrated_gradients", {"steps": 8}),
+        ("deeplift", {}),
+    ],
+)
 def test_weights_written_through_data_are_seen(residual_net, images32, method, params):
     """Writes through ``.data`` do not bump a tensor's version counter: the caches of folded
     BatchNorm, frozen inference copies and LRP rules must still see them (a content checksum)."""

@@ -27,13 +27,22 @@ URI = f"http://alice:{PASSWORD}@127.0.0.1:9/"
 # -- 1. the gate fails closed ----------------------------------------------------------------------
 def _results(ok_methods, failed_methods=(), extra_failures=()):
     metrics = {m: {"sanity.score": 0.1} for m in ok_methods}
-    failures = [{"plugin": "p", "name": m, "kind": "exception", "message": "boom", "stage": "explain"}
-                for m in failed_methods]
-    return {"meta": {"methods_requested": list(ok_methods) + list(failed_methods)}, "metrics": metrics,
-            "methods": {m: {} for m in ok_methods}, "global_metrics": {}, "failures": failures + list(extra_failures)}
+    failures = [
+        {"plugin": "p", "name": m, "kind": "exception", "message": "boom", "stage": "explain"}
+        for m in failed_methods
+    ]
+    return {
+        "meta": {"methods_requested": list(ok_methods) + list(failed_methods)},
+        "metrics": metrics,
+        "methods": {m: {} for m in ok_methods},
+        "global_metrics": {},
+        "failures": failures + list(extra_failures),
+    }
 
 
-WILDCARD = {"checks": [{"name": "all sane", "method": "*", "metric": "sanity.score", "op": "<", "threshold": 0.5}]}
+WILDCARD = {
+    "checks": [{"name": "all sane", "method": "*", "metric": "sanity.score", "op": "<", "threshold": 0.5}]
+}
 
 
 def test_gate_wildcard_covers_failed_methods():
@@ -119,7 +128,9 @@ def tiny_run():
 
     torch.manual_seed(0)
     model = DeConvolveCNN(4).eval()
-    return model, run(model, torch.rand(2, 3, 32, 32), {"saliency": {}}, metrics=[], reporters=[], progress=False)
+    return model, run(
+        model, torch.rand(2, 3, 32, 32), {"saliency": {}}, metrics=[], reporters=[], progress=False
+    )
 
 
 @pytest.mark.parametrize("reporter,filename", [("json", "results.json"), ("html", "report.html")])
@@ -215,11 +226,15 @@ def _fill(conn: sqlite3.Connection, table: str) -> None:
         with pytest.raises(sqlite3.OperationalError, match="full"):
             for i in range(100000):
                 if table == "events":
-                    conn.execute("INSERT INTO events(job_id, at, kind, detail) VALUES (NULL, 0, 'junk', ?)",
-                                 ("x" * size,))
+                    conn.execute(
+                        "INSERT INTO events(job_id, at, kind, detail) VALUES (NULL, 0, 'junk', ?)",
+                        ("x" * size,),
+                    )
                 else:
-                    conn.execute("INSERT INTO deliveries(id, received_at) VALUES (?, ?)",
-                                 (f"junk-{size}-{i}-" + "x" * size, time.time()))
+                    conn.execute(
+                        "INSERT INTO deliveries(id, received_at) VALUES (?, ?)",
+                        (f"junk-{size}-{i}-" + "x" * size, time.time()),
+                    )
 
 
 def test_worker_survives_a_full_queue_database_and_retries_the_job(tmp_path):
@@ -251,10 +266,19 @@ SECRET = "corpus-secret"
 def _delivery(ts: str | None = None) -> tuple[bytes, dict[str, str]]:
     from registry.webhooks import sign
 
-    body = json.dumps({"entity": "model_version", "action": "created",
-                       "data": {"name": "shapes-cnn", "version": str(uuid.uuid4().int % 1000 + 1)}}).encode()
+    body = json.dumps(
+        {
+            "entity": "model_version",
+            "action": "created",
+            "data": {"name": "shapes-cnn", "version": str(uuid.uuid4().int % 1000 + 1)},
+        }
+    ).encode()
     did, ts = str(uuid.uuid4()), ts or str(int(time.time()))
-    return body, {"X-MLflow-Delivery-Id": did, "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sign(SECRET, did, ts, body)}
+    return body, {
+        "X-MLflow-Delivery-Id": did,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sign(SECRET, did, ts, body),
+    }
 
 
 def _post(server, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
@@ -341,7 +365,9 @@ def images(tmp_path_factory):
 
 def _ckpt(path: Path, **overrides) -> Path:
     model = DeConvolveCNN(4)
-    save_checkpoint(path, model, "deconvolve_cnn", Preprocess(32, [0.5] * 3, [0.25] * 3), ["a", "b", "c", "d"])
+    save_checkpoint(
+        path, model, "deconvolve_cnn", Preprocess(32, [0.5] * 3, [0.25] * 3), ["a", "b", "c", "d"]
+    )
     if overrides:
         payload = torch.load(path, weights_only=True)
         for key, value in overrides.items():
@@ -354,29 +380,53 @@ def _ckpt(path: Path, **overrides) -> Path:
 
 
 def _explain(capsys, model, images, out, *extra):
-    return _cli(capsys, "explain", "--model", model, "--images", images, "--methods", "saliency", "--metrics", "",
-                "--reporters", "json", "--out", out, "--no-progress", *extra)
+    return _cli(
+        capsys,
+        "explain",
+        "--model",
+        model,
+        "--images",
+        images,
+        "--methods",
+        "saliency",
+        "--metrics",
+        "",
+        "--reporters",
+        "json",
+        "--out",
+        out,
+        "--no-progress",
+        *extra,
+    )
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    ({"arch": ...}, "'arch'"),
-    ({"num_classes": "four"}, "num_classes"),
-    ({"num_classes": 1e12}, "num_classes"),
-    ({"num_classes": 10 ** 12}, "num_classes"),
-    ({"preprocess": {"size": 30000, "mean": [0.5] * 3, "std": [0.25] * 3}}, "size"),
-    ({"arch": "resnet18"}, "do not fit"),
-], ids=["no-arch", "classes-text", "classes-1e12-float", "classes-1e12", "size-30000", "wrong-arch"])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"arch": ...}, "'arch'"),
+        ({"num_classes": "four"}, "num_classes"),
+        ({"num_classes": 1e12}, "num_classes"),
+        ({"num_classes": 10**12}, "num_classes"),
+        ({"preprocess": {"size": 30000, "mean": [0.5] * 3, "std": [0.25] * 3}}, "size"),
+        ({"arch": "resnet18"}, "do not fit"),
+    ],
+    ids=["no-arch", "classes-text", "classes-1e12-float", "classes-1e12", "size-30000", "wrong-arch"],
+)
 def test_bad_checkpoint_is_one_line(capsys, tmp_path, images, overrides, expected):
     model = _ckpt(tmp_path / "m.pt", **overrides)
     code, lines = _explain(capsys, model, images, tmp_path / "out")
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (("--preprocess", '{"size": -5, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}'), "size"),
-    (("--device", "cuda:7"), "--device"),
-    (("--device", "potato"), "--device"),
-], ids=["preprocess-size-negative", "device-cuda7", "device-potato"])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (("--preprocess", '{"size": -5, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}'), "size"),
+        (("--device", "cuda:7"), "--device"),
+        (("--device", "potato"), "--device"),
+    ],
+    ids=["preprocess-size-negative", "device-cuda7", "device-potato"],
+)
 def test_bad_option_is_one_line(capsys, tmp_path, images, extra, expected):
     if extra[1] == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -410,7 +460,9 @@ def test_fake_torchscript_is_one_line(capsys, tmp_path, images):
         for name in src.namelist():
             data = src.read(name)
             if "/code/" in name and name.endswith(".py"):
-                data = b"class Linear(Module):\n  def forward(self, x):\n    return this is not torchscript(\n"
+                data = (
+                    b"class Linear(Module):\n  def forward(self, x):\n    return this is not torchscript(\n"
+                )
             out.writestr(name, data)
     code, lines = _explain(capsys, fake, images, tmp_path / "out")
     assert code == 2 and len(lines) == 1 and "TorchScript" in lines[0], lines
@@ -435,8 +487,13 @@ def test_model_with_nan_outputs_still_writes_results(capsys, tmp_path, images):
     model = DeConvolveCNN(4)
     with torch.no_grad():
         model.classifier.bias.fill_(float("nan"))
-    path = save_checkpoint(tmp_path / "nan.pt", model, "deconvolve_cnn", Preprocess(32, [0.5] * 3, [0.25] * 3),
-                           ["a", "b", "c", "d"])
+    path = save_checkpoint(
+        tmp_path / "nan.pt",
+        model,
+        "deconvolve_cnn",
+        Preprocess(32, [0.5] * 3, [0.25] * 3),
+        ["a", "b", "c", "d"],
+    )
     out = tmp_path / "out"
     code, lines = _explain(capsys, path, images, out)
     assert code == 1

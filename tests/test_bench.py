@@ -58,7 +58,8 @@ def test_discover_reports_broken_suites(tmp_path):
         "from bench.harness import Case\n"
         "def cases(model, inputs, targets):\n"
         "    return [Case('ok', lambda: model(inputs), 'self', lambda: model(inputs)),\n"
-        "            Case('fails', lambda: 1 / 0)]\n")
+        "            Case('fails', lambda: 1 / 0)]\n"
+    )
     (tmp_path / "suite_broken.py").write_text("import no_such_module_xyz\n")
     suites = harness.discover(directory=tmp_path)
     assert set(suites) == {"good", "broken"} and isinstance(suites["broken"], ImportError)
@@ -75,15 +76,19 @@ def test_discover_reports_broken_suites(tmp_path):
 
 def test_gradient_suite_runs_end_to_end_on_a_tiny_model(tmp_path):
     path = tmp_path / "out.json"
-    code = harness.main(["--quick", "--models", "tiny", "--suites", "gradient", "--size", "32",
-                         "--json", str(path)])
+    code = harness.main(
+        ["--quick", "--models", "tiny", "--suites", "gradient", "--size", "32", "--json", str(path)]
+    )
     assert code == 0
     data = json.loads(path.read_text())
     rows = {(r["method"], r["peer"]): r for r in data["rows"]}
     assert data["meta"]["quick"] and data["meta"]["batch"] == 2
-    for method, peer in [("saliency", "captum.Saliency"), ("grad_cam", "pytorch_grad_cam.GradCAM"),
-                         ("score_cam", "pytorch_grad_cam.ScoreCAM"), ("integrated_gradients",
-                                                                      "captum.IntegratedGradients")]:
+    for method, peer in [
+        ("saliency", "captum.Saliency"),
+        ("grad_cam", "pytorch_grad_cam.GradCAM"),
+        ("score_cam", "pytorch_grad_cam.ScoreCAM"),
+        ("integrated_gradients", "captum.IntegratedGradients"),
+    ]:
         row = rows[(method, peer)]
         assert row["error"] is None and row["peer_error"] is None, row
         assert row["ours_over_limit"] > 0 and row["speedup"] > 0
@@ -93,8 +98,21 @@ def test_gradient_suite_runs_end_to_end_on_a_tiny_model(tmp_path):
 
 def test_methods_filter_times_only_the_named_methods(tmp_path):
     path = tmp_path / "out.json"
-    code = harness.main(["--quick", "--models", "tiny", "--suites", "gradient", "--size", "32",
-                         "--methods", "saliency,grad_cam_pp", "--json", str(path)])
+    code = harness.main(
+        [
+            "--quick",
+            "--models",
+            "tiny",
+            "--suites",
+            "gradient",
+            "--size",
+            "32",
+            "--methods",
+            "saliency,grad_cam_pp",
+            "--json",
+            str(path),
+        ]
+    )
     assert code == 0
     methods = {r["method"] for r in json.loads(path.read_text())["rows"]}
     assert methods == {"saliency", "grad_cam_pp"}
@@ -102,8 +120,10 @@ def test_methods_filter_times_only_the_named_methods(tmp_path):
     assert harness.parse_args([]).methods is None
 
 
-@pytest.mark.parametrize("argv,expected", [([], (16, 112, 3)), (["--quick"], (2, 64, 1)),
-                                           (["--quick", "--batch", "4"], (4, 64, 1))])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [([], (16, 112, 3)), (["--quick"], (2, 64, 1)), (["--quick", "--batch", "4"], (4, 64, 1))],
+)
 def test_settings(argv, expected):
     s = harness.parse_args(argv)
     assert (s.batch, s.size, s.repeats) == expected and s.models == ["resnet18", "vgg11"]

@@ -45,8 +45,12 @@ def pgc_run(cls, model, layer, x, targets, **kwargs):
 
 
 # model fixture, layer, input fixture; layer "conv1" of the CNN keeps the input's resolution
-CASES = [("functional_relu_cnn", "conv1", "images32"), ("functional_relu_cnn", "conv2", "images32"),
-         ("resnet18", "layer4", "images64"), ("vgg11", "features", "images64")]
+CASES = [
+    ("functional_relu_cnn", "conv1", "images32"),
+    ("functional_relu_cnn", "conv2", "images32"),
+    ("resnet18", "layer4", "images64"),
+    ("vgg11", "features", "images64"),
+]
 
 
 @pytest.fixture(params=CASES, ids=[f"{m}-{layer}" for m, layer, _ in CASES])
@@ -63,15 +67,18 @@ def test_grad_cam_equals_captum(case):
         warnings.simplefilter("ignore")
         theirs = captum_attr.LayerGradCam(model, module).attribute(x, target=TARGETS, relu_attributions=True)
     theirs = theirs.detach()
-    theirs = captum_attr.LayerAttribution.interpolate(theirs, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    theirs = captum_attr.LayerAttribution.interpolate(
+        theirs, tuple(x.shape[-2:]), interpolate_mode="bilinear"
+    )
     assert ours.shape == (2, 1, *x.shape[-2:])
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
 
 
 def test_guided_grad_cam_equals_captum(case):
     name, model, layer, x = case
-    ours = explain(model, x, TARGETS, method="guided_grad_cam", layer=layer, interpolation="nearest",
-                   progress=False).attributions
+    ours = explain(
+        model, x, TARGETS, method="guided_grad_cam", layer=layer, interpolation="nearest", progress=False
+    ).attributions
     ref = model
     if name == "functional_relu_cnn":  # Captum's guided backprop needs nn.ReLU modules
         ref = ModuleReLUTwin(model).eval()
@@ -82,8 +89,11 @@ def test_guided_grad_cam_equals_captum(case):
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
 
 
-PGC = {"grad_cam": ("GradCAM", {}, {}), "grad_cam_pp": ("GradCAMPlusPlus", {}, {}),
-       "fem": ("FEM", {"k": 2}, {"weighting": "mask_fraction", "k": 2})}
+PGC = {
+    "grad_cam": ("GradCAM", {}, {}),
+    "grad_cam_pp": ("GradCAMPlusPlus", {}, {}),
+    "fem": ("FEM", {"k": 2}, {"weighting": "mask_fraction", "k": 2}),
+}
 
 
 @pytest.mark.parametrize("method", list(PGC))
@@ -93,7 +103,9 @@ def test_cams_agree_with_pytorch_grad_cam(case, method):
     if method == "fem" and name != "functional_relu_cnn":
         # 2 x 2 maps never pass a 2-sigma threshold: compare one stage earlier (4 x 4)
         layer = {"resnet18": "layer3", "vgg11": "features.15"}[name]
-    ours = explain(model, x, TARGETS, method=method, layer=layer, progress=False, **our_kwargs).attributions[:, 0]
+    ours = explain(model, x, TARGETS, method=method, layer=layer, progress=False, **our_kwargs).attributions[
+        :, 0
+    ]
     theirs = pgc_run(getattr(pgc, cls), model, layer, x, TARGETS, **their_kwargs)
     assert theirs.flatten(1).max(1).values.min() > 0.5  # not a degenerate all-zero map
     if layer == "conv1":  # same resolution as the input: nothing resized, identical maps
@@ -103,8 +115,9 @@ def test_cams_agree_with_pytorch_grad_cam(case, method):
 
 
 def test_score_cam_equals_pytorch_grad_cam_exactly(functional_relu_cnn, images32):
-    ours = explain(functional_relu_cnn, images32, TARGETS, method="score_cam", layer="conv1",
-                   progress=False).attributions[:, 0]
+    ours = explain(
+        functional_relu_cnn, images32, TARGETS, method="score_cam", layer="conv1", progress=False
+    ).attributions[:, 0]
     theirs = pgc_run(pgc.ScoreCAM, functional_relu_cnn, "conv1", images32, TARGETS)
     assert torch.allclose(minmax(ours), minmax(theirs), atol=1e-4)
 
@@ -112,7 +125,9 @@ def test_score_cam_equals_pytorch_grad_cam_exactly(functional_relu_cnn, images32
 def test_score_cam_agrees_with_pytorch_grad_cam_on_resnet(resnet18, images32):
     """layer3 at 32 px: 256 masks of 2 x 2 maps (layer4 would be 1 x 1: every mask all zero)."""
     x = images32[:1]
-    ours = explain(resnet18, x, TARGETS[:1], method="score_cam", layer="layer3", progress=False).attributions[:, 0]
+    ours = explain(resnet18, x, TARGETS[:1], method="score_cam", layer="layer3", progress=False).attributions[
+        :, 0
+    ]
     theirs = pgc_run(pgc.ScoreCAM, resnet18, "layer3", x, TARGETS[:1])
     assert theirs.max() > 0.5
     assert corr(minmax(ours), minmax(theirs)) > 0.99
@@ -172,18 +187,29 @@ def test_score_cam_runs_each_distinct_mask_once_and_no_zero_mask(images32, monke
 def test_cam_is_grad_cam_times_positions_on_gap_linear_models(resnet18, trained_cnn, images64):
     for model, layer in ((resnet18, "layer4"), (trained_cnn.model, "features")):
         cam = explain(model, images64, TARGETS, method="cam", layer=layer, progress=False)
-        grad = Engine(progress=False).run(model, images64, {"grad_cam": {"layer": layer, "relu": False}},
-                                          targets=TARGETS, isolate=False).explanations["grad_cam"]
+        grad = (
+            Engine(progress=False)
+            .run(
+                model, images64, {"grad_cam": {"layer": layer, "relu": False}}, targets=TARGETS, isolate=False
+            )
+            .explanations["grad_cam"]
+        )
         with torch.no_grad():
             h, w = _layer_hw(model, layer, images64)
-        assert torch.allclose(cam.attributions, grad.attributions * h * w, rtol=1e-3,
-                              atol=1e-5 * float(cam.attributions.abs().max()))
+        assert torch.allclose(
+            cam.attributions,
+            grad.attributions * h * w,
+            rtol=1e-3,
+            atol=1e-5 * float(cam.attributions.abs().max()),
+        )
         assert cam.attributions.min() < 0  # Zhou et al.: the signed map
 
 
 def _layer_hw(model, layer, x):
     out = []
-    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, a, o: out.append(o.shape[-2:]))
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, a, o: out.append(o.shape[-2:])
+    )
     try:
         model(x)
     finally:
@@ -207,20 +233,28 @@ def test_fem_follows_eq_26(functional_relu_cnn, images32):
     mu = a.mean(dim=(2, 3), keepdim=True)
     sigma = a.std(dim=(2, 3), keepdim=True, unbiased=False)
     expected = (mu * (a >= mu + 1.0 * sigma)).sum(1, keepdim=True).clamp(min=0)
-    out = Engine(progress=False).run(functional_relu_cnn, images32, {"fem": {"layer": "conv2"}}, targets=TARGETS,
-                                     isolate=False).explanations["fem"]
+    out = (
+        Engine(progress=False)
+        .run(functional_relu_cnn, images32, {"fem": {"layer": "conv2"}}, targets=TARGETS, isolate=False)
+        .explanations["fem"]
+    )
     expected = torch.nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(out.attributions, expected, atol=1e-6)
-    other_target = explain(functional_relu_cnn, images32, torch.tensor([0, 0]), method="fem", layer="conv2",
-                           progress=False)
+    other_target = explain(
+        functional_relu_cnn, images32, torch.tensor([0, 0]), method="fem", layer="conv2", progress=False
+    )
     assert torch.equal(other_target.attributions, out.attributions)  # FEM ignores the class
 
 
 def test_shared_pass_serves_cams_and_saliency_from_one_forward(vgg11, images64):
     model = CountingModel(vgg11)
     layer = "inner.features"
-    methods = {"saliency": {}, "grad_cam": {"layer": layer}, "grad_cam_pp": {"layer": layer},
-               "fem": {"layer": layer, "weighting": "mask_fraction", "k": 2}}
+    methods = {
+        "saliency": {},
+        "grad_cam": {"layer": layer},
+        "grad_cam_pp": {"layer": layer},
+        "fem": {"layer": layer, "weighting": "mask_fraction", "k": 2},
+    }
     out = Engine(progress=False).run(model, images64, methods, targets=TARGETS, isolate=False)
     assert model.calls == 1 and set(out.explanations) == set(methods)
     single = explain(vgg11, images64, TARGETS, method="grad_cam_pp", layer="features", progress=False)
@@ -242,7 +276,11 @@ class ViewCNN(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 4)
+        self.conv1, self.conv2, self.fc = (
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.Linear(8, 4),
+        )
 
     def forward(self, x):
         y = torch.relu(self.conv1(x))

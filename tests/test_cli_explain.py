@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def xai(*args, cwd=ROOT):
     env = {**os.environ, "XAI_NO_PROGRESS": "1"}
-    return subprocess.run([sys.executable, "-m", "core.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,19 @@ def _bad_folder(probe: Path, tmp: Path) -> Path:
 
 def test_explain_writes_reports_with_metrics(probe, tmp_path, trained_cnn_path):
     out = tmp_path / "out"
-    r = xai("explain", "--model", trained_cnn_path, "--images", probe / "images", "--masks", probe / "masks",
-            "--methods", "saliency,grad_cam", "--out", out)
+    r = xai(
+        "explain",
+        "--model",
+        trained_cnn_path,
+        "--images",
+        probe / "images",
+        "--masks",
+        probe / "masks",
+        "--methods",
+        "saliency,grad_cam",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "pointing game" in r.stdout and "report.html" in r.stdout
     results = json.loads((out / "results.json").read_text())
@@ -73,16 +85,35 @@ def test_bad_images_each_reported_good_ones_kept(probe, tmp_path, trained_cnn_pa
     r = xai("explain", "--model", trained_cnn_path, "--images", folder, "--methods", "grad_cam", "--out", out)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    for name in ("corrupt.png", "truncated.png", "empty.png", "tiny.png", "gray.png", "rgba.png", "enormous.png",
-                 "deep16.png", "broken.png"):
+    for name in (
+        "corrupt.png",
+        "truncated.png",
+        "empty.png",
+        "tiny.png",
+        "gray.png",
+        "rgba.png",
+        "enormous.png",
+        "deep16.png",
+        "broken.png",
+    ):
         assert sum(name in ln for ln in lines) == 1, (name, r.stderr)
     assert "Traceback" not in r.stderr and "broken link" in r.stderr
     results = json.loads((out / "results.json").read_text())
     assert sorted(i["name"] for i in results["images"]) == ["good_0.png", "good_1.png", "good_2.png"]
     assert len(results["skipped_inputs"]) == 9
     # --convert accepts grayscale (8- and 16-bit) and RGBA
-    r2 = xai("explain", "--model", trained_cnn_path, "--images", folder, "--methods", "grad_cam", "--out",
-             tmp_path / "out2", "--convert")
+    r2 = xai(
+        "explain",
+        "--model",
+        trained_cnn_path,
+        "--images",
+        folder,
+        "--methods",
+        "grad_cam",
+        "--out",
+        tmp_path / "out2",
+        "--convert",
+    )
     names = {i["name"] for i in json.loads((tmp_path / "out2" / "results.json").read_text())["images"]}
     assert {"gray.png", "rgba.png", "deep16.png"} <= names and r2.returncode != 0
 
@@ -103,8 +134,18 @@ def test_sixteen_bit_grayscale_is_scaled_by_its_depth(tmp_path):
     assert resized.shape == (3, 32, 32) and 0.4 < float(resized.mean()) < 0.6
 
 
-@pytest.mark.parametrize("case", ["unknown_method", "no_images", "bad_model", "missing_model", "bad_output",
-                                  "target_range", "pickled_model"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown_method",
+        "no_images",
+        "bad_model",
+        "missing_model",
+        "bad_output",
+        "target_range",
+        "pickled_model",
+    ],
+)
 def test_user_mistakes_give_one_line(case, probe, tmp_path, trained_cnn_path):
     images, model, extra = probe / "images", trained_cnn_path, []
     methods = "grad_cam"
@@ -128,13 +169,21 @@ def test_user_mistakes_give_one_line(case, probe, tmp_path, trained_cnn_path):
     elif case == "pickled_model":
         model = tmp_path / "pickled.pt"
         torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)), model)
-    r = xai("explain", "--model", model, "--images", images, "--methods", methods, "--out", tmp_path / "o", *extra)
+    r = xai(
+        "explain", "--model", model, "--images", images, "--methods", methods, "--out", tmp_path / "o", *extra
+    )
     assert r.returncode not in (0, None)
     err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error:"), r.stderr
-    expected = {"unknown_method": "saliency", "no_images": "no images", "bad_model": "cannot load",
-                "missing_model": "does not exist", "bad_output": "batch x classes", "target_range": "out of range",
-                "pickled_model": "--unsafe-load"}[case]
+    expected = {
+        "unknown_method": "saliency",
+        "no_images": "no images",
+        "bad_model": "cannot load",
+        "missing_model": "does not exist",
+        "bad_output": "batch x classes",
+        "target_range": "out of range",
+        "pickled_model": "--unsafe-load",
+    }[case]
     assert expected in err[0]
 
 
@@ -142,9 +191,17 @@ def test_html_escapes_untrusted_text(tmp_path, trained_cnn):
     from core import workflow
 
     x = trained_cnn.preprocess.normalize(torch.rand(1, 3, 32, 32))
-    res = workflow.run(trained_cnn.model, x, ["grad_cam"], image_names=["<script>alert(1)</script>.png"],
-                       class_names=["<b>c</b>", "x", "y", "z"], metrics=[], out_dir=tmp_path, progress=False,
-                       meta={"model": {"name": "\"><img src=x onerror=alert(1)>"}})
+    res = workflow.run(
+        trained_cnn.model,
+        x,
+        ["grad_cam"],
+        image_names=["<script>alert(1)</script>.png"],
+        class_names=["<b>c</b>", "x", "y", "z"],
+        metrics=[],
+        out_dir=tmp_path,
+        progress=False,
+        meta={"model": {"name": '"><img src=x onerror=alert(1)>'}},
+    )
     html = (tmp_path / "report.html").read_text()
     assert "<script>alert" not in html and "onerror=alert(1)>" not in html and "&lt;script&gt;" in html
     assert res.explanations["grad_cam"].maps.shape == (1, 32, 32)
@@ -154,8 +211,25 @@ def test_train_with_the_explainability_loss_records_its_recipe(tmp_path):
     """`xai train --explainability-loss` at a token budget: a loadable checkpoint that records the loss
     weights and the optimizer settings; a bad learning rate is one line and exit 2."""
     out = tmp_path / "cnn.pt"
-    r = xai("train", "--out", out, "--n-train", 32, "--epochs", 1, "--lr", "1e-3", "--batch-size", 16,
-            "--explainability-loss", "--alpha", 0.2, "--beta", 0.1, "--no-progress")
+    r = xai(
+        "train",
+        "--out",
+        out,
+        "--n-train",
+        32,
+        "--epochs",
+        1,
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        16,
+        "--explainability-loss",
+        "--alpha",
+        0.2,
+        "--beta",
+        0.1,
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout
     payload = torch.load(out, weights_only=True)

@@ -28,8 +28,13 @@ def fit_dir(tmp_path, monkeypatch):
 class SmallSequential(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(5, 7, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 5, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(5, 7, 3, padding=1),
+            nn.ReLU(),
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(7, 3)
 
@@ -45,7 +50,7 @@ def test_batched_scores_equal_the_algorithm_1_loop(index):
         model.classifier.weight.mul_(20)
 
     def sub_model(z):  # the model sliced from layer features[index] to the output
-        return model.classifier(torch.flatten(model.pool(model.features[index + 1:](z)), 1))
+        return model.classifier(torch.flatten(model.pool(model.features[index + 1 :](z)), 1))
 
     shape = (5, 16, 16) if index == 0 else (7, 8, 8)
     fast = filter_scores(model, f"features.{index}", (3, 16, 16), steps=4, batch_size=3)
@@ -53,7 +58,9 @@ def test_batched_scores_equal_the_algorithm_1_loop(index):
     assert fast.scores.shape == slow.shape == (shape[0], 3)
     assert (fast.scores - slow).abs().max() < 1e-12
     assert fast.scores.abs().max() > 1e-3  # not trivially zero
-    assert torch.equal(fast.curve[-1], fast.scores) and torch.equal(fast.curve[0], torch.zeros_like(fast.scores))
+    assert torch.equal(fast.curve[-1], fast.scores) and torch.equal(
+        fast.curve[0], torch.zeros_like(fast.scores)
+    )
     assert torch.allclose(fast.values, torch.linspace(0, 1, 4, dtype=torch.float64))
     # the probabilities of all classes move together: each row sums to zero
     assert fast.curve.sum(-1).abs().max() < 1e-12
@@ -84,9 +91,12 @@ def test_a_reused_module_is_scored_and_read_at_its_last_call(residual_net, image
 
 
 def _state(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
-            [p.requires_grad for p in model.parameters()],
-            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        [p.requires_grad for p in model.parameters()],
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    )
 
 
 def _same(model, before):
@@ -114,7 +124,9 @@ def test_any_cnn_and_model_left_unchanged(fixture, request, images32):
 
 
 def test_scores_all_layers_cover_every_conv(residual_net, images32):
-    exp = explain(residual_net, images32, method="deconvolve", text=False, score_layers="all", steps=2, **FAST)
+    exp = explain(
+        residual_net, images32, method="deconvolve", text=False, score_layers="all", steps=2, **FAST
+    )
     scores = exp.extras["layer_scores"]
     convs = {n: m for n, m in residual_net.named_modules() if isinstance(m, nn.Conv2d)}
     assert set(scores) == set(convs) and len(convs) >= 2
@@ -137,8 +149,9 @@ def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fi
     start = ascend_filters(model, "features", (3, 32, 32), list(range(128)), steps=0, seed=0)
 
     def act(images):
-        return layer_evidence(model, images.float(), torch.zeros(128, dtype=torch.long), "features",
-                              stored["scores"]).activations.mean(dim=(2, 3))
+        return layer_evidence(
+            model, images.float(), torch.zeros(128, dtype=torch.long), "features", stored["scores"]
+        ).activations.mean(dim=(2, 3))
 
     after, before = act(stored["patterns"]), act(start)
     live = after.diagonal() > 0
@@ -146,23 +159,33 @@ def test_filter_maps_fitted_once_per_model_version(trained_cnn, shapes_probe, fi
     assert (after.diagonal() > before.diagonal())[live].float().mean() > 0.9
     assert after.diagonal()[live].mean() > after[:, live].mean()
     mtime = path.stat().st_mtime_ns
-    explain(model, x, method="deconvolve", layer="features", text=False, top_k=1, ascent_steps=3, ascent="filter")  # reused
+    explain(
+        model, x, method="deconvolve", layer="features", text=False, top_k=1, ascent_steps=3, ascent="filter"
+    )  # reused
     assert path.stat().st_mtime_ns == mtime
     # a different model version gets its own fit
     other = DeConvolve(layer="features", ascent="filter", **FAST)
     changed = type(model)(len(trained_cnn.class_names))
     assert fit_path(other, changed, input_shape=(3, 32, 32)) != path
     # so does another image size (the filter maps are images of the input's size)
-    explain(model, torch.nn.functional.interpolate(x, size=(40, 40)), method="deconvolve", layer="features",
-            ascent="filter", text=False, **FAST)
+    explain(
+        model,
+        torch.nn.functional.interpolate(x, size=(40, 40)),
+        method="deconvolve",
+        layer="features",
+        ascent="filter",
+        text=False,
+        **FAST,
+    )
     assert fit_path(e, model, input_shape=(3, 40, 40)).is_file() and path.stat().st_mtime_ns == mtime
 
 
 def test_trained_cnn_explanation(trained_cnn, shapes_probe):
     model, pre = trained_cnn.model, trained_cnn.preprocess
     x = pre.normalize(shapes_probe.images[:6])
-    exp = explain(model, x, method="deconvolve", class_names=trained_cnn.class_names,
-                  mean=pre.mean, std=pre.std, **FAST)
+    exp = explain(
+        model, x, method="deconvolve", class_names=trained_cnn.class_names, mean=pre.mean, std=pre.std, **FAST
+    )
     e = DeConvolve(layer="features", **FAST)
     e.load_state(torch.load(fit_path(e, model, input_shape=tuple(x.shape[1:])), weights_only=True))
     scores = e.state["scores"]
@@ -179,7 +202,9 @@ def test_trained_cnn_explanation(trained_cnn, shapes_probe):
         assert all(r["evidence"] > 0 for r in pos) and all(r["evidence"] < 0 for r in neg)
         assert pos and pos[0]["evidence"] == pytest.approx(float(exp.extras["filter_evidence"][i].max()))
         name = trained_cnn.class_names[int(t[i])]
-        assert f"'{name}'" in exp.extras["text"][i] and exp.extras["summary"][i] in [r["sentence"] for r in rows]
+        assert f"'{name}'" in exp.extras["text"][i] and exp.extras["summary"][i] in [
+            r["sentence"] for r in rows
+        ]
     # the positive evidence sits on the object more than a uniform map would
     masks = shapes_probe.masks[:6].float()
     inside = (exp.maps * masks).sum((1, 2)) / exp.maps.sum((1, 2))
@@ -210,10 +235,19 @@ def test_workflow_report_and_succinct_metric(trained_cnn, shapes_probe, tmp_path
 
     pre = trained_cnn.preprocess
     x = pre.normalize(shapes_probe.images[:4])
-    results = run(trained_cnn.model, x, {"deconvolve": {"class_names": trained_cnn.class_names, **FAST}},
-                  images=shapes_probe.images[:4], masks=shapes_probe.masks[:4], class_names=trained_cnn.class_names,
-                  metrics=["succinct_learning"], reporters=["html", "json"], out_dir=tmp_path / "report",
-                  progress=False, fit_data=FitData(x))
+    results = run(
+        trained_cnn.model,
+        x,
+        {"deconvolve": {"class_names": trained_cnn.class_names, **FAST}},
+        images=shapes_probe.images[:4],
+        masks=shapes_probe.masks[:4],
+        class_names=trained_cnn.class_names,
+        metrics=["succinct_learning"],
+        reporters=["html", "json"],
+        out_dir=tmp_path / "report",
+        progress=False,
+        fit_data=FitData(x),
+    )
     assert not results.failures, results.failures
     for layer in ("features.0", "features.3", "features.6"):
         assert 0 <= results.global_metrics[f"succinct_learning.{layer}.ratio"] <= 1
@@ -234,7 +268,11 @@ def test_sweep_correlation_is_pearson_over_the_constants():
     curve[:, 2, 1] = torch.tensor([0.0, 0.2, -0.1, 0.3, 0.0])  # noisy
     corr = sweep_correlation(curve, values)
     expect = np.corrcoef(values.numpy(), curve[:, 2, 1].numpy())[0, 1]
-    assert corr[0, 0] == pytest.approx(1.0) and corr[1, 0] < -0.95 and corr[2, 1] == pytest.approx(expect, abs=1e-6)
+    assert (
+        corr[0, 0] == pytest.approx(1.0)
+        and corr[1, 0] < -0.95
+        and corr[2, 1] == pytest.approx(expect, abs=1e-6)
+    )
     assert corr[0, 1] == 0.0  # a flat curve: no correlation, not NaN
 
 
@@ -248,7 +286,9 @@ def test_trained_cnn_reports_the_sweep_correlation_and_sharpens(trained_cnn, sha
     strong = exp.extras["filter_scores"] > 0.05
     assert strong.any() and (corr[strong] > 0).float().mean() > 0.9
     assert all("correlation" in row for rows in exp.extras["filters"] for row in rows)
-    sharp = explain(model, x, method="deconvolve", layer="features", ascent="filter", text=False, sharpen=3.0, **FAST)
+    sharp = explain(
+        model, x, method="deconvolve", layer="features", ascent="filter", text=False, sharpen=3.0, **FAST
+    )
     assert torch.equal(sharp.attributions, exp.attributions)  # the map is not the heat views
     # sharpening darkens everything but the hottest region of the proportionate view
     assert sharp.extras["images"]["proportionate"].mean() < exp.extras["images"]["proportionate"].mean()

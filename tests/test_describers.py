@@ -34,8 +34,15 @@ def percent(text: str) -> int:
     return int(re.search(r"about (\d+)% of the image", text).group(1))
 
 
-@pytest.mark.parametrize("cy,cx,name", [(0.25, 0.25, "top-left"), (0.25, 0.75, "top-right"),
-                                        (0.75, 0.25, "bottom-left"), (0.75, 0.75, "bottom-right")])
+@pytest.mark.parametrize(
+    "cy,cx,name",
+    [
+        (0.25, 0.25, "top-left"),
+        (0.25, 0.75, "top-right"),
+        (0.75, 0.25, "bottom-left"),
+        (0.75, 0.75, "bottom-right"),
+    ],
+)
 @pytest.mark.parametrize("area,size_word", [(0.04, "small"), (0.15, "medium-sized")])
 def test_template_names_quadrant_and_size(cy, cx, name, area, size_word):
     heat = disc(64, cy, cx, area) * 0.9
@@ -64,7 +71,7 @@ def test_template_colour_mask_overlap_and_score():
 def test_template_scattered_and_silent():
     heat = torch.zeros(40, 40)
     for y, x in [(4, 4), (4, 34), (34, 4), (34, 34), (20, 20)]:
-        heat[y:y + 3, x:x + 3] = 1.0
+        heat[y : y + 3, x : x + 3] = 1.0
     text = TemplateDescriber().describe(None, heat, {})
     assert "5 scattered regions" in text
     silent = TemplateDescriber().describe(None, torch.zeros(8, 8), {"filter": 3, "score": 0.2})
@@ -100,11 +107,25 @@ class ChatServer:
                 doc = json.loads(body)
                 images = [p for p in doc["messages"][-1]["content"] if p["type"] == "image_url"]
                 answer = f"A bright shape in {len(images)} views; model {doc['model']}."
-                self.reply(200, json.dumps({
-                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": doc["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode())
+                self.reply(
+                    200,
+                    json.dumps(
+                        {
+                            "id": "chatcmpl-1",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": doc["model"],
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": answer},
+                                }
+                            ],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        }
+                    ).encode(),
+                )
 
             def reply(self, code, payload):
                 try:
@@ -177,8 +198,13 @@ def test_openai_configured_from_environment_and_retries(chat_server, monkeypatch
     assert len(chat_server.requests) == 2
 
 
-@pytest.mark.parametrize("mode,expected", [("malformed", "malformed answer from http://127.0.0.1"),
-                                           ("no_choices", "no choices[0].message.content")])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("malformed", "malformed answer from http://127.0.0.1"),
+        ("no_choices", "no choices[0].message.content"),
+    ],
+)
 def test_openai_malformed_answer_is_one_clear_line(chat_server, mode, expected):
     chat_server.mode = mode
     d = OpenAICompatibleDescriber(url=chat_server.url, model="m", retries=2, backoff=0.01)
@@ -190,12 +216,15 @@ def test_openai_malformed_answer_is_one_clear_line(chat_server, mode, expected):
 
 def test_openai_unreachable_and_slow_endpoints(chat_server, closed_url):
     with pytest.raises(DescriberError, match=r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions"):
-        OpenAICompatibleDescriber(url=closed_url, model="m", retries=1, backoff=0.01).describe(None, torch.ones(8, 8), {})
+        OpenAICompatibleDescriber(url=closed_url, model="m", retries=1, backoff=0.01).describe(
+            None, torch.ones(8, 8), {}
+        )
     chat_server.mode = "slow"
     start = time.perf_counter()
     with pytest.raises(DescriberError, match=r"no answer from .* within 0\.3 s \(after 2 attempts\)"):
-        OpenAICompatibleDescriber(url=chat_server.url, model="m", timeout=0.3, retries=1,
-                                  backoff=0.01).describe(None, torch.ones(8, 8), {})
+        OpenAICompatibleDescriber(
+            url=chat_server.url, model="m", timeout=0.3, retries=1, backoff=0.01
+        ).describe(None, torch.ones(8, 8), {})
     assert time.perf_counter() - start < 3.0
 
 
@@ -217,12 +246,21 @@ def test_openai_falls_back_to_template(closed_url):
     assert time.perf_counter() - start < 0.5
 
 
-def test_deconvolve_text_through_openai_endpoint(chat_server, functional_relu_cnn, images32, tmp_path, monkeypatch):
+def test_deconvolve_text_through_openai_endpoint(
+    chat_server, functional_relu_cnn, images32, tmp_path, monkeypatch
+):
     from core.api import explain
 
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
-    exp = explain(functional_relu_cnn, images32, method="deconvolve", ascent_steps=2, top_k=1,
-                  describer="openai_compatible", describer_params={"url": chat_server.url, "model": "vlm"})
+    exp = explain(
+        functional_relu_cnn,
+        images32,
+        method="deconvolve",
+        ascent_steps=2,
+        top_k=1,
+        describer="openai_compatible",
+        describer_params={"url": chat_server.url, "model": "vlm"},
+    )
     assert exp.extras["describer"] == "openai_compatible"
     assert all("model vlm" in t for t in exp.extras["text"])
     assert len(chat_server.requests) == sum(len(rows) for rows in exp.extras["filters"])
@@ -257,12 +295,14 @@ def test_semantic_bucket_centroid_is_score_weighted():
 def test_semantic_average_is_order_invariant_with_minilm():
     from xai_plugins.describers import semantic
 
-    pairs = [("The filter highlights the red circle in the top-left corner.", 0.42),
-             ("A round red object in the upper left supports the prediction.", 0.31),
-             ("The bright disc at the top left drives the decision.", 0.05),
-             ("A blue square in the bottom right speaks against the class.", -0.22),
-             ("The striped background near the lower right edge lowers the score.", -0.03),
-             ("The textured background on the right side is weakly negative.", -0.02)]
+    pairs = [
+        ("The filter highlights the red circle in the top-left corner.", 0.42),
+        ("A round red object in the upper left supports the prediction.", 0.31),
+        ("The bright disc at the top left drives the decision.", 0.05),
+        ("A blue square in the bottom right speaks against the class.", -0.22),
+        ("The striped background near the lower right edge lowers the score.", -0.03),
+        ("The textured background on the right side is weakly negative.", -0.02),
+    ]
     reference = semantic_average([p[0] for p in pairs], [p[1] for p in pairs], semantic.embed, buckets=2)
     assert semantic.embedder_name() == "all-MiniLM-L6-v2"
     for seed in range(3):
@@ -270,8 +310,9 @@ def test_semantic_average_is_order_invariant_with_minilm():
         random.Random(seed).shuffle(shuffled)
         agg = semantic_average([p[0] for p in shuffled], [p[1] for p in shuffled], semantic.embed, buckets=2)
         assert (agg.text, agg.summary) == (reference.text, reference.summary)
-        assert [(b.sentence, b.mean_score) for b in agg.buckets] == \
-            [(b.sentence, b.mean_score) for b in reference.buckets]
+        assert [(b.sentence, b.mean_score) for b in agg.buckets] == [
+            (b.sentence, b.mean_score) for b in reference.buckets
+        ]
     # the strong positive bucket (two sentences about a red circle at the top left) dominates
     assert "red" in reference.summary
     assert reference.buckets[0].mean_score == pytest.approx((0.42 + 0.31) / 2)

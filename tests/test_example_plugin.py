@@ -20,8 +20,13 @@ EXAMPLE = ROOT / "examples" / "xai-plugin-example"
 
 
 def run(*args, env=None):
-    return subprocess.run([*map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "XAI_NO_PROGRESS": "1", **(env or {})})
+    return subprocess.run(
+        [*map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XAI_NO_PROGRESS": "1", **(env or {})},
+    )
 
 
 def xai(*args, env=None):
@@ -48,8 +53,19 @@ def test_example_installs_runs_and_uninstalls(installed_example, tmp_path, train
     assert check.returncode == 0, check.stdout
     xai("data", "shapes", "--out", tmp_path / "probe", "--n", "4")
     out = tmp_path / "out"
-    r = xai("explain", "--model", trained_cnn_path, "--images", tmp_path / "probe" / "images", "--methods",
-            "input_x_gradient,grad_cam", "--metrics", "map_entropy", "--out", out)
+    r = xai(
+        "explain",
+        "--model",
+        trained_cnn_path,
+        "--images",
+        tmp_path / "probe" / "images",
+        "--methods",
+        "input_x_gradient,grad_cam",
+        "--metrics",
+        "map_entropy",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["input_x_gradient"]["map_entropy.entropy"] > 0
@@ -73,7 +89,7 @@ def test_example_installs_runs_and_uninstalls(installed_example, tmp_path, train
     assert "example" not in {i["name"] for i in json.loads(after.stdout)}
 
 
-BROKEN = '''
+BROKEN = """
 import torch
 from xai_plugins import Explainer, hookimpl
 
@@ -105,11 +121,12 @@ class Fine(Explainer):
 @hookimpl
 def xai_explainers():
     return [LeavesHook, WrongShape, Fine]
-'''
+"""
 
 
-@pytest.mark.parametrize("name,failing", [("leaves_hook", "hooks removed"), ("wrong_shape", "output shape"),
-                                          ("fine", None)])
+@pytest.mark.parametrize(
+    "name,failing", [("leaves_hook", "hooks removed"), ("wrong_shape", "output shape"), ("fine", None)]
+)
 def test_plugin_check_catches_contract_breaks(tmp_path, name, failing):
     site = tmp_path / "site"
     site.mkdir()

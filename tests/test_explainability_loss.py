@@ -144,7 +144,11 @@ def test_explainability_loss_lowers_active_area_on_shapes():
             train_model(model, train, pre, epochs=3, seed=0, extra_loss=extra, progress=False)
             stats = focus_stats(model, x, test.labels, layer="features")
             metric = SuccinctLearning(layers=["features"]).compute(MetricContext(model, x, test.labels))
-            figures[name] = {**stats, "ratio": metric["features.ratio"], "metric_area": metric["features.active_area"]}
+            figures[name] = {
+                **stats,
+                "ratio": metric["features.ratio"],
+                "metric_area": metric["features.active_area"],
+            }
     finally:
         torch.set_num_threads(threads)
     print(figures)
@@ -185,8 +189,23 @@ def test_succinct_bench_runs_and_summarizes(tmp_path, capsys):
 
     threads = torch.get_num_threads()
     try:
-        assert main(["--seeds", "3", "--train", "64", "--epochs", "1", "--json", str(tmp_path / "f.json"),
-                     "--figure", str(tmp_path / "t1.png")]) == 0
+        assert (
+            main(
+                [
+                    "--seeds",
+                    "3",
+                    "--train",
+                    "64",
+                    "--epochs",
+                    "1",
+                    "--json",
+                    str(tmp_path / "f.json"),
+                    "--figure",
+                    str(tmp_path / "t1.png"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     figures = json.loads((tmp_path / "f.json").read_text())["seed 3"]
@@ -199,18 +218,29 @@ def test_succinct_bench_runs_and_summarizes(tmp_path, capsys):
     assert (tmp_path / "t1.png").stat().st_size > 0 and (tmp_path / "t1.md").read_text().strip()
 
 
-def test_bench_succinct_writes_the_before_after_table(trained_cnn, clever_hans_cnn, shapes_probe, tmp_path, monkeypatch):
+def test_bench_succinct_writes_the_before_after_table(
+    trained_cnn, clever_hans_cnn, shapes_probe, tmp_path, monkeypatch
+):
     from bench.succinct import before_after
 
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path / "fits"))
     pre = trained_cnn.preprocess
     x = pre.normalize(shapes_probe.images[:3])
     figure, texts = tmp_path / "table1.png", tmp_path / "table1.md"
-    before_after({"without loss": trained_cnn.model, "with loss": clever_hans_cnn.model}, x,
-                 list(trained_cnn.class_names), str(figure), str(texts), mean=pre.mean, std=pre.std)
+    before_after(
+        {"without loss": trained_cnn.model, "with loss": clever_hans_cnn.model},
+        x,
+        list(trained_cnn.class_names),
+        str(figure),
+        str(texts),
+        mean=pre.mean,
+        std=pre.std,
+    )
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 5000
     lines = texts.read_text().splitlines()
-    assert len(lines) == 2 + 3 and "without loss description" in lines[0] and "with loss description" in lines[0]
+    assert (
+        len(lines) == 2 + 3 and "without loss description" in lines[0] and "with loss description" in lines[0]
+    )
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == 6 and cells[1] in trained_cnn.class_names

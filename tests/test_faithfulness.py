@@ -49,8 +49,9 @@ def test_curves_on_a_model_with_a_known_answer():
     assert b[0].tolist() == pytest.approx([4.0, 4.0, 4.0, 4.0, 0.0])
     assert aopc(g).item() == pytest.approx(3.2) and aopc(b).item() == pytest.approx(0.8)
     assert area(fractions, g).item() < area(fractions, b).item()
-    ins = perturbation_curve(model, x, t, region_ranks(good, 4), window=4, fractions=fractions, start=zeros, end=x,
-                             score="logit")
+    ins = perturbation_curve(
+        model, x, t, region_ranks(good, 4), window=4, fractions=fractions, start=zeros, end=x, score="logit"
+    )
     assert ins[0].tolist() == pytest.approx([0.0, 4.0, 4.0, 4.0, 4.0])
 
 
@@ -75,23 +76,45 @@ def test_grad_cam_beats_the_random_order_on_the_reference_cnn(trained_cnn, shape
     probe = shapes_probe.subset(slice(0, 24))
     model = trained_cnn.model
     training = model.training
-    results = run(model, trained_cnn.preprocess.normalize(probe.images), ["grad_cam", "integrated_gradients"],
-                  images=probe.images, metrics=["faithfulness"], reporters=[], progress=False,
-                  metric_params={"faithfulness": {"steps": 8, "random_runs": 2}})
+    results = run(
+        model,
+        trained_cnn.preprocess.normalize(probe.images),
+        ["grad_cam", "integrated_gradients"],
+        images=probe.images,
+        metrics=["faithfulness"],
+        reporters=[],
+        progress=False,
+        metric_params={"faithfulness": {"steps": 8, "random_runs": 2}},
+    )
     assert not results.failures
     assert model.training == training
     m = results.metrics["grad_cam"]
     assert m["faithfulness.aopc"] > m["faithfulness.aopc_random"] + 0.05  # measured 0.627 against 0.417
-    assert m["faithfulness.aopc_gain"] == pytest.approx(m["faithfulness.aopc"] - m["faithfulness.aopc_random"])
-    assert m["faithfulness.deletion_auc"] < m["faithfulness.deletion_auc_random"] - 0.03  # 0.256 against 0.390
+    assert m["faithfulness.aopc_gain"] == pytest.approx(
+        m["faithfulness.aopc"] - m["faithfulness.aopc_random"]
+    )
+    assert (
+        m["faithfulness.deletion_auc"] < m["faithfulness.deletion_auc_random"] - 0.03
+    )  # 0.256 against 0.390
     ig = results.metrics["integrated_gradients"]
     assert ig["faithfulness.insertion_auc"] > ig["faithfulness.insertion_auc_random"]  # 0.697 against 0.615
     assert len(m["faithfulness.deletion_curve"]) == len(m["faithfulness.fractions"]) == 9
     # the last deletion step is the baseline image whatever the order
     assert m["faithfulness.deletion_curve"][-1] == pytest.approx(m["faithfulness.deletion_curve_random"][-1])
-    verdict = evaluate({"checks": [{"name": "AOPC above random", "method": "grad_cam", "metric": "faithfulness.aopc",
-                                    "op": ">", "than": "faithfulness.aopc_random"}]},
-                       {"metrics": results.metrics, "failures": []})
+    verdict = evaluate(
+        {
+            "checks": [
+                {
+                    "name": "AOPC above random",
+                    "method": "grad_cam",
+                    "metric": "faithfulness.aopc",
+                    "op": ">",
+                    "than": "faithfulness.aopc_random",
+                }
+            ]
+        },
+        {"metrics": results.metrics, "failures": []},
+    )
     assert verdict["passed"]
     for name in ("deletion_insertion", "aopc"):
         assert results.figures[f"faithfulness/grad_cam/{name}"][:4] == b"\x89PNG"

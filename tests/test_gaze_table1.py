@@ -27,8 +27,12 @@ def test_table1_fem_beats_centre_bias_and_random_grad_cam_beats_random(trained_c
     from bench.table1 import table
 
     gaze = shapes_gaze(shapes_probe, seed=0)
-    rows = table(trained_cnn.model, trained_cnn.preprocess.normalize(shapes_probe.images), gaze.density,
-                 ["grad_cam", "fem"])
+    rows = table(
+        trained_cnn.model,
+        trained_cnn.preprocess.normalize(shapes_probe.images),
+        gaze.density,
+        ["grad_cam", "fem"],
+    )
     fem, centre, chance = rows["fem"], rows["centre_bias"], rows["random"]
     assert fem["sim"] > max(centre["sim"], chance["sim"]) + 0.02, rows
     assert fem["pcc"] > chance["pcc"] + 0.4 and fem["pcc"] > centre["pcc"] - 0.05, rows

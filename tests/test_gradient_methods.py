@@ -68,8 +68,10 @@ def close_fast(a, b):
     return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("method,cls", [("saliency", "Saliency"), ("deconvnet", "Deconvolution"),
-                                        ("guided_backprop", "GuidedBackprop")])
+@pytest.mark.parametrize(
+    "method,cls",
+    [("saliency", "Saliency"), ("deconvnet", "Deconvolution"), ("guided_backprop", "GuidedBackprop")],
+)
 def test_relu_rule_methods_equal_captum(model_pair, images32, method, cls):
     name, model, ref = model_pair
     ours = explain(model, images32, TARGETS, method=method, progress=False).attributions
@@ -84,19 +86,33 @@ def test_relu_rule_methods_equal_captum(model_pair, images32, method, cls):
 
 
 def test_rules_differ_from_each_other(resnet18, images32):
-    out = Engine(progress=False).run(resnet18, images32, ["saliency", "deconvnet", "guided_backprop"],
-                                     targets=TARGETS, isolate=False).explanations
+    out = (
+        Engine(progress=False)
+        .run(resnet18, images32, ["saliency", "deconvnet", "guided_backprop"], targets=TARGETS, isolate=False)
+        .explanations
+    )
     sal, dec, gbp = (out[m].attributions for m in ("saliency", "deconvnet", "guided_backprop"))
     assert not close(sal, gbp) and not close(dec, gbp) and not close(sal, dec)
 
 
 # every model with Gauss-Legendre; the other quadrature rules on the small CNN only (time)
-@pytest.mark.parametrize("model_name,quad", [(m, "gausslegendre") for m in MODELS] + [
-    ("functional_relu_cnn", "riemann_middle"), ("functional_relu_cnn", "riemann_trapezoid")])
+@pytest.mark.parametrize(
+    "model_name,quad",
+    [(m, "gausslegendre") for m in MODELS]
+    + [("functional_relu_cnn", "riemann_middle"), ("functional_relu_cnn", "riemann_trapezoid")],
+)
 def test_integrated_gradients_equals_captum(request, images32, model_name, quad):
     name, model, ref = _pair(request, model_name)
-    ours = explain(model, images32, TARGETS, method="integrated_gradients", steps=8, quadrature=quad,
-                   batch_size=6, progress=False).attributions
+    ours = explain(
+        model,
+        images32,
+        TARGETS,
+        method="integrated_gradients",
+        steps=8,
+        quadrature=quad,
+        batch_size=6,
+        progress=False,
+    ).attributions
     theirs = captum(captum_attr.IntegratedGradients, ref, images32, target=TARGETS, n_steps=8, method=quad)
     if quad == "riemann_trapezoid":  # Captum's trapezoid weights sum to (n - 1)/n (docstring)
         assert not close_fast(ours, theirs)
@@ -106,64 +122,121 @@ def test_integrated_gradients_equals_captum(request, images32, model_name, quad)
 
 def test_integrated_gradients_baseline_is_a_parameter(functional_relu_cnn, images32):
     base = torch.full((3, 32, 32), 0.5)
-    ours = explain(functional_relu_cnn, images32, TARGETS, method="integrated_gradients", steps=8,
-                   baseline=base, progress=False).attributions
-    theirs = captum(captum_attr.IntegratedGradients, functional_relu_cnn, images32, target=TARGETS,
-                    baselines=base.expand_as(images32), n_steps=8)
+    ours = explain(
+        functional_relu_cnn,
+        images32,
+        TARGETS,
+        method="integrated_gradients",
+        steps=8,
+        baseline=base,
+        progress=False,
+    ).attributions
+    theirs = captum(
+        captum_attr.IntegratedGradients,
+        functional_relu_cnn,
+        images32,
+        target=TARGETS,
+        baselines=base.expand_as(images32),
+        n_steps=8,
+    )
     assert close_fast(ours, theirs)
 
 
-@pytest.mark.parametrize("name,n,steps,tol", [("functional_relu_cnn", 2, 64, 0.01), ("vgg11", 2, 64, 0.01),
-                                              ("trained", 2, 64, 0.01), ("resnet18", 1, 256, 0.015)])
+@pytest.mark.parametrize(
+    "name,n,steps,tol",
+    [
+        ("functional_relu_cnn", 2, 64, 0.01),
+        ("vgg11", 2, 64, 0.01),
+        ("trained", 2, 64, 0.01),
+        ("resnet18", 1, 256, 0.015),
+    ],
+)
 def test_integrated_gradients_completeness(request, images32, name, n, steps, tol):
     """Eq. 7 sums to S_c(x) - S_c(x'): within 1 % at 64 steps on the CNN, VGG-11 and the trained
     reference CNN. ResNet-18 with random weights has so many ReLU kinks along the path that
     Gauss-Legendre needs ~256 steps (measured: up to 4 % off at 64 steps, about 1 % at 256)."""
-    model = request.getfixturevalue("trained_cnn").model if name == "trained" else request.getfixturevalue(name)
+    model = (
+        request.getfixturevalue("trained_cnn").model if name == "trained" else request.getfixturevalue(name)
+    )
     x, t = images32[:n], TARGETS[:n]
     with torch.no_grad():
         delta = (model(x) - model(torch.zeros_like(x))).gather(1, t.view(-1, 1)).squeeze(1)
-    attr = explain(model, x, t, method="integrated_gradients", steps=steps, batch_size=128,
-                   progress=False).attributions
+    attr = explain(
+        model, x, t, method="integrated_gradients", steps=steps, batch_size=128, progress=False
+    ).attributions
     err = (attr.sum(dim=(1, 2, 3)) - delta).abs() / delta.abs()
     assert (err < tol).all(), err
 
 
 # wrapping guided backprop: on the CNN and ResNet only (time)
-@pytest.mark.parametrize("model_name,inner,cls", [(m, "saliency", "Saliency") for m in MODELS] + [
-    (m, "guided_backprop", "GuidedBackprop") for m in MODELS[:2]])
+@pytest.mark.parametrize(
+    "model_name,inner,cls",
+    [(m, "saliency", "Saliency") for m in MODELS]
+    + [(m, "guided_backprop", "GuidedBackprop") for m in MODELS[:2]],
+)
 def test_smoothgrad_equals_noise_tunnel(request, images32, model_name, inner, cls):
     """Same noise: Captum draws it from the global generator after torch.manual_seed(seed)."""
     name, model, ref = _pair(request, model_name)
     x = images32.clamp(-2.5, 2.5)
     x[:, 0, 0, 0], x[:, 0, 0, 1] = -3.0, 3.0  # every image spans [-3, 3]: sigma = noise * 6
-    ours = explain(model, x, TARGETS, method="smoothgrad", inner=inner, samples=5, noise=0.1, seed=7,
-                   batch_size=4, progress=False).attributions
+    ours = explain(
+        model,
+        x,
+        TARGETS,
+        method="smoothgrad",
+        inner=inner,
+        samples=5,
+        noise=0.1,
+        seed=7,
+        batch_size=4,
+        progress=False,
+    ).attributions
     torch.manual_seed(7)
     kwargs = {"abs": False} if cls == "Saliency" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = captum_attr.NoiseTunnel(getattr(captum_attr, cls)(ref)).attribute(
-            x, nt_type="smoothgrad", nt_samples=5, stdevs=0.6, target=TARGETS, **kwargs)
+            x, nt_type="smoothgrad", nt_samples=5, stdevs=0.6, target=TARGETS, **kwargs
+        )
     assert close_fast(ours, theirs)
     plain = explain(model, x, TARGETS, method=inner, progress=False).attributions
     assert not close_fast(ours, plain)
 
 
 def test_smoothgrad_wraps_integrated_gradients(functional_relu_cnn, images32):
-    out = explain(functional_relu_cnn, images32, TARGETS, method="smoothgrad", inner="integrated_gradients",
-                  samples=3, noise=0.1, steps=4, batch_size=8, progress=False)
+    out = explain(
+        functional_relu_cnn,
+        images32,
+        TARGETS,
+        method="smoothgrad",
+        inner="integrated_gradients",
+        samples=3,
+        noise=0.1,
+        steps=4,
+        batch_size=8,
+        progress=False,
+    )
     assert out.attributions.shape == images32.shape and out.attributions.abs().sum() > 0
-    ig = explain(functional_relu_cnn, images32, TARGETS, method="integrated_gradients", steps=4, progress=False)
+    ig = explain(
+        functional_relu_cnn, images32, TARGETS, method="integrated_gradients", steps=4, progress=False
+    )
     assert not close(out.attributions, ig.attributions)
     with pytest.raises(Exception, match="score_cam"):
-        explain(functional_relu_cnn, images32, TARGETS, method="smoothgrad", inner="score_cam", progress=False)
+        explain(
+            functional_relu_cnn, images32, TARGETS, method="smoothgrad", inner="score_cam", progress=False
+        )
 
 
 def test_activation_maximization_raises_the_class_score(vgg11, functional_relu_cnn, images32):
     for model, steps in ((functional_relu_cnn, 30), (vgg11, 8)):
-        exp = explain(model, images32, torch.tensor([1, 1]), method="activation_maximization", steps=steps,
-                      progress=False)
+        exp = explain(
+            model,
+            images32,
+            torch.tensor([1, 1]),
+            method="activation_maximization",
+            steps=steps,
+            progress=False,
+        )
         initial, final = exp.extras["scores"]["initial"], exp.extras["scores"]["final"]
         assert (final > initial + 0.1 * initial.abs() + 1e-3).all()
         # same class from the same start: the same class model, computed once
@@ -174,8 +247,16 @@ def test_activation_maximization_raises_the_class_score(vgg11, functional_relu_c
 
 def test_activation_maximization_regularization_shrinks_the_image(functional_relu_cnn, images32):
     def norm(l2):
-        return explain(functional_relu_cnn, images32, TARGETS, method="activation_maximization", steps=10,
-                       l2=l2, init="input", progress=False).attributions.norm()
+        return explain(
+            functional_relu_cnn,
+            images32,
+            TARGETS,
+            method="activation_maximization",
+            steps=10,
+            l2=l2,
+            init="input",
+            progress=False,
+        ).attributions.norm()
 
     assert norm(5.0) < norm(0.0)
 
@@ -222,8 +303,15 @@ class CountingModel(nn.Module):
 def test_one_forward_serves_every_shared_method(resnet18, images64):
     """saliency, guided, deconvnet and four CAMs from one forward (plus one backward per rule)."""
     layer = {"layer": "inner.layer4"}
-    methods = {"saliency": {}, "guided_backprop": {}, "deconvnet": {}, "grad_cam": layer, "grad_cam_pp": layer,
-               "fem": layer, "guided_grad_cam": layer}
+    methods = {
+        "saliency": {},
+        "guided_backprop": {},
+        "deconvnet": {},
+        "grad_cam": layer,
+        "grad_cam_pp": layer,
+        "fem": layer,
+        "guided_grad_cam": layer,
+    }
     model = CountingModel(resnet18)
     together = Engine(progress=False).run(model, images64, methods, targets=TARGETS, isolate=False)
     assert model.calls == 1 and not together.failures

@@ -28,8 +28,13 @@ WATCHED = sorted({m for mods in NOT_NEEDED.values() for m in mods})
 def loaded_after(code: str, cwd: Path = ROOT) -> set[str]:
     """The WATCHED top-level modules in sys.modules after ``code`` ran in a fresh interpreter."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {WATCHED!r} if m in sys.modules]))"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "XAI_NO_PROGRESS": "1", "XAI_DEVICE": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XAI_NO_PROGRESS": "1", "XAI_DEVICE": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     return set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -58,6 +63,8 @@ def test_stage_module_and_cli_entry_import_no_heavy_library():
 
 def test_bridge_methods_still_load_on_demand():
     """Asking for a bridge method imports its library then, and only that library."""
-    got = loaded_after("from core.plugins import get_host\nh = get_host()\n"
-                       "assert h.get('explainer', 'saliency') and h.get('explainer', 'captum_saliency')")
+    got = loaded_after(
+        "from core.plugins import get_host\nh = get_host()\n"
+        "assert h.get('explainer', 'saliency') and h.get('explainer', 'captum_saliency')"
+    )
     assert "captum" in got and "pytorch_grad_cam" not in got

@@ -21,11 +21,20 @@ SECRET = "load-secret"
 
 
 def _delivery(version: int) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"entity": "model_version", "action": "created",
-                       "data": {"name": "shapes-cnn", "version": str(version)}}).encode()
+    body = json.dumps(
+        {
+            "entity": "model_version",
+            "action": "created",
+            "data": {"name": "shapes-cnn", "version": str(version)},
+        }
+    ).encode()
     did, ts = str(uuid.uuid4()), str(int(time.time()))
-    return body, {"X-MLflow-Delivery-Id": did, "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sign(SECRET, did, ts, body),
-                  "Content-Type": "application/json"}
+    return body, {
+        "X-MLflow-Delivery-Id": did,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sign(SECRET, did, ts, body),
+        "Content-Type": "application/json",
+    }
 
 
 def _post(address, version: int) -> tuple[int, float, dict[str, str]]:
@@ -92,7 +101,9 @@ def test_200_concurrent_valid_deliveries_are_all_accepted(served):
     with ThreadPoolExecutor(200) as pool:
         answers = list(pool.map(one, range(200)))
     statuses = [a[0] for a in answers]
-    print(f"200 concurrent deliveries: {statuses.count(202)} accepted, slowest {max(a[1] for a in answers):.2f}s")
+    print(
+        f"200 concurrent deliveries: {statuses.count(202)} accepted, slowest {max(a[1] for a in answers):.2f}s"
+    )
     assert statuses.count(202) == 200, sorted(set(statuses))
     assert len(Queue(db).jobs()) == 200
 
@@ -104,8 +115,10 @@ def test_300_slow_connections_do_not_starve_deliveries_and_are_closed(served):
     socks = _slow(address, 300)
     try:
         answers = [_post(address, i + 1) for i in range(10)]
-        print(f"with 300 slow connections: {sum(a[0] == 202 for a in answers)}/10 deliveries accepted, "
-              f"slowest {max(a[1] for a in answers):.3f}s")
+        print(
+            f"with 300 slow connections: {sum(a[0] == 202 for a in answers)}/10 deliveries accepted, "
+            f"slowest {max(a[1] for a in answers):.3f}s"
+        )
         assert all(a[0] == 202 for a in answers), answers
         assert max(a[1] for a in answers) < 1.0
         started = time.monotonic()
@@ -140,8 +153,9 @@ def test_a_dribbling_sender_is_closed_at_the_request_deadline(served):
         s.close()
 
 
-@pytest.mark.parametrize("served", [{"max_connections": 20, "read_timeout": 2.0, "request_timeout": 3.0}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "served", [{"max_connections": 20, "read_timeout": 2.0, "request_timeout": 3.0}], indirect=True
+)
 def test_over_the_connection_bound_is_503_with_retry_after(served):
     server, _ = served
     address = server.server_address[:2]

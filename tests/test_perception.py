@@ -26,17 +26,30 @@ from xai_plugins.metrics.perception_metrics import PVInvariance, PVReconstructio
 
 PV = "perception_visualization"
 # a small decoder trained briefly: enough to beat the mean image and keep the model's decision
-FAST = {"epochs": 14, "width": 32, "fit_batch_size": 16, "lr": 3e-3, "patience": 10, "val_fraction": 0.1,
-        "alpha1": 0.3, "alpha2": 0.6, "alpha3": 0.1}
+FAST = {
+    "epochs": 14,
+    "width": 32,
+    "fit_batch_size": 16,
+    "lr": 3e-3,
+    "patience": 10,
+    "val_fraction": 0.1,
+    "alpha1": 0.3,
+    "alpha2": 0.6,
+    "alpha3": 0.1,
+}
 TINY = {"epochs": 3, "width": 16, "fit_batch_size": 16, "val_fraction": 0.25, "patience": 5}
 
 
 def _snapshot(model: nn.Module) -> dict:
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "requires_grad": [p.requires_grad for p in model.parameters()],
-            "training": [m.training for m in model.modules()],
-            "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules()]}
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "hooks": [
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ],
+    }
 
 
 def _assert_same(model: nn.Module, snap: dict) -> None:
@@ -85,8 +98,9 @@ def fitted(fit_dir, trained_cnn, held_out, pv_params):
     pre = trained_cnn.preprocess
     train = make_shapes(480, size=32, seed=2024)
     x = pre.normalize(held_out.images)
-    exp = explain(trained_cnn.model, x, method=PV, fit_data=pre.normalize(train.images), progress=False,
-                  **pv_params)
+    exp = explain(
+        trained_cnn.model, x, method=PV, fit_data=pre.normalize(train.images), progress=False, **pv_params
+    )
     return exp, x
 
 
@@ -98,8 +112,18 @@ def test_ssim_matches_scikit_image():
     a = torch.rand(3, 3, 32, 32, generator=g)
     b = (a + 0.2 * torch.randn(3, 3, 32, 32, generator=g)).clamp(0, 1)
     ours = ssim(a, b)
-    ref = [structural_similarity(a[i].numpy(), b[i].numpy(), channel_axis=0, data_range=1.0,
-                                 gaussian_weights=True, sigma=1.5, use_sample_covariance=False) for i in range(3)]
+    ref = [
+        structural_similarity(
+            a[i].numpy(),
+            b[i].numpy(),
+            channel_axis=0,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for i in range(3)
+    ]
     assert torch.allclose(ours, torch.tensor(ref, dtype=torch.float32), atol=1e-4)
     assert torch.allclose(ssim(a, a), torch.ones(3))
     b.requires_grad_(True)
@@ -123,15 +147,19 @@ def test_encoder_latent_is_the_inference_latent(trained_cnn, residual_net, image
     assert len(outputs) == 3 and torch.equal(z, outputs[-1])
 
 
-@pytest.mark.parametrize("latent,out", [((8, 8), (32, 32)), ((4, 4), (32, 32)), ((7, 7), (224, 224)),
-                                        ((5, 3), (37, 21)), ((16, 16), (16, 16))])
+@pytest.mark.parametrize(
+    "latent,out",
+    [((8, 8), (32, 32)), ((4, 4), (32, 32)), ((7, 7), (224, 224)), ((5, 3), (37, 21)), ((16, 16), (16, 16))],
+)
 def test_decoder_is_sized_from_latent_to_input(latent, out):
     dec = Decoder(12, latent, 3, out, width=16).eval()
     y = dec(torch.randn(2, 12, *latent))
     assert y.shape == (2, 3, *out) and y.min() >= 0 and y.max() <= 1
     kinds = [type(m) for m in dec.modules()]
     assert nn.ConvTranspose2d not in kinds or kinds.count(nn.ConvTranspose2d) == kinds.count(nn.BatchNorm2d)
-    assert all(m.kernel_size == (3, 3) for m in dec.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    assert all(
+        m.kernel_size == (3, 3) for m in dec.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    )
 
 
 # -- the trained decoder and PV on the reference CNN ---------------------------------------------
@@ -150,7 +178,11 @@ def test_reconstruction_beats_mean_image_and_keeps_the_decision(fitted):
 def test_pv_is_eq2_pixel_for_pixel(fitted, trained_cnn):
     exp, x = fitted
     m, y, p = exp.extras["mask"], exp.extras["reconstruction"], exp.extras["pv"]
-    assert m.shape == (x.shape[0], 32, 32) and y.shape == x.shape and torch.equal(exp.extras["images"]["mask"], m)
+    assert (
+        m.shape == (x.shape[0], 32, 32)
+        and y.shape == x.shape
+        and torch.equal(exp.extras["images"]["mask"], m)
+    )
     for k in range(3):  # Eq. 2, channel by channel
         assert torch.equal(p[:, k], (1 - m) + m * y[:, k])
     assert torch.equal(exp.extras["images"]["pv"], p)
@@ -267,13 +299,20 @@ def test_another_image_size_gets_its_own_decoder(functional_relu_cnn, tmp_path, 
     monkeypatch.setenv("XAI_FIT_DIR", str(tmp_path))
     torch.manual_seed(0)
     for shape in ((32, 32), (32, 48)):
-        exp = explain(functional_relu_cnn, torch.randn(4, 3, *shape), method=PV, progress=False,
-                      **{**TINY, "epochs": 1})
+        exp = explain(
+            functional_relu_cnn, torch.randn(4, 3, *shape), method=PV, progress=False, **{**TINY, "epochs": 1}
+        )
         assert exp.maps.shape == (4, *shape)
     assert len(list(tmp_path.rglob(f"{PV}-*.pt"))) == 2
     with pytest.raises(XAIError, match="fit data are 3x32x32 but the inputs to explain are 3x16x16"):
-        explain(functional_relu_cnn, torch.randn(2, 3, 16, 16), method=PV, fit_data=torch.randn(4, 3, 32, 32),
-                progress=False, **{**TINY, "epochs": 1})
+        explain(
+            functional_relu_cnn,
+            torch.randn(2, 3, 16, 16),
+            method=PV,
+            fit_data=torch.randn(4, 3, 32, 32),
+            progress=False,
+            **{**TINY, "epochs": 1},
+        )
 
 
 # -- other architectures, parameters, the report ------------------------------------------------
@@ -288,7 +327,9 @@ def test_resnet18_small_smoke(tmp_path, monkeypatch):
     x = (images - 0.5) / 0.25
     exp = explain(model, x[:2], method=PV, fit_data=x[2:], progress=False, **{**TINY, "epochs": 1})
     y, p = exp.extras["reconstruction"], exp.extras["pv"]
-    assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all() and 0 <= float(p.min()) <= float(p.max()) <= 1
+    assert (
+        y.shape == (2, 3, 32, 32) and torch.isfinite(y).all() and 0 <= float(p.min()) <= float(p.max()) <= 1
+    )
     assert exp.params["layer"] == "layer4" and exp.maps.shape == (2, 32, 32)
     assert exp.extras["scores"]["ssim"].shape == (2,)
     _assert_same(model, snap)
@@ -311,9 +352,17 @@ def test_report_shows_reconstruction_and_pv(fitted, trained_cnn, held_out, pv_pa
     from core.workflow import run
 
     _, x = fitted
-    results = run(trained_cnn.model, x[:6], {PV: pv_params}, images=held_out.images[:6],
-                  labels=held_out.labels[:6], metrics=["pv_reconstruction", "pv_simulatability"],
-                  reporters=["json", "html"], out_dir=tmp_path, progress=False)
+    results = run(
+        trained_cnn.model,
+        x[:6],
+        {PV: pv_params},
+        images=held_out.images[:6],
+        labels=held_out.labels[:6],
+        metrics=["pv_reconstruction", "pv_simulatability"],
+        reporters=["json", "html"],
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert not results.failures, results.failures
     assert "pv_reconstruction.ssim" in results.metrics[PV]
     html = (tmp_path / "report.html").read_text()

@@ -16,11 +16,15 @@ captum_attr = pytest.importorskip("captum.attr")
 
 
 def snapshot(model: nn.Module) -> dict:
-    return {"state": {k: (v._version, float(v.double().sum())) for k, v in model.state_dict().items()},
-            "training": [m.training for m in model.modules()],
-            "requires_grad": [p.requires_grad for p in model.parameters()],
-            "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules()]}
+    return {
+        "state": {k: (v._version, float(v.double().sum())) for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ],
+    }
 
 
 def assert_unchanged(model: nn.Module, before: dict) -> None:
@@ -45,12 +49,25 @@ def test_occlusion_equals_captum(residual_net, images32, window, stride, baselin
     spair = (stride, stride) if isinstance(stride, int) else stride
     base = torch.randn(1, 3, 32, 32) if baseline == "tensor" else baseline
     before = snapshot(residual_net)
-    exp = explain(residual_net, images32, targets=[1, 2], method="occlusion", window=window, stride=stride,
-                  baseline=base, batch_size=7)
+    exp = explain(
+        residual_net,
+        images32,
+        targets=[1, 2],
+        method="occlusion",
+        window=window,
+        stride=stride,
+        baseline=base,
+        batch_size=7,
+    )
     assert_unchanged(residual_net, before)
     ref = captum_attr.Occlusion(residual_net).attribute(
-        images32, sliding_window_shapes=(3, *pair), strides=(3, *spair), target=torch.tensor([1, 2]),
-        baselines=0.0 if baseline == "zeros" else base, perturbations_per_eval=16)
+        images32,
+        sliding_window_shapes=(3, *pair),
+        strides=(3, *spair),
+        target=torch.tensor([1, 2]),
+        baselines=0.0 if baseline == "zeros" else base,
+        perturbations_per_eval=16,
+    )
     assert exp.attributions.shape == images32.shape
     assert torch.allclose(exp.attributions, ref, atol=1e-5, rtol=1e-4)
     assert ref.abs().max() > 1e-3  # the comparison is not between two zero tensors
@@ -60,7 +77,8 @@ def test_occlusion_functional_relu_and_batch_size_invariance(functional_relu_cnn
     a = explain(functional_relu_cnn, images32, method="occlusion", window=8, stride=8, batch_size=3)
     b = explain(functional_relu_cnn, images32, method="occlusion", window=8, stride=8, batch_size=500)
     ref = captum_attr.Occlusion(functional_relu_cnn).attribute(
-        images32, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=a.targets)
+        images32, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=a.targets
+    )
     assert torch.allclose(a.attributions, b.attributions, atol=1e-6)
     assert torch.allclose(a.attributions, ref, atol=1e-5)
 
@@ -75,12 +93,14 @@ def test_occlusion_rejects_bad_geometry(functional_relu_cnn, images32):
 # -- kernel SHAP / LIME ---------------------------------------------------------------------------
 def exact_shapley(model, x, target, segments, m, baseline):
     """Brute-force Shapley values of the superpixel game v(S) = f(x on S, baseline elsewhere)."""
+
     def value(subset):
         keep = torch.zeros(segments.shape)
         for j in subset:
             keep[segments == j] = 1
         with torch.no_grad():
             return float(model(baseline + keep * (x - baseline))[0, target])
+
     values = {s: value(s) for r in range(m + 1) for s in itertools.combinations(range(m), r)}
     phi = torch.zeros(m, dtype=torch.float64)
     for j in range(m):
@@ -106,7 +126,11 @@ def test_kernel_shap_efficiency_sampled(residual_net, images32, baseline):
     exp = explain(residual_net, images32, method="kernel_shap", segments=30, samples=256, baseline=baseline)
     with torch.no_grad():
         fx = residual_net(images32).gather(1, exp.targets.view(-1, 1)).squeeze(1)
-        base = torch.zeros_like(images32) if baseline == "zeros" else images32.mean((2, 3), keepdim=True).expand_as(images32)
+        base = (
+            torch.zeros_like(images32)
+            if baseline == "zeros"
+            else images32.mean((2, 3), keepdim=True).expand_as(images32)
+        )
         fb = residual_net(base).gather(1, exp.targets.view(-1, 1)).squeeze(1)
     total = exp.attributions.flatten(1).sum(1)
     assert max(len(v) for v in exp.extras["values"]) > 10  # sampled, not enumerated
@@ -159,10 +183,13 @@ def test_rise_masks_and_equals_direct_formula(functional_relu_cnn, images32):
     m = masks(torch.arange(500))
     assert m.shape == (500, 1, 32, 32) and m.min() >= 0 and m.max() <= 1 + 1e-6
     assert abs(float(m.mean()) - 0.3) < 0.03
-    exp = explain(functional_relu_cnn, images32, method="rise", samples=500, grid=5, keep=0.3, seed=7,
-                  batch_size=33)
+    exp = explain(
+        functional_relu_cnn, images32, method="rise", samples=500, grid=5, keep=0.3, seed=7, batch_size=33
+    )
     with torch.no_grad():
-        probs = torch.stack([functional_relu_cnn(m * x).softmax(1)[:, int(t)] for x, t in zip(images32, exp.targets)])
+        probs = torch.stack(
+            [functional_relu_cnn(m * x).softmax(1)[:, int(t)] for x, t in zip(images32, exp.targets)]
+        )
     direct = (probs @ m.view(500, -1)).view(2, 1, 32, 32) / (500 * 0.3)
     assert torch.allclose(exp.attributions, direct, atol=1e-5)
 
@@ -173,26 +200,35 @@ def test_gradient_shap_equals_captum_on_linear_model(images32):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).eval()
     ref_image = torch.randn(1, 3, 32, 32)
     exp = explain(model, images32, targets=[0, 2], method="gradient_shap", baseline=ref_image, samples=8)
-    captum = captum_attr.GradientShap(model).attribute(images32, baselines=ref_image, target=torch.tensor([0, 2]),
-                                                       n_samples=8)
+    captum = captum_attr.GradientShap(model).attribute(
+        images32, baselines=ref_image, target=torch.tensor([0, 2]), n_samples=8
+    )
     assert torch.allclose(exp.attributions, captum, atol=1e-5)
 
 
 def test_gradient_shap_completeness_in_expectation(residual_net, images32):
-    exp = explain(residual_net, images32, method="gradient_shap", baseline="zeros", samples=400, batch_size=200)
+    exp = explain(
+        residual_net, images32, method="gradient_shap", baseline="zeros", samples=400, batch_size=200
+    )
     with torch.no_grad():
-        delta = (residual_net(images32) - residual_net(torch.zeros_like(images32))).gather(
-            1, exp.targets.view(-1, 1)).squeeze(1)
+        delta = (
+            (residual_net(images32) - residual_net(torch.zeros_like(images32)))
+            .gather(1, exp.targets.view(-1, 1))
+            .squeeze(1)
+        )
     total = exp.attributions.flatten(1).sum(1)
     assert torch.allclose(total, delta, rtol=0.1, atol=0.02 * float(delta.abs().max()))
 
 
 # -- localization on the trained reference CNN ----------------------------------------------------
-@pytest.mark.parametrize("method,params,times_chance", [
-    ("occlusion", {"window": 6, "stride": 3, "output": "probability"}, 3.0),
-    ("rise", {"samples": 300, "grid": 4}, 2.0),
-    ("meaningful_perturbation", {"steps": 100}, 2.0),
-])
+@pytest.mark.parametrize(
+    "method,params,times_chance",
+    [
+        ("occlusion", {"window": 6, "stride": 3, "output": "probability"}, 3.0),
+        ("rise", {"samples": 300, "grid": 4}, 2.0),
+        ("meaningful_perturbation", {"steps": 100}, 2.0),
+    ],
+)
 def test_localization_on_shapes(trained_cnn, shapes_probe, method, params, times_chance):
     """The map's maximum falls on the object well above chance (the mask's share of the image).
 

@@ -29,8 +29,17 @@ from pipelines.workspace import TEMPLATES, dvc_command, dvc_env, init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("resolve", "explain", "evaluate", "report", "gate")
-GATE = {"checks": [{"name": "saliency-pointing", "method": "saliency", "metric": "localization.pointing_game",
-                    "op": ">=", "threshold": 0.0}]}
+GATE = {
+    "checks": [
+        {
+            "name": "saliency-pointing",
+            "method": "saliency",
+            "metric": "localization.pointing_game",
+            "op": ">=",
+            "threshold": 0.0,
+        }
+    ]
+}
 
 
 def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -60,8 +69,14 @@ def checkpoint(path: Path, seed: int) -> Path:
     from core.preprocess import Preprocess
 
     torch.manual_seed(seed)
-    return save_checkpoint(path, build_model("deconvolve_cnn", 4), "deconvolve_cnn",
-                           Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3), CLASS_NAMES, {"seed": seed})
+    return save_checkpoint(
+        path,
+        build_model("deconvolve_cnn", 4),
+        "deconvolve_cnn",
+        Preprocess(size=32, mean=[0.5] * 3, std=[0.25] * 3),
+        CLASS_NAMES,
+        {"seed": seed},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +104,13 @@ def base(tmp_path_factory, models):
     params["metrics"] = {"localization": {}}
     params["gate"] = GATE
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_versions(ws, [{"name": "cnn", "version": 1, "uri": str(models["v1"])},
-                        {"name": "cnn", "version": "2", "uri": str(models["v2"])}])
+    write_versions(
+        ws,
+        [
+            {"name": "cnn", "version": 1, "uri": str(models["v1"])},
+            {"name": "cnn", "version": "2", "uri": str(models["v2"])},
+        ],
+    )
     proc = dvc(ws, "repro")
     return ws, proc.stdout
 
@@ -109,8 +129,17 @@ def test_repro_runs_every_stage_of_both_versions(base):
     fingerprints = set()
     for version in ("1", "2"):
         out = ws / layout.RUNS_DIR / "cnn" / version
-        for name in (layout.MODEL, layout.EXPLANATIONS, layout.EVALUATION, layout.METRICS, layout.RESULTS,
-                     layout.HTML, layout.GATE, layout.VERDICT, "plots/confidence.csv"):
+        for name in (
+            layout.MODEL,
+            layout.EXPLANATIONS,
+            layout.EVALUATION,
+            layout.METRICS,
+            layout.RESULTS,
+            layout.HTML,
+            layout.GATE,
+            layout.VERDICT,
+            "plots/confidence.csv",
+        ):
             assert (out / name).is_file(), f"{out / name} missing"
         results = json.loads((out / layout.RESULTS).read_text())
         assert results["meta"]["model"]["name"] == "cnn" and results["meta"]["model"]["version"] == version
@@ -222,18 +251,33 @@ def test_xai_pipeline_commands_are_registered_through_the_entry_point(base):
     result = CliRunner().invoke(cli, ["pipeline", "status", "-w", str(ws), "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert [(r["key"], r["gate"], r["up_to_date"]) for r in rows] == [("cnn-v1", "passed", True),
-                                                                     ("cnn-v2", "passed", True)]
+    assert [(r["key"], r["gate"], r["up_to_date"]) for r in rows] == [
+        ("cnn-v1", "passed", True),
+        ("cnn-v2", "passed", True),
+    ]
 
 
 def test_version_names_from_outside_are_validated(tmp_path):
     (tmp_path / "params.yaml").write_text("# kept comment\nmethods: {saliency: {}}\nversions: {}\n")
-    for name, version in [("../etc", "1"), ("a/b", "1"), ("", "1"), ("..", "1"), ("m", "../1"),
-                          ("m", "1/2"), ("m", True), ("m", "1 2"), ("-rf", "1"), ("m\n", "1"), ("m", "1\n")]:
+    for name, version in [
+        ("../etc", "1"),
+        ("a/b", "1"),
+        ("", "1"),
+        ("..", "1"),
+        ("m", "../1"),
+        ("m", "1/2"),
+        ("m", True),
+        ("m", "1 2"),
+        ("-rf", "1"),
+        ("m\n", "1"),
+        ("m", "1\n"),
+    ]:
         with pytest.raises(InputError):
             add_version(tmp_path, name, version)
     assert version_key("my.model", 7) == "my_model-v7"
-    keys = write_versions(tmp_path, [{"name": "a", "version": 1}, {"name": "b", "version": "2", "uri": "/m.pt"}])
+    keys = write_versions(
+        tmp_path, [{"name": "a", "version": 1}, {"name": "b", "version": "2", "uri": "/m.pt"}]
+    )
     assert keys == ["a-v1", "b-v2"]
     params = read_params(tmp_path)
     assert params["versions"]["a-v1"] == {"name": "a", "version": "1", "uri": "models:/a/1"}
@@ -247,13 +291,21 @@ def test_workspace_lock_serializes_processes(tmp_path):
     from core.errors import XAIError
     from pipelines.lock import workspace_lock
 
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from pipelines.lock import workspace_lock
         with workspace_lock({str(tmp_path)!r}):
             print("held", flush=True)
             time.sleep(3)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(XAIError, match="timed out"):
@@ -268,7 +320,10 @@ def test_workspace_lock_serializes_processes(tmp_path):
 
 def test_repository_root_pipeline_is_the_template():
     assert (ROOT / "dvc.yaml").read_text() == (TEMPLATES / "dvc.yaml").read_text()
-    root, template = yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(
-        (TEMPLATES / "params.yaml").read_text())
-    assert {k: v for k, v in root.items() if k != "versions"} == {k: v for k, v in template.items()
-                                                                   if k != "versions"}
+    root, template = (
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        yaml.safe_load((TEMPLATES / "params.yaml").read_text()),
+    )
+    assert {k: v for k, v in root.items() if k != "versions"} == {
+        k: v for k, v in template.items() if k != "versions"
+    }

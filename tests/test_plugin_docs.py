@@ -16,7 +16,13 @@ HOOKS = [name for name, fn in vars(hookspecs).items() if name.startswith("xai_")
 
 
 def test_there_are_hooks():
-    assert {"xai_explainers", "xai_metrics", "xai_reporters", "xai_describers", "xai_register_commands"} <= set(HOOKS)
+    assert {
+        "xai_explainers",
+        "xai_metrics",
+        "xai_reporters",
+        "xai_describers",
+        "xai_register_commands",
+    } <= set(HOOKS)
 
 
 @pytest.mark.parametrize("hook", HOOKS)

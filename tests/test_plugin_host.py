@@ -94,7 +94,9 @@ def test_builtins_registered():
 
 
 def test_duplicate_name_names_both_plugins():
-    host = _host_with(_module("plugin_a", Raising), _module("plugin_b", type("R2", (Raising,), {"name": "raising"})))
+    host = _host_with(
+        _module("plugin_a", Raising), _module("plugin_b", type("R2", (Raising,), {"name": "raising"}))
+    )
     with pytest.raises(DuplicateNameError) as info:
         host.names("explainer")
     assert "plugin_a" in str(info.value) and "plugin_b" in str(info.value)
@@ -130,8 +132,9 @@ def test_faulty_plugin_is_isolated(functional_relu_cnn, images32, cls, kind):
 
 def test_timeout_is_isolated_and_hooks_restored(functional_relu_cnn, images32):
     host = _host_with(_module("slow", Sleepy, HookLeaver))
-    out = Engine(host=host, progress=False, timeout=0.5).run(functional_relu_cnn, images32,
-                                                              ["sleepy", "hook_leaver", "grad_cam"])
+    out = Engine(host=host, progress=False, timeout=0.5).run(
+        functional_relu_cnn, images32, ["sleepy", "hook_leaver", "grad_cam"]
+    )
     kinds = {f.name: f.kind for f in out.failures}
     assert kinds == {"sleepy": "timeout", "hook_leaver": "exception"}
     assert "grad_cam" in out.explanations
@@ -189,24 +192,54 @@ def test_entry_point_plugin_found_and_run(throwaway_distribution, tmp_path, trai
     assert listing.returncode == 0, listing.stderr
     assert "xai-centre-plugin 0.3" in listing.stdout and "centre_prior" in listing.stdout
     probe = tmp_path / "probe"
-    subprocess.run(xai + ["data", "shapes", "--out", str(probe), "--n", "4"], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
-    run = subprocess.run(xai + ["explain", "--model", str(trained_cnn_path), "--images", str(probe / "images"),
-                                "--methods", "centre_prior,saliency", "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    subprocess.run(
+        xai + ["data", "shapes", "--out", str(probe), "--n", "4"],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    run = subprocess.run(
+        xai
+        + [
+            "explain",
+            "--model",
+            str(trained_cnn_path),
+            "--images",
+            str(probe / "images"),
+            "--methods",
+            "centre_prior,saliency",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     import json
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["methods"]) == {"centre_prior", "saliency"}
-    disabled = subprocess.run(xai + ["plugins"], capture_output=True, text=True, cwd=ROOT,
-                              env={**env, "XAI_DISABLED_PLUGINS": "centre"})
+    disabled = subprocess.run(
+        xai + ["plugins"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, "XAI_DISABLED_PLUGINS": "centre"},
+    )
     assert "centre_prior" not in disabled.stdout
 
 
 def test_plugins_command_lists_distribution_and_names():
-    out = subprocess.run([sys.executable, "-m", "core.cli", "plugins", "--json"], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ})
+    out = subprocess.run(
+        [sys.executable, "-m", "core.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
     assert out.returncode == 0, out.stderr
     import json
 

@@ -239,10 +239,13 @@ while pathlib.Path("hang").exists():
 pathlib.Path("out.txt").write_text("done")
 """
 
+# The caller takes Ctrl-C as a foreground process does: a process started in the background by a
+# non-interactive shell (``make test &``, nohup) inherits SIGINT ignored, and would not see it.
 CALLER = """\
-import sys
+import signal, sys
 from pathlib import Path
 from pipelines.api import run_dvc
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print(run_dvc(Path(sys.argv[1]), ["repro"]), flush=True)
 """
 

@@ -32,7 +32,10 @@ def test_default_policy_gates_on_the_sanity_checks_first():
         assert by_metric[key].method == "*" and by_metric[key].sanity and by_metric[key].op == "<"
     assert by_metric["sanity.cascading.spearman_full"].threshold == 0.7
     assert (by_metric["shortcut.share"].op, by_metric["shortcut.share"].threshold) == ("<", 0.2)
-    assert by_metric["faithfulness.aopc"].than == "faithfulness.aopc_random" and not by_metric["shortcut.share"].sanity
+    assert (
+        by_metric["faithfulness.aopc"].than == "faithfulness.aopc_random"
+        and not by_metric["shortcut.share"].sanity
+    )
     assert policy.name == "default"
     import yaml
 
@@ -41,11 +44,23 @@ def test_default_policy_gates_on_the_sanity_checks_first():
 
 
 def test_a_method_failing_its_sanity_check_carries_no_other_check():
-    policy = {"checks": [{"name": "cascading", "method": "*", "metric": "sanity.cascading.spearman_full", "op": "<",
-                          "threshold": 0.7, "sanity": True},
-                         {"name": "aopc", "method": "*", "metric": "faithfulness.aopc", "op": ">", "threshold": 0.1}]}
-    doc = results_doc(good={"sanity.cascading.spearman_full": 0.3, "faithfulness.aopc": 0.5},
-                      edges={"sanity.cascading.spearman_full": 1.0, "faithfulness.aopc": 0.5})
+    policy = {
+        "checks": [
+            {
+                "name": "cascading",
+                "method": "*",
+                "metric": "sanity.cascading.spearman_full",
+                "op": "<",
+                "threshold": 0.7,
+                "sanity": True,
+            },
+            {"name": "aopc", "method": "*", "metric": "faithfulness.aopc", "op": ">", "threshold": 0.1},
+        ]
+    }
+    doc = results_doc(
+        good={"sanity.cascading.spearman_full": 0.3, "faithfulness.aopc": 0.5},
+        edges={"sanity.cascading.spearman_full": 1.0, "faithfulness.aopc": 0.5},
+    )
     doc["meta"] = {"methods_requested": ["good", "edges"]}
     verdict = evaluate(policy, doc)
     rows = {(r["method"], r["name"].split(" [")[0]): r for r in verdict["checks"]}
@@ -71,17 +86,20 @@ def test_policy_sources(tmp_path):
     assert load_policy({"gate": {"checks": []}}).checks == []
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"checks": [{"metric": "a.b", "op": "<", "treshold": 1}]}, "unknown key 'treshold'"),
-    ({"checks": [{"metric": "a.b", "op": "~", "threshold": 1}]}, "op must be"),
-    ({"checks": [{"metric": "a.b", "op": "<"}]}, "exactly one of"),
-    ({"checks": [{"metric": "a.b", "op": "<", "threshold": 1, "than": "a.c"}]}, "exactly one of"),
-    ({"checks": [{"metric": "a.b", "op": "<", "threshold": "low"}]}, "must be a number"),
-    ({"checks": [{"op": "<", "threshold": 1}]}, "'metric'"),
-    ({"checks": [{"name": "x", "metric": "a.b", "op": "<", "threshold": 1}] * 2}, "used twice"),
-    ({"rules": []}, "unknown policy key"),
-    ("/nonexistent/policy.yaml", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"checks": [{"metric": "a.b", "op": "<", "treshold": 1}]}, "unknown key 'treshold'"),
+        ({"checks": [{"metric": "a.b", "op": "~", "threshold": 1}]}, "op must be"),
+        ({"checks": [{"metric": "a.b", "op": "<"}]}, "exactly one of"),
+        ({"checks": [{"metric": "a.b", "op": "<", "threshold": 1, "than": "a.c"}]}, "exactly one of"),
+        ({"checks": [{"metric": "a.b", "op": "<", "threshold": "low"}]}, "must be a number"),
+        ({"checks": [{"op": "<", "threshold": 1}]}, "'metric'"),
+        ({"checks": [{"name": "x", "metric": "a.b", "op": "<", "threshold": 1}] * 2}, "used twice"),
+        ({"rules": []}, "unknown policy key"),
+        ("/nonexistent/policy.yaml", "does not exist"),
+    ],
+)
 def test_invalid_policies_are_errors(bad, message):
     with pytest.raises(PolicyError, match=message):
         load_policy(bad)
@@ -89,15 +107,38 @@ def test_invalid_policies_are_errors(bad, message):
 
 # -- evaluating ------------------------------------------------------------------------------------
 def test_pass_fail_and_comparisons():
-    doc = results_doc(grad_cam={"sanity.cascading.spearman_full": 0.2, "faithfulness.aopc": 0.5,
-                                "faithfulness.aopc_random": 0.3},
-                      edge={"sanity.cascading.spearman_full": 1.0, "faithfulness.aopc": 0.1,
-                            "faithfulness.aopc_random": 0.3})
-    policy = {"checks": [
-        {"name": "sensitive", "method": "*", "metric": "sanity.cascading.spearman_full", "op": "<", "threshold": 0.4},
-        {"name": "aopc", "method": ["grad_cam", "edge"], "metric": "faithfulness.aopc", "op": ">",
-         "than": "faithfulness.aopc_random", "margin": 0.1},
-        {"name": "accuracy", "metric": "model.accuracy", "op": ">=", "threshold": 0.9}]}
+    doc = results_doc(
+        grad_cam={
+            "sanity.cascading.spearman_full": 0.2,
+            "faithfulness.aopc": 0.5,
+            "faithfulness.aopc_random": 0.3,
+        },
+        edge={
+            "sanity.cascading.spearman_full": 1.0,
+            "faithfulness.aopc": 0.1,
+            "faithfulness.aopc_random": 0.3,
+        },
+    )
+    policy = {
+        "checks": [
+            {
+                "name": "sensitive",
+                "method": "*",
+                "metric": "sanity.cascading.spearman_full",
+                "op": "<",
+                "threshold": 0.4,
+            },
+            {
+                "name": "aopc",
+                "method": ["grad_cam", "edge"],
+                "metric": "faithfulness.aopc",
+                "op": ">",
+                "than": "faithfulness.aopc_random",
+                "margin": 0.1,
+            },
+            {"name": "accuracy", "metric": "model.accuracy", "op": ">=", "threshold": 0.9},
+        ]
+    }
     verdict = evaluate(policy, doc)
     rows = {c["name"]: c for c in verdict["checks"]}
     assert rows["sensitive [grad_cam]"]["passed"] and not rows["sensitive [edge]"]["passed"]
@@ -115,18 +156,38 @@ def test_pass_fail_and_comparisons():
 
 def test_missing_nan_and_failed_metrics_fail_closed():
     doc = results_doc(grad_cam={"shortcut.share": None, "sanity.cascading.spearman_full": 0.1})
-    doc["failures"] = [{"plugin": "xai_plugins.metrics.sanity", "name": "sanity:grad_cam", "kind": "exception",
-                        "message": "boom", "stage": "metric"},
-                       {"plugin": "p", "name": "lrp", "kind": "exception", "message": "no rule", "stage": "explain"}]
+    doc["failures"] = [
+        {
+            "plugin": "xai_plugins.metrics.sanity",
+            "name": "sanity:grad_cam",
+            "kind": "exception",
+            "message": "boom",
+            "stage": "metric",
+        },
+        {"plugin": "p", "name": "lrp", "kind": "exception", "message": "no rule", "stage": "explain"},
+    ]
     doc["meta"] = {"skipped_metrics": {"localization": "needs masks"}}
-    checks = [{"name": "sanity", "method": "grad_cam", "metric": "sanity.cascading.spearman_full", "op": "<",
-               "threshold": 0.4},
-              {"name": "nan", "method": "grad_cam", "metric": "shortcut.share", "op": "<", "threshold": 0.2},
-              {"name": "absent", "method": "grad_cam", "metric": "faithfulness.aopc", "op": ">", "threshold": 0},
-              {"name": "skipped", "method": "grad_cam", "metric": "localization.pcc", "op": ">", "threshold": 0},
-              {"name": "no method", "method": "lrp", "metric": "faithfulness.aopc", "op": ">", "threshold": 0},
-              {"name": "optional", "method": "grad_cam", "metric": "drift.spearman", "op": ">", "threshold": 0.5,
-               "required": False}]
+    checks = [
+        {
+            "name": "sanity",
+            "method": "grad_cam",
+            "metric": "sanity.cascading.spearman_full",
+            "op": "<",
+            "threshold": 0.4,
+        },
+        {"name": "nan", "method": "grad_cam", "metric": "shortcut.share", "op": "<", "threshold": 0.2},
+        {"name": "absent", "method": "grad_cam", "metric": "faithfulness.aopc", "op": ">", "threshold": 0},
+        {"name": "skipped", "method": "grad_cam", "metric": "localization.pcc", "op": ">", "threshold": 0},
+        {"name": "no method", "method": "lrp", "metric": "faithfulness.aopc", "op": ">", "threshold": 0},
+        {
+            "name": "optional",
+            "method": "grad_cam",
+            "metric": "drift.spearman",
+            "op": ">",
+            "threshold": 0.5,
+            "required": False,
+        },
+    ]
     rows = {c["name"]: c for c in evaluate({"checks": checks}, doc)["checks"]}
     assert not rows["sanity"]["passed"] and "boom" in rows["sanity"]["reason"]  # failed even with a value
     assert not rows["nan"]["passed"] and "not a finite number" in rows["nan"]["reason"]
@@ -162,16 +223,26 @@ def watermark_probe():
 
 
 def shortcut_verdict(loaded, probe, out: Path) -> tuple[dict, dict]:
-    results = run(loaded.model, loaded.preprocess.normalize(probe.images), ["grad_cam"], images=probe.images,
-                  masks=probe.masks, spurious_masks=probe.spurious, metrics=["shortcut", "localization", "cost"],
-                  reporters=["json"], out_dir=out, progress=False)
+    results = run(
+        loaded.model,
+        loaded.preprocess.normalize(probe.images),
+        ["grad_cam"],
+        images=probe.images,
+        masks=probe.masks,
+        spurious_masks=probe.spurious,
+        metrics=["shortcut", "localization", "cost"],
+        reporters=["json"],
+        out_dir=out,
+        progress=False,
+    )
     policy = load_policy(DEFAULT)
     policy.checks[:] = [c for c in policy.checks if c.metric.startswith("shortcut.")]
     return evaluate(policy, out / "results.json"), results.metrics["grad_cam"]
 
 
-def test_clever_hans_fails_the_shortcut_check_and_the_clean_model_passes(trained_cnn, clever_hans_cnn,
-                                                                          watermark_probe, tmp_path):
+def test_clever_hans_fails_the_shortcut_check_and_the_clean_model_passes(
+    trained_cnn, clever_hans_cnn, watermark_probe, tmp_path
+):
     clean, clean_m = shortcut_verdict(trained_cnn, watermark_probe, tmp_path / "clean")
     hans, hans_m = shortcut_verdict(clever_hans_cnn, watermark_probe, tmp_path / "hans")
     assert clean["passed"], format_table(clean)
@@ -196,15 +267,38 @@ def test_clever_hans_fails_the_shortcut_check_and_the_clean_model_passes(trained
 def test_drift_metric_reads_the_previous_version(trained_cnn, watermark_probe, tmp_path):
     probe = watermark_probe.subset(slice(0, 8))
     x = trained_cnn.preprocess.normalize(probe.images)
-    first = run(trained_cnn.model, x, ["saliency"], metrics=["drift"], reporters=["json"], out_dir=tmp_path / "v1",
-                progress=False)
+    first = run(
+        trained_cnn.model,
+        x,
+        ["saliency"],
+        metrics=["drift"],
+        reporters=["json"],
+        out_dir=tmp_path / "v1",
+        progress=False,
+    )
     assert first.metrics["saliency"]["drift.compared"] == 0.0
-    second = run(trained_cnn.model, x, ["saliency"], metrics=["drift"], metric_params={"drift": {"previous": str(
-        tmp_path / "v1")}}, reporters=[], progress=False)
+    second = run(
+        trained_cnn.model,
+        x,
+        ["saliency"],
+        metrics=["drift"],
+        metric_params={"drift": {"previous": str(tmp_path / "v1")}},
+        reporters=[],
+        progress=False,
+    )
     m = second.metrics["saliency"]
     assert m["drift.compared"] == 1.0 and m["drift.spearman"] == pytest.approx(1.0) and m["drift.l1"] < 1e-6
-    other = run(trained_cnn.model, x[:4], ["saliency"], metrics=["drift"], metric_params={"drift": {"previous": str(
-        tmp_path / "v1")}}, reporters=[], progress=False)
-    assert any(f.name == "drift:saliency" for f in other.failures)  # other probe images: an error, not a number
+    other = run(
+        trained_cnn.model,
+        x[:4],
+        ["saliency"],
+        metrics=["drift"],
+        metric_params={"drift": {"previous": str(tmp_path / "v1")}},
+        reporters=[],
+        progress=False,
+    )
+    assert any(
+        f.name == "drift:saliency" for f in other.failures
+    )  # other probe images: an error, not a number
     with pytest.raises(Exception, match="shape"):
         explanation_drift({"m": torch.zeros(2, 4, 4)}, {"m": torch.zeros(3, 4, 4)})

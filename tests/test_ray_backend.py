@@ -27,9 +27,12 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs the ray extra")
 
 ROOT = Path(__file__).resolve().parent.parent
 # deterministic methods and metrics; occlusion makes a shard long enough to be interrupted
-PARAMS = {**LIGHT_PARAMS, "batch_size": 4,
-          "methods": {"saliency": {}, "grad_cam": {}, "occlusion": {"window": 4, "stride": 1}},
-          "metrics": {"localization": {"tolerance": 0}, "shortcut": {}}}
+PARAMS = {
+    **LIGHT_PARAMS,
+    "batch_size": 4,
+    "methods": {"saliency": {}, "grad_cam": {}, "occlusion": {"window": 4, "stride": 1}},
+    "metrics": {"localization": {"tolerance": 0}, "shortcut": {}},
+}
 PLUGINS = NEEDED_PLUGINS | {"cam", "perturbation"}
 pytestmark = pytest.mark.timeout(900)
 
@@ -41,7 +44,9 @@ def cluster():
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "XAI_DISABLED_PLUGINS", "XAI_NO_PROGRESS")}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), saved["PYTHONPATH"] or ""]).rstrip(os.pathsep)
-    os.environ["XAI_DISABLED_PLUGINS"] = ",".join(sorted({m.rsplit(".", 1)[-1] for m in BUILTIN_PLUGINS} - PLUGINS))
+    os.environ["XAI_DISABLED_PLUGINS"] = ",".join(
+        sorted({m.rsplit(".", 1)[-1] for m in BUILTIN_PLUGINS} - PLUGINS)
+    )
     os.environ["XAI_NO_PROGRESS"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, namespace="xai", log_to_driver=False)
     try:
@@ -60,10 +65,29 @@ class RayLoop(Loop):
 
     def start_worker(self, *extra: str) -> None:
         self.worker_starts += 1
-        self.worker = self._spawn(["worker", "-w", str(self.ws), "--backoff", "1", "--backoff-cap", "4",
-                                   "--lease", "30", "--poll", "0.3", "--backend", "ray",
-                                   "--ray-address", self.address, "--actors", "2", *extra],
-                                  self.logs / "worker.log")
+        self.worker = self._spawn(
+            [
+                "worker",
+                "-w",
+                str(self.ws),
+                "--backoff",
+                "1",
+                "--backoff-cap",
+                "4",
+                "--lease",
+                "30",
+                "--poll",
+                "0.3",
+                "--backend",
+                "ray",
+                "--ray-address",
+                self.address,
+                "--actors",
+                "2",
+                *extra,
+            ],
+            self.logs / "worker.log",
+        )
 
     def actors(self) -> list:
         pid = self.worker.pid
@@ -112,8 +136,14 @@ def checkpoint(tmp_path_factory, trained_cnn) -> Path:
     from core.models import save_checkpoint
 
     lm = trained_cnn
-    return save_checkpoint(tmp_path_factory.mktemp("models") / "clean.pt", lm.model, lm.arch, lm.preprocess,
-                           lm.class_names, lm.meta)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("models") / "clean.pt",
+        lm.model,
+        lm.arch,
+        lm.preprocess,
+        lm.class_names,
+        lm.meta,
+    )
 
 
 def _once(loop: Loop, version: str) -> None:
@@ -150,8 +180,9 @@ def test_same_results_as_the_local_backend_and_dvc_has_nothing_to_redo(rloop, ch
             assert torch.equal(a["methods"][label][field], b["methods"][label][field]), (label, field)
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["targets"], b["targets"])
     assert local["metrics"] == remote["metrics"]
-    assert {k: v for k, v in local["gate"].items() if k not in ("model", "out_dir", "results")} == \
-        {k: v for k, v in remote["gate"].items() if k not in ("model", "out_dir", "results")}
+    assert {k: v for k, v in local["gate"].items() if k not in ("model", "out_dir", "results")} == {
+        k: v for k, v in remote["gate"].items() if k not in ("model", "out_dir", "results")
+    }
     assert tags["xai.gate"] == local["gate"]["status"]
     code, output = run_dvc(rloop.ws, ["status", f"gate@{local['key']}"], rloop.env)
     assert code == 0 and "up to date" in output.lower(), output  # DVC's record is the Ray run's
@@ -193,14 +224,31 @@ def test_a_shard_that_raises_is_one_line_naming_the_stage(cluster):
 
     with pytest.raises(XAIError) as err:
         _gather(ray, [shard.remote()], "explain (2 shard(s))")
-    assert str(err.value) == "explain (2 shard(s)) on the Ray cluster failed: ValueError: probe image 3 is empty"
+    assert (
+        str(err.value) == "explain (2 shard(s)) on the Ray cluster failed: ValueError: probe image 3 is empty"
+    )
 
 
 def test_unreachable_address_and_missing_gpus_are_one_line_exit_2(rloop, cluster):
     for extra in (["--ray-address", "127.0.0.1:1"], ["--ray-address", cluster, "--gpus-per-actor", "1"]):
-        proc = subprocess.run([sys.executable, "-m", "core.cli", "worker", "-w", str(rloop.ws) + "-other",
-                               "--backend", "ray", "--once", *extra], env=rloop.env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "core.cli",
+                "worker",
+                "-w",
+                str(rloop.ws) + "-other",
+                "--backend",
+                "ray",
+                "--once",
+                *extra,
+            ],
+            env=rloop.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and lines and lines[-1].startswith("error: "), proc.stderr
         assert "Traceback" not in proc.stderr
@@ -215,11 +263,20 @@ def test_shards_merge_in_probe_order():
     full = torch.arange(10.0).view(10, 1, 1, 1)
     shards = []
     for a, b in shard_bounds(10, 3):
-        exp = Explanation("m", full[a:b], full[a:b, 0], torch.arange(a, b),
-                          extras={"text": [str(i) for i in range(a, b)], "layer": "conv"})
-        shards.append({"explanations": {"m": exp}, "failures": [], "targets": torch.arange(a, b), "logits": None})
+        exp = Explanation(
+            "m",
+            full[a:b],
+            full[a:b, 0],
+            torch.arange(a, b),
+            extras={"text": [str(i) for i in range(a, b)], "layer": "conv"},
+        )
+        shards.append(
+            {"explanations": {"m": exp}, "failures": [], "targets": torch.arange(a, b), "logits": None}
+        )
     out = merge_explanations(shards, [4, 3, 3], ["m"])
-    assert torch.equal(out.explanations["m"].attributions, full) and torch.equal(out.targets, torch.arange(10))
+    assert torch.equal(out.explanations["m"].attributions, full) and torch.equal(
+        out.targets, torch.arange(10)
+    )
     assert out.explanations["m"].extras == {"text": [str(i) for i in range(10)], "layer": "conv"}
     del shards[1]["explanations"]["m"]
     out = merge_explanations(shards, [4, 3, 3], ["m"])

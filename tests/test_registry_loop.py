@@ -26,14 +26,30 @@ MODEL = "shapes-cnn"
 # saliency relevance mass on the object (8 'agree' probes): clean reference CNN 0.32-0.45 over
 # retrainings, Clever Hans CNN 0.13 (it looks at the watermark)
 LIGHT_PARAMS = {
-    "probe": {"kind": "shapes", "n": 8, "size": 32, "seed": 1234, "watermark": "agree", "target": "predicted"},
+    "probe": {
+        "kind": "shapes",
+        "n": 8,
+        "size": 32,
+        "seed": 1234,
+        "watermark": "agree",
+        "target": "predicted",
+    },
     "fit_data": None,
     "batch_size": 32,
     "methods": {"saliency": {}},
     "metrics": {"localization": {"tolerance": 0}, "shortcut": {}},
     "reporters": {"json": {}, "html": {}},
-    "gate": {"checks": [{"name": "saliency looks at the object", "method": "saliency",
-                         "metric": "localization.relevance_mass", "op": ">", "threshold": 0.25}]},
+    "gate": {
+        "checks": [
+            {
+                "name": "saliency looks at the object",
+                "method": "saliency",
+                "metric": "localization.relevance_mass",
+                "op": ">",
+                "threshold": 0.25,
+            }
+        ]
+    },
 }
 NEEDED_PLUGINS = {"gradient", "localization", "json_reporter", "html", "registry", "pipelines"}
 MAX_ATTEMPTS = 2
@@ -90,29 +106,70 @@ class Loop:
         self.worker_starts = 0
 
     def xai(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=self.ws, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "core.cli", *args],
+            cwd=self.ws,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
         with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "core.cli", *args], cwd=self.ws, env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [sys.executable, "-m", "core.cli", *args],
+                cwd=self.ws,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def start_listener(self) -> None:
         log = self.logs / "listener.log"
         mark = log.stat().st_size if log.exists() else 0
-        self.listener = self._spawn(["listen", "-w", str(self.ws), "--port", str(self.port), "--register-webhook",
-                                     "--poll-interval", "0", "--max-attempts", str(MAX_ATTEMPTS)], log)
+        self.listener = self._spawn(
+            [
+                "listen",
+                "-w",
+                str(self.ws),
+                "--port",
+                str(self.port),
+                "--register-webhook",
+                "--poll-interval",
+                "0",
+                "--max-attempts",
+                str(MAX_ATTEMPTS),
+            ],
+            log,
+        )
         deadline = time.monotonic() + 300
         while b"MLflow webhook" not in log.read_bytes()[mark:]:
             assert self.listener.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"listener did not register its webhook:\n{self.log_tail('listener')}"
+            assert time.monotonic() < deadline, (
+                f"listener did not register its webhook:\n{self.log_tail('listener')}"
+            )
             time.sleep(0.3)
 
     def start_worker(self) -> None:
         self.worker_starts += 1
-        self.worker = self._spawn(["worker", "-w", str(self.ws), "--backoff", "1", "--backoff-cap", "4",
-                                   "--lease", "30", "--poll", "0.3"], self.logs / "worker.log")
+        self.worker = self._spawn(
+            [
+                "worker",
+                "-w",
+                str(self.ws),
+                "--backoff",
+                "1",
+                "--backoff-cap",
+                "4",
+                "--lease",
+                "30",
+                "--poll",
+                "0.3",
+            ],
+            self.logs / "worker.log",
+        )
 
     def register(self, checkpoint: Path) -> str:
         from registry.models import register_checkpoint
@@ -137,7 +194,9 @@ class Loop:
                 elif tags.get("xai.status") == "failed" and tags.get("xai.retry") == "no":
                     pytest.fail(f"version {v} failed: {tags.get('xai.error')}\n{self.log_tail('worker')}")
             if pending:
-                assert time.monotonic() < deadline, f"versions {sorted(pending)} not done:\n{self.log_tail('worker')}"
+                assert time.monotonic() < deadline, (
+                    f"versions {sorted(pending)} not done:\n{self.log_tail('worker')}"
+                )
                 for proc in (self.worker,):
                     assert proc is None or proc.poll() is None, self.log_tail("worker")
                 time.sleep(1.0)
@@ -158,8 +217,11 @@ class Loop:
 
         exp = self.client.get_experiment_by_name("xai-explanations")
         view = ViewType.ACTIVE_ONLY if active_only else ViewType.ALL
-        return self.client.search_runs([exp.experiment_id], f"tags.`xai.model` = '{MODEL}' and "
-                                       f"tags.`xai.version` = '{version}'", run_view_type=view)
+        return self.client.search_runs(
+            [exp.experiment_id],
+            f"tags.`xai.model` = '{MODEL}' and tags.`xai.version` = '{version}'",
+            run_view_type=view,
+        )
 
     def close(self) -> None:
         from registry import server
@@ -177,7 +239,9 @@ def checkpoints(tmp_path_factory, trained_cnn, clever_hans_cnn) -> dict[str, Pat
     folder = tmp_path_factory.mktemp("models")
     out = {}
     for label, lm in (("clean", trained_cnn), ("clever_hans", clever_hans_cnn)):
-        out[label] = save_checkpoint(folder / f"{label}.pt", lm.model, lm.arch, lm.preprocess, lm.class_names, lm.meta)
+        out[label] = save_checkpoint(
+            folder / f"{label}.pt", lm.model, lm.arch, lm.preprocess, lm.class_names, lm.meta
+        )
     return out
 
 
@@ -222,8 +286,9 @@ def test_registering_a_version_is_all_it_takes(loop, first_version):
     metrics = run.data.metrics
     assert metrics["gate/passed"] == 1.0 and metrics["saliency/localization.relevance_mass"] > 0.25
     assert "saliency/localization.pointing_game" in metrics and "saliency/shortcut.share" in metrics
-    verdict = json.loads(Path(loop.client.download_artifacts(run.info.run_id, "gate.json",
-                                                             str(loop.logs))).read_text())
+    verdict = json.loads(
+        Path(loop.client.download_artifacts(run.info.run_id, "gate.json", str(loop.logs))).read_text()
+    )
     assert verdict["passed"] is True and verdict["checks"][0]["metric"] == "localization.relevance_mass"
     q = loop.queue()
     [job] = q.find(MODEL, version)
@@ -242,8 +307,10 @@ def test_report_from_the_artifact_url_renders_in_chromium(loop, first_version):
     # the same harness does see a broken image and a script error (it is not blind)
     bad = loop.client.create_run(loop.client.get_experiment_by_name("Default").experiment_id).info.run_id
     page = loop.logs / "bad.html"
-    page.write_text('<html><body><img alt="x" src="data:image/png;base64,AAAA">'
-                    '<script>throw new Error("boom")</script></body></html>')
+    page.write_text(
+        '<html><body><img alt="x" src="data:image/png;base64,AAAA">'
+        '<script>throw new Error("boom")</script></body></html>'
+    )
     loop.client.log_artifact(bad, str(page))
     seen = inspect_html_artifact(loop.uri, f"{loop.uri}/get-artifact?path=bad.html&run_uuid={bad}")
     assert seen["broken"] == ["x"] and any("boom" in e for e in seen["errors"]), seen
@@ -302,7 +369,9 @@ def test_bad_versions_fail_with_a_reason_are_retried_and_block_nothing(loop, che
     (junk / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
     loop.client.log_artifacts(run.info.run_id, str(junk), "model")
     ensure_registered_model(loop.client, MODEL)
-    broken = str(loop.client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run.info.run_id).version)
+    broken = str(
+        loop.client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run.info.run_id).version
+    )
     # a job for a version that does not exist
     q = loop.queue()
     ghost, _ = q.enqueue(MODEL, "999", config_hash(loop.ws), source="test", max_attempts=MAX_ATTEMPTS)
@@ -355,8 +424,13 @@ def _burst(loop: Loop, checkpoint: Path, n: int) -> None:
         runs = loop.runs_of(v)
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # exactly one run per version
         assert runs[0].info.run_id == job.run_id == loop.tags(v)["xai.run_id"]
-    picked_up = [e for v in versions for j in q.find(MODEL, v) for e in q.events(j.id)
-                 if e["kind"] in ("orphan_released", "lease_expired")]
+    picked_up = [
+        e
+        for v in versions
+        for j in q.find(MODEL, v)
+        for e in q.events(j.id)
+        if e["kind"] in ("orphan_released", "lease_expired")
+    ]
     assert len(picked_up) >= 2  # both kills interrupted a job that was then taken over
     q.close()
 
@@ -403,8 +477,11 @@ def test_models_uris_load_weights_only(loop, first_version, monkeypatch, tmp_pat
             (folder / name).write_bytes(data)
         loop.client.log_artifacts(run.info.run_id, str(folder), "model")
         ensure_registered_model(loop.client, "unsafe-models")
-        return str(loop.client.create_model_version("unsafe-models", f"{run.info.artifact_uri}/model",
-                                                    run.info.run_id, tags=tags).version)
+        return str(
+            loop.client.create_model_version(
+                "unsafe-models", f"{run.info.artifact_uri}/model", run.info.run_id, tags=tags
+            ).version
+        )
 
     # a pickled pytorch-flavor model is refused unless explicitly allowed
     pickled = version_with({"MLmodel": b"flavors:\n  pytorch:\n    model_data: data\n", "data": b"x"})
@@ -415,8 +492,9 @@ def test_models_uris_load_weights_only(loop, first_version, monkeypatch, tmp_pat
     original = Path(loop.client.download_artifacts(upload_run, "model/checkpoint.pt", str(tmp_path)))
     data = bytearray(original.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
-    tampered = version_with({"checkpoint.pt": bytes(data)},
-                            tags={"xai.sha256": loop.tags(version)["xai.sha256"]})
+    tampered = version_with(
+        {"checkpoint.pt": bytes(data)}, tags={"xai.sha256": loop.tags(version)["xai.sha256"]}
+    )
     with pytest.raises(ModelError, match="SHA-256"):
         load_any_model(f"models:/unsafe-models/{tampered}")
 
@@ -426,10 +504,19 @@ def test_mlflow_reporter_logs_a_plain_explain_run(loop, trained_cnn, tmp_path):
     from core.datasets import make_shapes
 
     ds = make_shapes(3, size=32, seed=7, watermark="agree")
-    results = workflow.run(trained_cnn.model, trained_cnn.preprocess.normalize(ds.images), {"saliency": {}},
-                           images=ds.images, labels=ds.labels, masks=ds.masks, metrics=["localization"],
-                           reporters=["json", "html", "mlflow"], out_dir=tmp_path, progress=False,
-                           reporter_params={"mlflow": {"tracking_uri": loop.uri, "experiment": "reporter-test"}})
+    results = workflow.run(
+        trained_cnn.model,
+        trained_cnn.preprocess.normalize(ds.images),
+        {"saliency": {}},
+        images=ds.images,
+        labels=ds.labels,
+        masks=ds.masks,
+        metrics=["localization"],
+        reporters=["json", "html", "mlflow"],
+        out_dir=tmp_path,
+        progress=False,
+        reporter_params={"mlflow": {"tracking_uri": loop.uri, "experiment": "reporter-test"}},
+    )
     assert not results.failures, results.failures
     record = json.loads((tmp_path / "mlflow-run.json").read_text())
     run = loop.client.get_run(record["run_id"])

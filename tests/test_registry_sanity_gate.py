@@ -17,12 +17,28 @@ SANITY_CHECK = "sensitive to cascading randomization"
 PARAMS = {
     **LIGHT_PARAMS,
     "methods": {"saliency": {}, "edge_detector": {}},
-    "metrics": {"sanity": {"independent": False, "label_randomization": False, "similarities": ["spearman"],
-                           "max_images": 8, "figures": False}},
+    "metrics": {
+        "sanity": {
+            "independent": False,
+            "label_randomization": False,
+            "similarities": ["spearman"],
+            "max_images": 8,
+            "figures": False,
+        }
+    },
     # halfway between the edge detector (1.0: the same map on every randomized model) and the
     # gradient methods (about 0.25-0.4 on the reference CNN): the default gate's threshold
-    "gate": {"checks": [{"name": SANITY_CHECK, "method": "*", "metric": "sanity.cascading.spearman_full",
-                         "op": "<", "threshold": 0.7}]},
+    "gate": {
+        "checks": [
+            {
+                "name": SANITY_CHECK,
+                "method": "*",
+                "metric": "sanity.cascading.spearman_full",
+                "op": "<",
+                "threshold": 0.7,
+            }
+        ]
+    },
 }
 
 
@@ -59,8 +75,14 @@ def checkpoint(tmp_path_factory, trained_cnn) -> Path:
     from core.models import save_checkpoint
 
     lm = trained_cnn
-    return save_checkpoint(tmp_path_factory.mktemp("models") / "clean.pt", lm.model, lm.arch, lm.preprocess,
-                           lm.class_names, lm.meta)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("models") / "clean.pt",
+        lm.model,
+        lm.arch,
+        lm.preprocess,
+        lm.class_names,
+        lm.meta,
+    )
 
 
 def test_a_version_gated_on_an_edge_detector_is_refused_on_the_sanity_check(sanity_loop, checkpoint):

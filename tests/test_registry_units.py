@@ -20,8 +20,25 @@ SECRET = "test-secret-0123456789"
 
 
 # -- names ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["../etc", "..", "a/b", "a\\b", "a..b", "", ".hidden", "-rf", "x" * 101,
-                                  "name with space", "nul\x00", "models:/x", None, 3])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../etc",
+        "..",
+        "a/b",
+        "a\\b",
+        "a..b",
+        "",
+        ".hidden",
+        "-rf",
+        "x" * 101,
+        "name with space",
+        "nul\x00",
+        "models:/x",
+        None,
+        3,
+    ],
+)
 def test_unsafe_model_names_are_refused(name):
     with pytest.raises(InvalidNameError):
         check_name(name)
@@ -125,8 +142,14 @@ def test_signature_matches_mlflow_and_supports_rotation():
     ts = str(int(time.time()))
     assert sign(SECRET, "d1", ts, body.encode()) == _generate_hmac_signature(SECRET, "d1", ts, body)
     both = f"{sign('old-secret', 'd1', ts, body.encode())} {sign(SECRET, 'd1', ts, body.encode())}"
-    assert verify({"X-MLflow-Signature": both, "X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": ts},
-                  body.encode(), SECRET) == "d1"
+    assert (
+        verify(
+            {"X-MLflow-Signature": both, "X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": ts},
+            body.encode(),
+            SECRET,
+        )
+        == "d1"
+    )
 
 
 # -- the receiver over HTTP ----------------------------------------------------------------------
@@ -151,16 +174,26 @@ def post(server, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
     return resp.status, json.loads(data or b"{}")
 
 
-def delivery(data: dict, secret: str = SECRET, age: float = 0.0, entity: str = "model_version",
-             action: str = "created", delivery_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def delivery(
+    data: dict,
+    secret: str = SECRET,
+    age: float = 0.0,
+    entity: str = "model_version",
+    action: str = "created",
+    delivery_id: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """A delivery exactly as MLflow builds it (mlflow.webhooks.delivery._send_webhook_request)."""
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
-    payload = json.dumps({"entity": entity, "action": action, "timestamp": "2026-01-01T00:00:00+00:00",
-                          "data": data})
+    payload = json.dumps(
+        {"entity": entity, "action": action, "timestamp": "2026-01-01T00:00:00+00:00", "data": data}
+    )
     did, ts = delivery_id or str(uuid.uuid4()), str(int(time.time() - age))
-    return payload.encode(), {"X-MLflow-Delivery-Id": did, "X-MLflow-Timestamp": ts,
-                              "X-MLflow-Signature": _generate_hmac_signature(secret, did, ts, payload)}
+    return payload.encode(), {
+        "X-MLflow-Delivery-Id": did,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": _generate_hmac_signature(secret, did, ts, payload),
+    }
 
 
 def test_signed_delivery_enqueues_once_and_replay_is_refused(receiver):
@@ -168,7 +201,9 @@ def test_signed_delivery_enqueues_once_and_replay_is_refused(receiver):
     body, headers = delivery({"name": "shapes-cnn", "version": "7", "source": "x", "tags": {}})
     status, reply = post(server, body, headers)
     assert status == 202 and reply["created"]
-    assert [(j.model, j.version, j.config, j.source) for j in queue.jobs()] == [("shapes-cnn", "7", "cfg", "webhook")]
+    assert [(j.model, j.version, j.config, j.source) for j in queue.jobs()] == [
+        ("shapes-cnn", "7", "cfg", "webhook")
+    ]
     status, reply = post(server, body, headers)  # the same delivery again
     assert status == 409 and "replayed" in reply["error"]
     assert len(queue.jobs()) == 1 and len(queue.events(kind="enqueued")) == 1
@@ -202,13 +237,21 @@ def test_forged_unsigned_stale_and_malformed_deliveries_enqueue_nothing(receiver
 
 def _signed_raw(body: bytes) -> tuple[bytes, dict[str, str]]:
     did, ts = str(uuid.uuid4()), str(int(time.time()))
-    return body, {"X-MLflow-Delivery-Id": did, "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sign(SECRET, did, ts, body)}
+    return body, {
+        "X-MLflow-Delivery-Id": did,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sign(SECRET, did, ts, body),
+    }
 
 
 def test_alias_and_other_events(receiver):
     server, queue, aliases = receiver
-    status, _ = post(server, *delivery({"name": "m", "alias": "champion", "version": "2"},
-                                        entity="model_version_alias", action="created"))
+    status, _ = post(
+        server,
+        *delivery(
+            {"name": "m", "alias": "champion", "version": "2"}, entity="model_version_alias", action="created"
+        ),
+    )
     assert status == 202 and aliases == [("m", "champion", "2")]
     status, reply = post(server, *delivery({"name": "m"}, entity="registered_model", action="created"))
     assert status == 200 and reply["ignored"] == "registered_model.created"

@@ -62,10 +62,16 @@ def _box(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _zennit_rule(name: str, x: torch.Tensor):
     low, high = _box(x)
-    return {"zero": lambda: zr.Epsilon(epsilon=0.0), "epsilon": lambda: zr.Epsilon(epsilon=EPS),
-            "gamma": lambda: zr.Gamma(gamma=0.25), "alpha_beta": lambda: zr.AlphaBeta(alpha=2.0, beta=1.0),
-            "z_plus": lambda: zr.ZPlus(), "z_box": lambda: zr.ZBox(low, high), "flat": lambda: zr.Flat(),
-            "w_square": lambda: zr.WSquare()}[name]()
+    return {
+        "zero": lambda: zr.Epsilon(epsilon=0.0),
+        "epsilon": lambda: zr.Epsilon(epsilon=EPS),
+        "gamma": lambda: zr.Gamma(gamma=0.25),
+        "alpha_beta": lambda: zr.AlphaBeta(alpha=2.0, beta=1.0),
+        "z_plus": lambda: zr.ZPlus(),
+        "z_box": lambda: zr.ZBox(low, high),
+        "flat": lambda: zr.Flat(),
+        "w_square": lambda: zr.WSquare(),
+    }[name]()
 
 
 def _zennit(model: nn.Module, composite, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -88,12 +94,18 @@ def _zennit_composite(name: str, x: torch.Tensor, canonizers: list):
         "epsilon_plus_flat": lambda: zc.EpsilonPlusFlat(canonizers=canonizers),
         "epsilon_alpha2_beta1_flat": lambda: zc.EpsilonAlpha2Beta1Flat(canonizers=canonizers),
         "deep_taylor": lambda: SpecialFirstLayerMapComposite(
-            base + [(ZAnyLinear, zr.ZPlus())], [(ZAnyLinear, zr.ZBox(low, high))], canonizers=canonizers),
+            base + [(ZAnyLinear, zr.ZPlus())], [(ZAnyLinear, zr.ZBox(low, high))], canonizers=canonizers
+        ),
     }[name]()
 
 
-ZENNIT_BUILTIN = ("epsilon_gamma_box", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat",
-                  "epsilon_alpha2_beta1_flat")
+ZENNIT_BUILTIN = (
+    "epsilon_gamma_box",
+    "epsilon_plus",
+    "epsilon_alpha2_beta1",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1_flat",
+)
 ZENNIT_COMPOSITES = ZENNIT_BUILTIN + ("deep_taylor",)
 RESNET_COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat", "deep_taylor")
 RULES = ("zero", "epsilon", "gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square")
@@ -122,8 +134,9 @@ def test_lrp_rule_matches_zennit_vgg11(vgg11, rule):
     if rule in INPUT_RULES:  # the input layer's rule, epsilon above (as rule=... does)
         ours = LayerMapComposite(conv=epsilon(EPS), linear=epsilon(EPS), first=ours_rule)
         zmap = layer_map_base() + [(Convolution, zr.Epsilon(EPS)), (nn.Linear, zr.Epsilon(EPS))]
-        zcomp = SpecialFirstLayerMapComposite(zmap, [(Convolution, _zennit_rule(rule, x))],
-                                              canonizers=[VGGCanonizer()])
+        zcomp = SpecialFirstLayerMapComposite(
+            zmap, [(Convolution, _zennit_rule(rule, x))], canonizers=[VGGCanonizer()]
+        )
     else:
         ours = LayerMapComposite(conv=ours_rule, linear=epsilon(EPS))
         zmap = layer_map_base() + [(Convolution, _zennit_rule(rule, x)), (nn.Linear, zr.Epsilon(EPS))]
@@ -195,8 +208,9 @@ def test_gamma_epsilon_zero_by_depth_matches_zennit_name_map(resnet18_f64):
     band = [zr.Gamma(0.25), zr.Epsilon(1e-6), zr.Epsilon(0.0)]
     name_map = [((names[0],), zr.ZBox(low, high))]
     name_map += [((n,), band[min(2, int(3 * i / 21))]) for i, n in enumerate(names) if i > 0]
-    zcomp = zc.MixedComposite([NameMapComposite(name_map), ZLayerMap(layer_map_base())],
-                              canonizers=[ResNetCanonizer()])
+    zcomp = zc.MixedComposite(
+        [NameMapComposite(name_map), ZLayerMap(layer_map_base())], canonizers=[ResNetCanonizer()]
+    )
     got = lrp_relevance(resnet18_f64, x, targets, make_composite(None, "gamma_epsilon_zero", {}))[0]
     assert _rel_err(got, _zennit(resnet18_f64, zcomp, x, targets)) < 1e-7
 
@@ -224,8 +238,9 @@ def test_lrp_conservation_vgg11(vgg11_f64_biased, rule, params):
     logits = model(x).detach()
     targets = logits.argmax(1)
     logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-    relevance, extras = lrp_relevance(model, x, targets, make_composite(rule, None, dict(params, zero_bias=True)),
-                                      stabilizer=1e-12)
+    relevance, extras = lrp_relevance(
+        model, x, targets, make_composite(rule, None, dict(params, zero_bias=True)), stabilizer=1e-12
+    )
     layers = extras["layer_relevance"]
     assert torch.allclose(layers["output"], logit)
     assert list(layers)[1:4] == ["features.0", "features.3", "features.6"]  # forward order
@@ -262,14 +277,18 @@ class ModuleReLUTwin(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _captum_deeplift(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, baselines=None,
-                     shap: bool = False) -> torch.Tensor:
+def _captum_deeplift(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, baselines=None, shap: bool = False
+) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if shap:
             return captum_attr.DeepLiftShap(model).attribute(x, baselines=baselines, target=targets).detach()
-        return captum_attr.DeepLift(model).attribute(x, baselines=torch.zeros_like(x) if baselines is None
-                                                     else baselines, target=targets).detach()
+        return (
+            captum_attr.DeepLift(model)
+            .attribute(x, baselines=torch.zeros_like(x) if baselines is None else baselines, target=targets)
+            .detach()
+        )
 
 
 def _gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -396,8 +415,14 @@ def test_reveal_cancel_differs_from_rescale_on_min():
 
 # -- the model is left as found --------------------------------------------------------------------
 def _hooks(model: nn.Module) -> int:
-    attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-             "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    attrs = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+    )
     return sum(len(getattr(m, a, {})) for m in model.modules() for a in attrs)
 
 
@@ -420,8 +445,15 @@ class Boom(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("method,params", [("lrp", {"composite": "epsilon_gamma_box"}), ("lrp", {"rule": "gamma"}),
-                                           ("deeplift", {"rule": "reveal_cancel"}), ("deeplift", {})])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("lrp", {"composite": "epsilon_gamma_box"}),
+        ("lrp", {"rule": "gamma"}),
+        ("deeplift", {"rule": "reveal_cancel"}),
+        ("deeplift", {}),
+    ],
+)
 @pytest.mark.parametrize("armed", [False, True])
 def test_model_unchanged(method, params, armed):
     torch.manual_seed(0)
@@ -453,12 +485,15 @@ def test_model_unchanged(method, params, armed):
 
 
 # -- parameters --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("params,match", [
-    ({"rule": "bogus"}, "unknown LRP rule"),
-    ({"composite": "bogus"}, "unknown LRP composite"),
-    ({"rule": "gamma", "composite": "epsilon_plus"}, "not both"),
-    ({"rule": "alpha_beta", "alpha": 2.0, "beta": 0.5}, "alpha = beta"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"rule": "bogus"}, "unknown LRP rule"),
+        ({"composite": "bogus"}, "unknown LRP composite"),
+        ({"rule": "gamma", "composite": "epsilon_plus"}, "not both"),
+        ({"rule": "alpha_beta", "alpha": 2.0, "beta": 0.5}, "alpha = beta"),
+    ],
+)
 def test_lrp_bad_parameters_are_one_line_errors(params, match):
     model = Boom().eval()
     with pytest.raises(InputError, match=match):
@@ -509,18 +544,29 @@ def test_bench_suite_runs_on_a_tiny_model():
 
     suites = harness.discover(["relevance"])
     model = harness.make_model("tiny")
-    rows = harness.run_model("tiny", harness.Settings(models=["tiny"], batch=2, size=32, repeats=1), suites,
-                             model=model, log=lambda s: None)
+    rows = harness.run_model(
+        "tiny",
+        harness.Settings(models=["tiny"], batch=2, size=32, repeats=1),
+        suites,
+        model=model,
+        log=lambda s: None,
+    )
     by = {r.method: r for r in rows}
-    assert set(by) == {"lrp(epsilon_gamma_box)", "lrp(epsilon_plus)", "deeplift(rescale)", "deeplift(reveal_cancel)"}
+    assert set(by) == {
+        "lrp(epsilon_gamma_box)",
+        "lrp(epsilon_plus)",
+        "deeplift(rescale)",
+        "deeplift(reveal_cancel)",
+    }
     for row in rows:
         assert row.error is None and row.peer_error is None, row
         assert row.ours_over_limit > 0 and (row.peer is None or row.speedup > 0)
     assert _hooks(model) == 0
 
 
-def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted(functional_relu_cnn, images32,
-                                                                                  tmp_path, monkeypatch):
+def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted(
+    functional_relu_cnn, images32, tmp_path, monkeypatch
+):
     """LRP / DeepLIFT maps keep their sign: the report draws relevance for the class in red, against
     it in blue, and a pixel of zero relevance exactly as the image is (no background tint)."""
     import numpy as np
@@ -539,8 +585,15 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
     assert explainer_flag("lrp", "signed") and explainer_flag("deeplift", "signed")
     assert not explainer_flag("saliency", "signed") and not explainer_flag("no_such_method", "signed")
     images = (images32 - images32.min()) / (images32.max() - images32.min())
-    results = run(functional_relu_cnn, images32, ["lrp", "saliency"], images=images, reporters=["html", "json"],
-                  out_dir=tmp_path, progress=False)
+    results = run(
+        functional_relu_cnn,
+        images32,
+        ["lrp", "saliency"],
+        images=images,
+        reporters=["html", "json"],
+        out_dir=tmp_path,
+        progress=False,
+    )
     page = (tmp_path / "report.html").read_text()
     assert page.count("red: for the class, blue: against") == 1  # the lrp column only
     # the json reporter keeps the signed relevance beside maps.npz, for the registry worker's PNGs
@@ -554,8 +607,10 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
 
     from xai_plugins.reporters.mlflow_reporter import map_pngs
 
-    pngs = map_pngs({"lrp": torch.rand(1, 8, 8)}, ["a.png"], image.unsqueeze(0), signed={"lrp": relevance[None]})
-    (name, png), = pngs.items()
+    pngs = map_pngs(
+        {"lrp": torch.rand(1, 8, 8)}, ["a.png"], image.unsqueeze(0), signed={"lrp": relevance[None]}
+    )
+    ((name, png),) = pngs.items()
     assert name == "maps/lrp/000_a.png"
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float) / 255
     scale = pixels.shape[0] // 8
@@ -566,8 +621,16 @@ def test_signed_relevance_is_drawn_red_for_blue_against_and_leaves_zero_untinted
 
     monkeypatch.setattr(runlog, "_probe_images", lambda workspace, out_dir: images)
     logged = runlog._maps(tmp_path, tmp_path, ["a", "b"], tmp_path)
-    assert set(logged) == {"maps/lrp/000_a.png", "maps/lrp/001_b.png", "maps/saliency/000_a.png",
-                           "maps/saliency/001_b.png"}
-    expected = map_pngs({"lrp": results.explanations["lrp"].maps[:1]}, ["a"], images[:1],
-                        signed={"lrp": results.explanations["lrp"].attributions[:1].sum(1)})
+    assert set(logged) == {
+        "maps/lrp/000_a.png",
+        "maps/lrp/001_b.png",
+        "maps/saliency/000_a.png",
+        "maps/saliency/001_b.png",
+    }
+    expected = map_pngs(
+        {"lrp": results.explanations["lrp"].maps[:1]},
+        ["a"],
+        images[:1],
+        signed={"lrp": results.explanations["lrp"].attributions[:1].sum(1)},
+    )
     assert logged["maps/lrp/000_a.png"] == expected["maps/lrp/000_a.png"]

@@ -29,8 +29,9 @@ def tv_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                          num_classes=5)
+    m = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
     nn.init.normal_(m.heads.head.weight, std=0.2)  # torchvision initializes the head to zero
     return m.eval()
 
@@ -39,8 +40,17 @@ def timm_vit(fused: bool, class_token: bool = True) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=5,
-                          class_token=class_token, global_pool="token" if class_token else "avg")
+    m = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2,
+        num_classes=5,
+        class_token=class_token,
+        global_pool="token" if class_token else "avg",
+    )
     for block in m.blocks:
         block.attn.fused_attn = fused
     return m.eval()
@@ -58,7 +68,9 @@ def densenet() -> nn.Module:
     from torchvision.models import DenseNet
 
     torch.manual_seed(0)
-    return calibrated(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5))
+    return calibrated(
+        DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5)
+    )
 
 
 def convnext() -> nn.Module:
@@ -72,8 +84,9 @@ def swin() -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
     torch.manual_seed(0)
-    return SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
-                           num_classes=5).eval()
+    return SwinTransformer(
+        patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+    ).eval()
 
 
 def resnet() -> nn.Module:
@@ -100,8 +113,14 @@ def _run(model: nn.Module, composite: str, zero_bias: bool = True, x: torch.Tens
     targets = logits.argmax(1)
     logit = logits.gather(1, targets.view(-1, 1)).squeeze(1)
     config = {"zero_bias": zero_bias, "epsilon": 1e-9 if zero_bias else 1e-6}
-    relevance, extras = lrp_relevance(model, x, targets, make_composite(None, composite, config),
-                                      zero_bias=zero_bias, stabilizer=1e-9 if zero_bias else 1e-6)
+    relevance, extras = lrp_relevance(
+        model,
+        x,
+        targets,
+        make_composite(None, composite, config),
+        zero_bias=zero_bias,
+        stabilizer=1e-9 if zero_bias else 1e-6,
+    )
     return relevance, extras, logit, targets
 
 
@@ -126,8 +145,11 @@ def test_attn_lrp_conserves_on_vit(fused):
     assert torch.allclose(relevance, other, rtol=1e-3, atol=1e-5 * float(relevance.abs().max()))
 
 
-@pytest.mark.parametrize("make", [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
-                         ids=["torchvision", "timm_fused", "timm_unfused"])
+@pytest.mark.parametrize(
+    "make",
+    [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
+    ids=["torchvision", "timm_fused", "timm_unfused"],
+)
 def test_attn_lrp_accounts_for_class_token_and_softmax(make):
     """With a class token, relevance left on it at the bottom and the softmax rule's bias term are
     reported; input + both = the logit (nothing else is lost or created, within 1 %)."""
@@ -146,8 +168,11 @@ def test_attn_lrp_conserves_on_swin():
 
 
 # -- AttnLRP against LXT ---------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
-                         ids=["torchvision", "timm_fused", "timm_unfused"])
+@pytest.mark.parametrize(
+    "make",
+    [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False)],
+    ids=["torchvision", "timm_fused", "timm_unfused"],
+)
 def test_attn_lrp_matches_lxt(make):
     """Same model and input: our ``attn_lrp`` (epsilon 1e-6, biases in the rules, as LXT's gradient x
     input) and LXT's AttnLRP correlate > 0.99 per image."""
@@ -161,8 +186,11 @@ def test_attn_lrp_matches_lxt(make):
 
 
 # -- modern CNNs: the default composite -----------------------------------------------------------
-@pytest.mark.parametrize("make", [efficientnet, densenet, convnext, resnet, swin],
-                         ids=["efficientnet", "densenet", "convnext", "resnet18", "swin"])
+@pytest.mark.parametrize(
+    "make",
+    [efficientnet, densenet, convnext, resnet, swin],
+    ids=["efficientnet", "densenet", "convnext", "resnet18", "swin"],
+)
 def test_default_composite_conserves(make):
     """epsilon_gamma_box without biases: SE gates (EfficientNet), SiLU, stochastic depth, concatenation
     and pre-activation batch norms (DenseNet), LayerNorm2d and layer scale (ConvNeXt), residual adds."""
@@ -210,9 +238,11 @@ def test_deeplift_complete_on_densenet():
     assert torch.allclose(exp.attributions.flatten(1).sum(1), exp.extras["delta"], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("make,where", [(tv_vit, "(LayerNorm)"), (lambda: timm_vit(True), "(LayerNorm)"),
-                                        (efficientnet, "(SqueezeExcitation)")],
-                         ids=["torchvision_vit", "timm_vit", "efficientnet_se"])
+@pytest.mark.parametrize(
+    "make,where",
+    [(tv_vit, "(LayerNorm)"), (lambda: timm_vit(True), "(LayerNorm)"), (efficientnet, "(SqueezeExcitation)")],
+    ids=["torchvision_vit", "timm_vit", "efficientnet_se"],
+)
 def test_deeplift_refuses_in_one_line(make, where):
     """LayerNorm, softmax, attention and products of activations have no DeepLIFT rule here: one line
     naming the module, never a map that breaks summation to delta."""

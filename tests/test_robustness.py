@@ -15,9 +15,15 @@ from xai_plugins.metrics.robustness import Robustness, max_sensitivity
 def robustness_run(trained_cnn, shapes_probe):
     probe = shapes_probe.subset(slice(0, 16))
     state = {k: v.clone() for k, v in trained_cnn.model.state_dict().items()}
-    results = run(trained_cnn.model, trained_cnn.preprocess.normalize(probe.images), ["saliency", "grad_cam"],
-                  metrics=["robustness"], reporters=[], progress=False,
-                  metric_params={"robustness": {"max_iter": 20, "samples": 4}})
+    results = run(
+        trained_cnn.model,
+        trained_cnn.preprocess.normalize(probe.images),
+        ["saliency", "grad_cam"],
+        metrics=["robustness"],
+        reporters=[],
+        progress=False,
+        metric_params={"robustness": {"max_iter": 20, "samples": 4}},
+    )
     for k, v in trained_cnn.model.state_dict().items():
         assert torch.equal(v, state[k])
     return results

@@ -47,7 +47,9 @@ def data():
     g = torch.Generator().manual_seed(0)
     b, h, w = 4, 20, 24
     maps = torch.rand(b, h, w, generator=g, dtype=torch.float64) ** 2
-    density = torch.rand(b, h, w, generator=g, dtype=torch.float64) * maps + 0.1 * torch.rand(b, h, w, generator=g)
+    density = torch.rand(b, h, w, generator=g, dtype=torch.float64) * maps + 0.1 * torch.rand(
+        b, h, w, generator=g
+    )
     fix = torch.zeros(b, h, w, dtype=torch.bool)
     for i in range(b):  # distinct pixels, more where the map is high
         idx = torch.multinomial(maps[i].flatten(), 15 + 5 * i, replacement=False, generator=g)
@@ -62,7 +64,9 @@ class _Maps:
                 return maps[int(stimulus[0, 0, 0])]
 
         self.model = Model(caching=False)
-        self.stimuli = pysaliency.Stimuli([np.full((*maps.shape[1:], 3), i, dtype=np.uint8) for i in range(len(maps))])
+        self.stimuli = pysaliency.Stimuli(
+            [np.full((*maps.shape[1:], 3), i, dtype=np.uint8) for i in range(len(maps))]
+        )
 
 
 def _pysal_fixations(pysaliency, fix):
@@ -77,7 +81,9 @@ def test_density_and_fixation_measures_equal_pysaliency(pysal, data):
         ys, xs = np.nonzero(fix[i].numpy())
         assert sim(maps, density)[i].item() == pytest.approx(pysal.metrics.SIM(m[i], d[i]), abs=1e-6)
         assert cc(maps, density)[i].item() == pytest.approx(pysal.metrics.CC(m[i], d[i]), abs=1e-6)
-        assert kl_divergence(maps, density)[i].item() == pytest.approx(pysal.metrics.MIT_KLDiv(m[i], d[i]), abs=1e-6)
+        assert kl_divergence(maps, density)[i].item() == pytest.approx(
+            pysal.metrics.MIT_KLDiv(m[i], d[i]), abs=1e-6
+        )
         assert nss(maps, fix)[i].item() == pytest.approx(pysal.metrics.NSS(m[i], xs, ys).mean(), abs=1e-6)
 
 
@@ -85,7 +91,9 @@ def test_aucs_equal_pysaliency(pysal, data):
     maps, _, fix = data
     m = maps.double().numpy()
     wrapped, fixations = _Maps(pysal, m), _pysal_fixations(pysal, fix)
-    judd = wrapped.model.AUC_per_image(wrapped.stimuli, fixations, nonfixations="unfixated", thresholds="fixations")
+    judd = wrapped.model.AUC_per_image(
+        wrapped.stimuli, fixations, nonfixations="unfixated", thresholds="fixations"
+    )
     shuffled = wrapped.model.AUC_per_image(wrapped.stimuli, fixations, nonfixations="shuffled")
     assert np.allclose(auc_judd(maps, fix).double().numpy(), judd, atol=1e-6, rtol=0)
     assert np.allclose(auc_shuffled(maps, fix).double().numpy(), shuffled, atol=1e-6, rtol=0)
@@ -109,7 +117,9 @@ def test_measures_read_binary_masks_as_before():
     maps = torch.rand(2, 10, 10, generator=g)
     assert torch.allclose(cc(maps, mask), pearson(maps, mask))
     assert torch.allclose(auc_judd(mask + 0.0, mask.bool()), torch.ones(2))
-    assert torch.allclose(auc_shuffled(maps, mask.bool(), other=torch.zeros(2, 10, 10)), torch.full((2,), 0.5))
+    assert torch.allclose(
+        auc_shuffled(maps, mask.bool(), other=torch.zeros(2, 10, 10)), torch.full((2,), 0.5)
+    )
     assert nss(torch.ones(2, 10, 10), mask.bool()).tolist() == [0.0, 0.0]
     assert torch.allclose(auc_vs_mask(maps, mask), auc_borji(maps, mask.bool(), splits=300), atol=0.05)
 
@@ -129,12 +139,18 @@ def test_localization_takes_densities_points_and_masks():
     metric = Localization()
 
     def run(target):
-        return metric.compute(MetricContext(None, torch.zeros(2, 3, 16, 16), torch.zeros(2), Exp, masks=target))
+        return metric.compute(
+            MetricContext(None, torch.zeros(2, 3, 16, 16), torch.zeros(2), Exp, masks=target)
+        )
 
     as_mask, as_float = run(mask), run(mask.float())
     assert as_mask == as_float and as_mask["pcc"] == pytest.approx(1.0) and as_mask["pointing_game"] == 1.0
     d = run(density)
-    assert set(d) == {"sim", "pcc", "kl"} and d["pcc"] == pytest.approx(1.0, abs=1e-5) and d["sim"] == pytest.approx(16 * 0.81 / (16 * 0.81 + 240 * 0.01), abs=1e-5)
+    assert (
+        set(d) == {"sim", "pcc", "kl"}
+        and d["pcc"] == pytest.approx(1.0, abs=1e-5)
+        and d["sim"] == pytest.approx(16 * 0.81 / (16 * 0.81 + 240 * 0.01), abs=1e-5)
+    )
     p = run(points)
     assert set(p) == {"nss", "auc_judd", "auc_borji", "auc_shuffled"}
     assert p["nss"] > 1.5 and p["auc_judd"] > 0.8

@@ -27,8 +27,10 @@ def host():
 
 def snapshot(model):
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    flags = [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-             for m in model.modules()]
+    flags = [
+        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    ]
     grads = [p.requires_grad for p in model.parameters()]
     forwards = [m.__dict__.get("forward") for m in model.modules()]
     return state, flags, grads, forwards
@@ -40,8 +42,10 @@ def assert_unchanged(model, snap):
     assert set(now) == set(state)
     for k, v in state.items():
         assert torch.equal(now[k].detach(), v), f"{k} changed"
-    assert flags == [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                     for m in model.modules()]
+    assert flags == [
+        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    ]
     assert grads == [p.requires_grad for p in model.parameters()]
     assert forwards == [m.__dict__.get("forward") for m in model.modules()]
 
@@ -62,8 +66,9 @@ def test_prefix_cache_gives_exactly_the_uncached_curve(fixture, request, images3
     for fn in (saliency_fn, grad_cam_fn) if fixture != "resnet18" else (saliency_fn,):
         original = fn(model, x, t)
         fast = parameter_randomization(fn, model, x, t, original, "cascading", similarities=("spearman",))
-        slow = parameter_randomization(fn, model, x, t, original, "cascading", similarities=("spearman",),
-                                       cache=False)
+        slow = parameter_randomization(
+            fn, model, x, t, original, "cascading", similarities=("spearman",), cache=False
+        )
         assert fast.layers == slow.layers == [n for n, _ in randomizable_layers(model)][::-1]
         for a, b in zip(fast.maps, slow.maps):
             assert torch.allclose(a, b, atol=1e-5)
@@ -94,15 +99,17 @@ def test_stacked_steps_give_the_one_by_one_curve(fixture, order, request, images
     t = torch.tensor([1, 0])[: x.shape[0]]
     for fn in (saliency_fn, grad_cam_fn, guided_fn) if fixture != "resnet18" else (saliency_fn,):
         original = fn(model, x, t)
-        stacked = parameter_randomization(fn, model, x, t, original, order, similarities=("spearman",),
-                                          stack_rows=3 * x.shape[0])  # 3 steps a batch: a partial last batch
+        stacked = parameter_randomization(
+            fn, model, x, t, original, order, similarities=("spearman",), stack_rows=3 * x.shape[0]
+        )  # 3 steps a batch: a partial last batch
         plain = parameter_randomization(fn, model, x, t, original, order, similarities=("spearman",))
         assert stacked.stacked_steps == len(stacked.layers) and plain.stacked_steps == 0
         assert stacked.layers == plain.layers
         for a, b in zip(stacked.maps, plain.maps):
             assert torch.allclose(a, b, atol=1e-5)
-        assert torch.allclose(torch.stack(stacked.scores["spearman"]), torch.stack(plain.scores["spearman"]),
-                              atol=1e-4)
+        assert torch.allclose(
+            torch.stack(stacked.scores["spearman"]), torch.stack(plain.scores["spearman"]), atol=1e-4
+        )
         assert_unchanged(model, snap)
 
 
@@ -122,6 +129,7 @@ def test_every_rowwise_explainer_keeps_its_promise(functional_relu_cnn, images32
     x, t = images32[:1], torch.tensor([1])
     vit = tiny_torchvision_vit()
     for method in rowwise:
+
         def fn(m, xx, tt, method=method):
             return explain(m, xx, tt, method=method, progress=False)
 
@@ -133,8 +141,9 @@ def test_every_rowwise_explainer_keeps_its_promise(functional_relu_cnn, images32
             # layers that do not nest (an attention module holds its out_proj), so the steps can stack
             model, layers = vit, ["heads.head", "encoder.layers.encoder_layer_1.mlp.3", "conv_proj"]
             original = fn(model, x, t)
-        stacked = parameter_randomization(fn, model, x, t, original, layers=layers, similarities=("spearman",),
-                                          stack_rows=4)
+        stacked = parameter_randomization(
+            fn, model, x, t, original, layers=layers, similarities=("spearman",), stack_rows=4
+        )
         plain = parameter_randomization(fn, model, x, t, original, layers=layers, similarities=("spearman",))
         # on the CNN every step stacks; the attention methods may fall back to one step at a time
         # (the stacked rows are checked, not trusted), and the curve must be the same either way
@@ -149,9 +158,12 @@ def test_stacking_falls_back_for_an_explainer_with_batches_of_its_own(residual_n
     x, t = images32[:1], torch.tensor([1])
     original = doubled_batch_fn(residual_net, x, t)
     snap = snapshot(residual_net)
-    tried = parameter_randomization(doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",),
-                                    stack_rows=8)
-    plain = parameter_randomization(doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",))
+    tried = parameter_randomization(
+        doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",), stack_rows=8
+    )
+    plain = parameter_randomization(
+        doubled_batch_fn, residual_net, x, t, original, similarities=("spearman",)
+    )
     assert tried.stacked_steps == 0 and len(tried.maps) == len(plain.maps) == 6
     for a, b in zip(tried.maps, plain.maps):
         assert torch.allclose(a, b, atol=1e-5)
@@ -168,8 +180,16 @@ def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_c
     try:
         for order in ("cascading", "independent"):
             for stack_rows in (0, 8):
-                parameter_randomization(saliency_fn, model, x, t, None, order, similarities=("spearman", "ssim"),
-                                        stack_rows=stack_rows)
+                parameter_randomization(
+                    saliency_fn,
+                    model,
+                    x,
+                    t,
+                    None,
+                    order,
+                    similarities=("spearman", "ssim"),
+                    stack_rows=stack_rows,
+                )
                 assert_unchanged(model, snap)
         calls = []
 
@@ -199,12 +219,19 @@ def test_mprt_agrees_with_quantus(trained_cnn, shapes_probe):
 
     original = saliency_fn(model, x, t)
     for ours_order, their_order in (("cascading", "top_down"), ("independent", "independent")):
-        ours = parameter_randomization(saliency_fn, model, x, t, original, ours_order, seed=42,
-                                       similarities=("spearman",), stack_rows=12)  # 2 steps a batch
+        ours = parameter_randomization(
+            saliency_fn, model, x, t, original, ours_order, seed=42, similarities=("spearman",), stack_rows=12
+        )  # 2 steps a batch
         assert ours.stacked_steps == 4
         metric = quantus.MPRT(layer_order=their_order, seed=42, disable_warnings=True)
-        theirs = metric(model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=original.maps.unsqueeze(1).numpy(),
-                        explain_func=quantus_explain, device="cpu")
+        theirs = metric(
+            model=model,
+            x_batch=x.numpy(),
+            y_batch=t.numpy(),
+            a_batch=original.maps.unsqueeze(1).numpy(),
+            explain_func=quantus_explain,
+            device="cpu",
+        )
         layers = [k for k in theirs if k != "original"]
         assert sorted(layers) == sorted(ours.layers) and len(layers) == 4
         if ours_order == "cascading":
@@ -218,11 +245,26 @@ def sanity_run(trained_cnn, shapes_probe, host, tmp_path_factory):
     probe = shapes_probe
     out = tmp_path_factory.mktemp("sanity")
     snap = snapshot(trained_cnn.model)
-    results = run(trained_cnn.model, trained_cnn.preprocess.normalize(probe.images),
-                  ["saliency", "grad_cam", "edge_detector"], images=probe.images, labels=probe.labels,
-                  metrics=["sanity"], metric_params={"sanity": {"max_images": 64, "label_samples": 256,
-                                                                "label_epochs": 4, "similarities": ["spearman", "ssim"]}},
-                  reporters=["json"], out_dir=out, progress=False, host=host)
+    results = run(
+        trained_cnn.model,
+        trained_cnn.preprocess.normalize(probe.images),
+        ["saliency", "grad_cam", "edge_detector"],
+        images=probe.images,
+        labels=probe.labels,
+        metrics=["sanity"],
+        metric_params={
+            "sanity": {
+                "max_images": 64,
+                "label_samples": 256,
+                "label_epochs": 4,
+                "similarities": ["spearman", "ssim"],
+            }
+        },
+        reporters=["json"],
+        out_dir=out,
+        progress=False,
+        host=host,
+    )
     assert_unchanged(trained_cnn.model, snap)
     return results, out / "results.json"
 
@@ -232,10 +274,24 @@ def test_randomization_gate_passes_gradient_methods_and_fails_the_edge_detector(
     assert not results.failures
     # thresholds halfway between the edge detector (1.0) and the gradient methods (about 0.25-0.4
     # on the reference CNN, varying with the CPU it was trained on): a margin both ways
-    policy = {"checks": [{"name": "sensitive to cascading randomization", "method": "*",
-                          "metric": "sanity.cascading.spearman_full", "op": "<", "threshold": 0.7},
-                         {"name": "sensitive to each layer", "method": "*",
-                          "metric": "sanity.independent.ssim_max", "op": "<", "threshold": 0.9}]}
+    policy = {
+        "checks": [
+            {
+                "name": "sensitive to cascading randomization",
+                "method": "*",
+                "metric": "sanity.cascading.spearman_full",
+                "op": "<",
+                "threshold": 0.7,
+            },
+            {
+                "name": "sensitive to each layer",
+                "method": "*",
+                "metric": "sanity.independent.ssim_max",
+                "op": "<",
+                "threshold": 0.9,
+            },
+        ]
+    }
     verdict = evaluate(policy, path)
     passed = {(c["method"], c["name"].split(" [")[0]): c["passed"] for c in verdict["checks"]}
     for method in ("saliency", "grad_cam"):
@@ -290,5 +346,3 @@ def test_unknown_layer_and_order_are_errors(functional_relu_cnn, images32):
         parameter_randomization(saliency_fn, functional_relu_cnn, images32, t, layers=["nope"])
     with pytest.raises(ValueError, match="order"):
         parameter_randomization(saliency_fn, functional_relu_cnn, images32, t, order="bottom_up")
-
-

@@ -40,8 +40,17 @@ SENSITIVE = [
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("seed", range(5))
 def test_trained_model_assertions_hold_for_every_seed(seed, tmp_path):
-    env = {**os.environ, "XAI_TEST_MODEL_SEED": str(seed), "XAI_NO_PROGRESS": "1",
-           "XAI_FIT_DIR": str(tmp_path / "fitted")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                           *SENSITIVE], cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "XAI_TEST_MODEL_SEED": str(seed),
+        "XAI_NO_PROGRESS": "1",
+        "XAI_FIT_DIR": str(tmp_path / "fitted"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *SENSITIVE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, f"seed {seed}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"

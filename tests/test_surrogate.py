@@ -31,8 +31,14 @@ def fitted(trained_cnn, shapes_probe, fit_dir):
     pre = trained_cnn.preprocess
     data = make_shapes(1500, size=32, seed=2024)
     x = pre.normalize(shapes_probe.images)
-    exp = explain(trained_cnn.model, x, method="soft_tree", fit_data=(pre.normalize(data.images), data.labels),
-                  class_names=data.class_names, **PARAMS)
+    exp = explain(
+        trained_cnn.model,
+        x,
+        method="soft_tree",
+        fit_data=(pre.normalize(data.images), data.labels),
+        class_names=data.class_names,
+        **PARAMS,
+    )
     return exp, x
 
 
@@ -65,9 +71,16 @@ def test_report_shows_the_tree(trained_cnn, shapes_probe, fitted, tmp_path):
     from core.workflow import run
 
     x = trained_cnn.preprocess.normalize(shapes_probe.images[:4])
-    results = run(trained_cnn.model, x, {"soft_tree": dict(PARAMS, class_names=shapes_probe.class_names)},
-                  images=shapes_probe.images[:4], metrics=[], reporters=["html", "json"], out_dir=tmp_path,
-                  progress=False)
+    results = run(
+        trained_cnn.model,
+        x,
+        {"soft_tree": dict(PARAMS, class_names=shapes_probe.class_names)},
+        images=shapes_probe.images[:4],
+        metrics=[],
+        reporters=["html", "json"],
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert not results.failures, results.failures
     png = results.explanations["soft_tree"].extras["figures"]["tree"]
     assert png.startswith(b"\x89PNG")

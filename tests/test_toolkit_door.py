@@ -63,9 +63,14 @@ def test_builtin_plugins_import_no_core_module_directly():
         if path.name in ("toolkit.py",) or path.parent == ROOT / "xai_plugins" and path.name == "__init__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.relative_to(ROOT)}: {m}" for m in mods if m == "core" or m.startswith("core.")]
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}: {m}" for m in mods if m == "core" or m.startswith("core.")
+            ]
     assert not offenders, offenders
 
 
@@ -91,7 +96,10 @@ def test_one_baseline_vocabulary_with_zeros_by_default_everywhere():
         else:
             raise AssertionError(f"{bad!r} accepted")
     host = get_host()
-    defaults = {m: host.get("explainer", m).params["baseline"] for m in host.names("explainer")
-                if "baseline" in getattr(host.get("explainer", m), "params", {})}
+    defaults = {
+        m: host.get("explainer", m).params["baseline"]
+        for m in host.names("explainer")
+        if "baseline" in getattr(host.get("explainer", m), "params", {})
+    }
     assert "integrated_gradients" in defaults and "gradient_shap" in defaults
     assert {m: d for m, d in defaults.items() if d not in (None, "zeros")} == {}

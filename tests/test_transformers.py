@@ -16,8 +16,9 @@ timm = pytest.importorskip("timm")
 
 def tiny_torchvision_vit() -> nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                 hidden_dim=32, mlp_dim=64, num_classes=5)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
     nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero
     return model.eval()
 
@@ -56,10 +57,13 @@ def _gradcam_reference(model, layer, x, targets, prefix):
         return torch.tensor(cam(x, targets=[ClassifierOutputTarget(int(t)) for t in targets]))
 
 
-@pytest.mark.parametrize("build,layer_of,name", [
-    (tiny_torchvision_vit, lambda m: m.encoder.layers[-1].ln_1, "encoder.layers.encoder_layer_1.ln_1"),
-    (tiny_timm_vit, lambda m: m.blocks[-1].norm1, "blocks.1.norm1"),
-])
+@pytest.mark.parametrize(
+    "build,layer_of,name",
+    [
+        (tiny_torchvision_vit, lambda m: m.encoder.layers[-1].ln_1, "encoder.layers.encoder_layer_1.ln_1"),
+        (tiny_timm_vit, lambda m: m.blocks[-1].norm1, "blocks.1.norm1"),
+    ],
+)
 def test_grad_cam_on_vit_matches_pytorch_grad_cam(build, layer_of, name):
     model = build()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -90,8 +94,14 @@ def test_cam_refuses_a_vit_and_accepts_a_gap_linear_model():
 
 
 def test_swin_default_layer_is_its_last_stage():
-    model = tiny_timm("swin_tiny_patch4_window7_224", img_size=56, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
-                      window_size=7)
+    model = tiny_timm(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=7,
+    )
     x = torch.randn(2, 3, 56, 56)
     exp = explain(model, x, method="grad_cam")
     assert exp.extras["layer"] == "layers"  # the stages' container returns the last stage's output
@@ -111,8 +121,9 @@ def test_timm_checkpoint_loads_with_timms_preprocessing_and_explains_from_the_cl
     model = tiny_timm("vit_tiny_patch16_224", **kwargs)
     pre = timm_preprocess(model)
     assert pre.hw == (32, 32) and pre.mean == pytest.approx(list(model.pretrained_cfg["mean"]))
-    path = save_checkpoint(tmp_path / "vit.pt", model, "timm:vit_tiny_patch16_224", pre, list("abcde"),
-                           arch_kwargs=kwargs)
+    path = save_checkpoint(
+        tmp_path / "vit.pt", model, "timm:vit_tiny_patch16_224", pre, list("abcde"), arch_kwargs=kwargs
+    )
     loaded = load_model(path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.model(x), model(x), atol=1e-5)
@@ -122,12 +133,26 @@ def test_timm_checkpoint_loads_with_timms_preprocessing_and_explains_from_the_cl
     env = {**os.environ, "XAI_NO_PROGRESS": "1"}
 
     def xai(*args):
-        return subprocess.run([sys.executable, "-m", "core.cli", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=root)
+        return subprocess.run(
+            [sys.executable, "-m", "core.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=root,
+        )
 
     assert xai("data", "shapes", "--out", tmp_path / "data", "--n", "3", "--seed", "5").returncode == 0
-    r = xai("explain", "--model", path, "--images", tmp_path / "data" / "images", "--methods", "grad_cam,cam",
-            "--out", tmp_path / "out")
+    r = xai(
+        "explain",
+        "--model",
+        path,
+        "--images",
+        tmp_path / "data" / "images",
+        "--methods",
+        "grad_cam,cam",
+        "--out",
+        tmp_path / "out",
+    )
     assert "Traceback" not in r.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "grad_cam" in json.dumps(results) and "global average pooling" in json.dumps(results)

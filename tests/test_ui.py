@@ -18,8 +18,12 @@ from registry_browser import chromium_path, page_report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "ui-cnn"
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(
+        chromium_path() is None, reason="chromium is not installed (apt-get install chromium)"
+    ),
+]
 
 
 def _log_version(client, ws: Path, lm, checkpoint: Path, seed: int) -> str:
@@ -32,16 +36,42 @@ def _log_version(client, ws: Path, lm, checkpoint: Path, seed: int) -> str:
     run_id, _ = runlog.find_or_start(client, "xai-explanations", f"{MODEL}/{version}@t", MODEL, version, "t")
     ds = make_shapes(4, size=32, seed=seed, watermark="agree")
     out = ws / f"v{version}"
-    results = workflow.run(lm.model, lm.preprocess.normalize(ds.images), {"saliency": {}, "lrp": {}},
-                           images=ds.images, labels=ds.labels, masks=ds.masks, class_names=lm.class_names,
-                           metrics=["localization", "sanity"], reporters=["json", "html"], out_dir=out, progress=False)
+    results = workflow.run(
+        lm.model,
+        lm.preprocess.normalize(ds.images),
+        {"saliency": {}, "lrp": {}},
+        images=ds.images,
+        labels=ds.labels,
+        masks=ds.masks,
+        class_names=lm.class_names,
+        metrics=["localization", "sanity"],
+        reporters=["json", "html"],
+        out_dir=out,
+        progress=False,
+    )
     assert not results.failures, results.failures
     value = results.metrics["saliency"]["localization.relevance_mass"]
-    verdict = {"passed": value > 0.25, "status": "passed" if value > 0.25 else "failed",
-               "checks": [{"name": "saliency <b>looks</b>", "method": "saliency", "metric": "localization.relevance_mass",
-                           "value": value, "op": ">", "threshold": 0.25, "passed": value > 0.25}]}
-    runlog.log_outputs(client, run_id, {"out_dir": out, "results": out / "results.json",
-                                        "report": out / "report.html", "gate": verdict}, ws)
+    verdict = {
+        "passed": value > 0.25,
+        "status": "passed" if value > 0.25 else "failed",
+        "checks": [
+            {
+                "name": "saliency <b>looks</b>",
+                "method": "saliency",
+                "metric": "localization.relevance_mass",
+                "value": value,
+                "op": ">",
+                "threshold": 0.25,
+                "passed": value > 0.25,
+            }
+        ],
+    }
+    runlog.log_outputs(
+        client,
+        run_id,
+        {"out_dir": out, "results": out / "results.json", "report": out / "report.html", "gate": verdict},
+        ws,
+    )
     runlog.finish(client, run_id, verdict)
     for key, val in (("xai.gate", verdict["status"]), ("xai.run_id", run_id), ("xai.status", "done")):
         client.set_model_version_tag(MODEL, version, key, val)
@@ -62,10 +92,19 @@ def ui(tmp_path_factory, trained_cnn, clever_hans_cnn):
         for i, lm in enumerate((trained_cnn, clever_hans_cnn)):
             ckpt = save_checkpoint(ws / f"m{i}.pt", lm.model, lm.arch, lm.preprocess, lm.class_names, lm.meta)
             versions.append(_log_version(client, ws, lm, ckpt, seed=7))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": info["uri"],
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "ui", "-w", str(ws)], env=env, cwd=ws,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": info["uri"],
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "ui", "-w", str(ws)],
+            env=env,
+            cwd=ws,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = proc.stdout.readline()
         assert "?token=" in line, line + proc.stdout.read()
         url = line.split()[3]
@@ -87,8 +126,14 @@ def ui(tmp_path_factory, trained_cnn, clever_hans_cnn):
 
 def test_every_page_renders_in_chromium_without_errors_or_broken_images(ui):
     a, b = ui["versions"]
-    pages = ["/", f"/m/{MODEL}/{a}", f"/m/{MODEL}/{b}", f"/m/{MODEL}/compare?a={a}&b={b}",
-             f"/m/{MODEL}/{a}/deconvolve", f"/m/{MODEL}/{a}/pv"]
+    pages = [
+        "/",
+        f"/m/{MODEL}/{a}",
+        f"/m/{MODEL}/{b}",
+        f"/m/{MODEL}/compare?a={a}&b={b}",
+        f"/m/{MODEL}/{a}/deconvolve",
+        f"/m/{MODEL}/{a}/pv",
+    ]
     report = page_report(ui["base"], ui["token"], pages, explain_path=f"/m/{MODEL}/{a}")
     for path, shown in report["pages"].items():
         assert shown["status"] == "ok", (path, shown)
@@ -103,7 +148,9 @@ def test_every_page_renders_in_chromium_without_errors_or_broken_images(ui):
 
 
 def _request(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    req = urllib.request.Request(
+        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, resp.read()
@@ -136,9 +183,14 @@ def test_method_extras_become_json_panels_text_and_filters():
 
     from registry.ui.ondemand import method_extras
 
-    extras = {"images": {"mask": torch.rand(2, 1, 8, 8), "pv": torch.rand(2, 3, 8, 8) * 3, "scalar": torch.rand(2)},
-              "text": ["first <b>image</b>", "second"],
-              "filters": [[{"filter": 3, "sign": "positive", "score": torch.tensor(0.123456), "evidence": 1.0}], []]}
+    extras = {
+        "images": {"mask": torch.rand(2, 1, 8, 8), "pv": torch.rand(2, 3, 8, 8) * 3, "scalar": torch.rand(2)},
+        "text": ["first <b>image</b>", "second"],
+        "filters": [
+            [{"filter": 3, "sign": "positive", "score": torch.tensor(0.123456), "evidence": 1.0}],
+            [],
+        ],
+    }
     out = method_extras(extras, scale=2)
     assert [p["title"] for p in out["panels"]] == ["mask", "pv"]
     assert all(p["image"].startswith("data:image/png;base64,") for p in out["panels"])

@@ -24,6 +24,20 @@ from core.plugin_api import Describer, Explainer, Metric, MetricContext, Reporte
 from core.redact import redact, redact_text
 from core.types import Explanation, Failure, RunResults
 
-__all__ = ["hookimpl", "provides", "Explainer", "Metric", "MetricContext", "Reporter", "Describer",
-           "Explanation", "Failure", "RunResults", "XAIError", "InputError", "PluginError",
-           "redact", "redact_text"]
+__all__ = [
+    "hookimpl",
+    "provides",
+    "Explainer",
+    "Metric",
+    "MetricContext",
+    "Reporter",
+    "Describer",
+    "Explanation",
+    "Failure",
+    "RunResults",
+    "XAIError",
+    "InputError",
+    "PluginError",
+    "redact",
+    "redact_text",
+]

@@ -28,8 +28,13 @@ from xai_plugins.toolkit import preserved_model
 __all__ = ["fgsm", "deepfool", "one_pixel", "OnePixelResult"]
 
 
-def fgsm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.03,
-         clamp: tuple[float, float] | None = None) -> torch.Tensor:
+def fgsm(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    epsilon: float = 0.03,
+    clamp: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015, Eq. 3): one signed gradient step of size
     ``epsilon`` that increases the cross-entropy of ``targets``; optionally clamped to ``clamp``.
     Returns the adversarial inputs (detached, same shape and device as ``inputs``)."""
@@ -54,8 +59,9 @@ def _candidates(logits: torch.Tensor, targets: torch.Tensor, num_classes: int | 
     return masked.topk(k - 1, dim=1).indices
 
 
-def _deepfool_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _deepfool_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cand: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One linearization: the minimal step r_i (Eq. in Algorithm 2) and the current predictions."""
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
@@ -64,7 +70,7 @@ def _deepfool_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     best_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
     best_step = torch.zeros_like(x)
     for j in range(cand.shape[1]):
-        f_k = logits.gather(1, cand[:, j:j + 1]).squeeze(1)
+        f_k = logits.gather(1, cand[:, j : j + 1]).squeeze(1)
         (g_k,) = torch.autograd.grad(f_k.sum(), x, retain_graph=j < cand.shape[1] - 1)
         w = (g_k - g_y).flatten(1)
         f = (f_k - f_y).detach()
@@ -77,8 +83,14 @@ def _deepfool_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return best_step.detach(), logits.detach().argmax(1)
 
 
-def deepfool(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, max_iter: int = 50,
-             overshoot: float = 0.02, num_classes: int | None = None) -> torch.Tensor:
+def deepfool(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    max_iter: int = 50,
+    overshoot: float = 0.02,
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """DeepFool (Moosavi-Dezfooli et al. 2016, Algorithm 2), batched.
 
     ``targets`` are the classes to move away from (usually the predictions). ``num_classes``
@@ -129,8 +141,15 @@ def _apply_pixels(image: torch.Tensor, candidates: np.ndarray, pixels: int) -> t
     return out
 
 
-def one_pixel(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pixels: int = 1,
-              popsize: int = 80, maxiter: int = 30, seed: int = 0) -> OnePixelResult:
+def one_pixel(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    pixels: int = 1,
+    popsize: int = 80,
+    maxiter: int = 30,
+    seed: int = 0,
+) -> OnePixelResult:
     """One-pixel attack (Su et al. 2019, untargeted): per image, differential evolution (DE/rand/1/bin
     as scipy implements it, the paper's F = 0.5 mutation, no crossover: recombination 1) over
     ``popsize`` candidates of ``pixels`` pixels each, every channel value within the image's own range
@@ -161,14 +180,27 @@ def one_pixel(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pix
 
             n_par = len(bounds)
             result = differential_evolution(
-                prob, bounds, popsize=max(1, -(-int(popsize) // n_par)), maxiter=int(maxiter),
-                mutation=0.5, recombination=1.0, seed=int(seed) + i, polish=False, tol=0, atol=0,
-                init="random", vectorized=True, updating="deferred",
-                callback=lambda *args, probe=probe, **kw: probe["x"] is not None)
+                prob,
+                bounds,
+                popsize=max(1, -(-int(popsize) // n_par)),
+                maxiter=int(maxiter),
+                mutation=0.5,
+                recombination=1.0,
+                seed=int(seed) + i,
+                polish=False,
+                tol=0,
+                atol=0,
+                init="random",
+                vectorized=True,
+                updating="deferred",
+                callback=lambda *args, probe=probe, **kw: probe["x"] is not None,
+            )
             best = result.x if probe["x"] is None else probe["x"]
             adv = _apply_pixels(image, best[None], int(pixels))
             advs.append(adv[0])
             cand = torch.as_tensor(best).view(int(pixels), 2 + c)
-            positions.append(torch.stack([cand[:, 0].long().clamp(0, h - 1), cand[:, 1].long().clamp(0, w - 1)], 1))
+            positions.append(
+                torch.stack([cand[:, 0].long().clamp(0, h - 1), cand[:, 1].long().clamp(0, w - 1)], 1)
+            )
             fooled.append(bool(model(adv).argmax(1)[0] != label))
     return OnePixelResult(torch.stack(advs).detach(), torch.stack(positions), torch.tensor(fooled))

@@ -27,10 +27,25 @@ def rankdata(values: np.ndarray, axis: int) -> np.ndarray:
     return scipy_rankdata(values, axis=axis)
 
 
-__all__ = ["ssim", "spearman", "SpearmanReference", "pearson", "hog_similarity", "sim", "cc", "nss", "dice_at_quantile",
-           "dice_at_threshold",
-           "kl_divergence", "auc_vs_mask", "auc_judd", "auc_borji", "auc_shuffled", "uniform_nonfixations",
-           "SIMILARITIES"]
+__all__ = [
+    "ssim",
+    "spearman",
+    "SpearmanReference",
+    "pearson",
+    "hog_similarity",
+    "sim",
+    "cc",
+    "nss",
+    "dice_at_quantile",
+    "dice_at_threshold",
+    "kl_divergence",
+    "auc_vs_mask",
+    "auc_judd",
+    "auc_borji",
+    "auc_shuffled",
+    "uniform_nonfixations",
+    "SIMILARITIES",
+]
 
 
 def _batch(m: torch.Tensor) -> torch.Tensor:
@@ -40,7 +55,9 @@ def _batch(m: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dim() != 3:
-        raise ValueError(f"maps must both be B x H x W with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"maps must both be B x H x W with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +166,9 @@ def _hog(image: np.ndarray) -> np.ndarray:
 
     side = min(image.shape)
     cell = int(min(8, max(2, side // 8)))
-    return hog(image, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2), feature_vector=True)
+    return hog(
+        image, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2), feature_vector=True
+    )
 
 
 def hog_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -203,7 +222,9 @@ def dice_at_quantile(a: torch.Tensor, b: torch.Tensor, q: float = 0.9) -> torch.
     (A = a >= quantile(a, q): the top 10 % for q = 0.9, whatever the values), per image."""
     x, y = _pair(a, b)
     fx, fy = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
-    return _dice(fx >= np.quantile(fx, q, axis=1, keepdims=True), fy >= np.quantile(fy, q, axis=1, keepdims=True))
+    return _dice(
+        fx >= np.quantile(fx, q, axis=1, keepdims=True), fy >= np.quantile(fy, q, axis=1, keepdims=True)
+    )
 
 
 def dice_at_threshold(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
@@ -293,12 +314,16 @@ def auc_borji(maps: torch.Tensor, fixations: torch.Tensor, splits: int = 100, se
     Bylinskii et al. 2019, section 3.1). Every threshold, not the MIT code's steps of 0.1."""
     x, fix = _fixations(maps, fixations)
     draws = uniform_nonfixations(fixations, splits, seed)
-    out = [np.mean([_auc_exact(xi[fi], xi[d]) for d in di]) if fi.any() else 0.5
-           for xi, fi, di in zip(x, fix, draws)]
+    out = [
+        np.mean([_auc_exact(xi[fi], xi[d]) for d in di]) if fi.any() else 0.5
+        for xi, fi, di in zip(x, fix, draws)
+    ]
     return torch.tensor(out, dtype=torch.float32)
 
 
-def auc_shuffled(maps: torch.Tensor, fixations: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+def auc_shuffled(
+    maps: torch.Tensor, fixations: torch.Tensor, other: torch.Tensor | None = None
+) -> torch.Tensor:
     """Shuffled AUC: ROC of the map's values at the image's fixations against its values at the
     fixations of the other images of the batch (each counted as often as it occurs), which
     discounts centre bias (Zhang et al. 2008; Bylinskii et al. 2019, section 3.1; pysaliency
@@ -306,10 +331,18 @@ def auc_shuffled(maps: torch.Tensor, fixations: torch.Tensor, other: torch.Tenso
     use instead of the rest of the batch."""
     x, fix = _fixations(maps, fixations)
     counts = fix.astype(np.int64)
-    pool = counts.sum(axis=0, keepdims=True) - counts if other is None else \
-        _batch(other).numpy().reshape(x.shape[0], -1).astype(np.int64)
-    return torch.tensor([_auc_exact(xi[fi], np.repeat(xi, np.maximum(ci, 0))) if fi.any() else 0.5
-                         for xi, fi, ci in zip(x, fix, pool)], dtype=torch.float32)
+    pool = (
+        counts.sum(axis=0, keepdims=True) - counts
+        if other is None
+        else _batch(other).numpy().reshape(x.shape[0], -1).astype(np.int64)
+    )
+    return torch.tensor(
+        [
+            _auc_exact(xi[fi], np.repeat(xi, np.maximum(ci, 0))) if fi.any() else 0.5
+            for xi, fi, ci in zip(x, fix, pool)
+        ],
+        dtype=torch.float32,
+    )
 
 
 def _spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,16 @@ from registry.ui.ondemand import Models, UploadError, explain_one, sample_image,
 from registry.ui.security import Guard, csrf_for
 
 HERE = Path(__file__).parent
-METHODS = ("saliency", "integrated_gradients", "grad_cam", "lrp", "deeplift", "occlusion", "deconvolve",
-           "perception_visualization")
+METHODS = (
+    "saliency",
+    "integrated_gradients",
+    "grad_cam",
+    "lrp",
+    "deeplift",
+    "occlusion",
+    "deconvolve",
+    "perception_visualization",
+)
 
 
 def create_app(tracking_uri: str, token: str) -> Any:
@@ -42,10 +50,20 @@ def create_app(tracking_uri: str, token: str) -> Any:
         gate = explorer.json_file(run, "gate.json") if run else {}
         methods, cells = explorer.grid(run) if run else ([], {})
         images = results.get("images") or []
-        return {"name": name, "row": row, "results": results, "gate": gate, "methods": methods, "cells": cells,
-                "images": images, "cards": metric_cards(results), "curves": sanity_curves(results),
-                "failures": results.get("failures") or [],
-                "classes": sorted({str(r.get("prediction_name", "")) for r in images}), "signed": SIGNED_METHODS}
+        return {
+            "name": name,
+            "row": row,
+            "results": results,
+            "gate": gate,
+            "methods": methods,
+            "cells": cells,
+            "images": images,
+            "cards": metric_cards(results),
+            "curves": sanity_curves(results),
+            "failures": results.get("failures") or [],
+            "classes": sorted({str(r.get("prediction_name", "")) for r in images}),
+            "signed": SIGNED_METHODS,
+        }
 
     def checked(request: Any) -> tuple[str, str]:
         return check_name(request.path_params["name"]), check_version(request.path_params["version"])
@@ -60,8 +78,13 @@ def create_app(tracking_uri: str, token: str) -> Any:
 
     async def compare_page(request):
         name = check_name(request.path_params["name"])
-        a, b = check_version(request.query_params.get("a", "")), check_version(request.query_params.get("b", ""))
-        va, vb = await asyncio.gather(asyncio.to_thread(version_view, name, a), asyncio.to_thread(version_view, name, b))
+        a, b = (
+            check_version(request.query_params.get("a", "")),
+            check_version(request.query_params.get("b", "")),
+        )
+        va, vb = await asyncio.gather(
+            asyncio.to_thread(version_view, name, a), asyncio.to_thread(version_view, name, b)
+        )
         return page("compare.html", name=name, a=va, b=vb, drift=drift(va, vb))
 
     async def extras_page(request):
@@ -98,8 +121,11 @@ def create_app(tracking_uri: str, token: str) -> Any:
         body = await request.body()
         try:
             loaded = await asyncio.to_thread(models.get, name, version)
-            image = (await asyncio.to_thread(upload_image, loaded, body) if body
-                     else sample_image(loaded, min(int(q.get("sample", "0") or 0), 63)))
+            image = (
+                await asyncio.to_thread(upload_image, loaded, body)
+                if body
+                else sample_image(loaded, min(int(q.get("sample", "0") or 0), 63))
+            )
         except (UploadError, ValueError) as exc:
             return JSONResponse({"error": str(exc).splitlines()[0]}, status_code=400)
         result = await asyncio.to_thread(explain_one, loaded, image, method, target, layer)
@@ -113,11 +139,15 @@ def create_app(tracking_uri: str, token: str) -> Any:
 
     from mlflow.exceptions import MlflowException
 
-    routes = [Route("/", registry_page), Route("/m/{name}/compare", compare_page),
-              Route("/m/{name}/{version}", version_page), Route("/m/{name}/{version}/file", artifact),
-              Route("/m/{name}/{version}/{kind}", extras_page),
-              Route("/api/explain/{name}/{version}", explain_api, methods=["POST"]),
-              Mount("/static", StaticFiles(directory=HERE / "static"), name="static")]
+    routes = [
+        Route("/", registry_page),
+        Route("/m/{name}/compare", compare_page),
+        Route("/m/{name}/{version}", version_page),
+        Route("/m/{name}/{version}/file", artifact),
+        Route("/m/{name}/{version}/{kind}", extras_page),
+        Route("/api/explain/{name}/{version}", explain_api, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
     app = Starlette(routes=routes, exception_handlers={InvalidNameError: refused, MlflowException: missing})
     return Guard(app, token)
 
@@ -126,18 +156,33 @@ def drift(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Per-image changes between two versions (prediction), metric and gate differences."""
     images = []
     for i, (ra, rb) in enumerate(zip(a["images"], b["images"])):
-        images.append({"index": i, "a": ra.get("prediction_name"), "b": rb.get("prediction_name"),
-                       "changed": ra.get("prediction") != rb.get("prediction")})
+        images.append(
+            {
+                "index": i,
+                "a": ra.get("prediction_name"),
+                "b": rb.get("prediction_name"),
+                "changed": ra.get("prediction") != rb.get("prediction"),
+            }
+        )
     metrics = []
     for method in sorted(set(a["cards"]) | set(b["cards"])):
         for key in sorted(set(a["cards"].get(method, {})) | set(b["cards"].get(method, {}))):
             va, vb = a["cards"].get(method, {}).get(key), b["cards"].get(method, {}).get(key)
-            metrics.append({"method": method, "key": key, "a": va, "b": vb,
-                            "delta": (vb - va) if va is not None and vb is not None else None})
+            metrics.append(
+                {
+                    "method": method,
+                    "key": key,
+                    "a": va,
+                    "b": vb,
+                    "delta": (vb - va) if va is not None and vb is not None else None,
+                }
+            )
     gate_a = {c.get("name"): c for c in a["gate"].get("checks") or []}
     gate_b = {c.get("name"): c for c in b["gate"].get("checks") or []}
-    gates = [{"name": n, "a": gate_a.get(n, {}).get("passed"), "b": gate_b.get(n, {}).get("passed")}
-             for n in sorted(set(gate_a) | set(gate_b), key=str)]
+    gates = [
+        {"name": n, "a": gate_a.get(n, {}).get("passed"), "b": gate_b.get(n, {}).get("passed")}
+        for n in sorted(set(gate_a) | set(gate_b), key=str)
+    ]
     return {"images": images, "metrics": metrics, "gates": gates}
 
 

@@ -35,7 +35,9 @@ def ui_cmd(workspace, host, port):
     uvicorn.run(create_app(uri, token), host=host, port=port, log_level="warning")
 
 
-def start_in_thread(uri: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> tuple[Any, str]:
+def start_in_thread(
+    uri: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0
+) -> tuple[Any, str]:
     """The explorer over ``uri`` served by uvicorn in a daemon thread of this process (``make demo``,
     the bench): (the uvicorn server, set ``should_exit`` to stop it; the address with its token)."""
     import uvicorn

@@ -37,17 +37,28 @@ class Explorer:
     def models(self) -> list[dict[str, Any]]:
         out = []
         for rm in self.client.search_registered_models(max_results=1000):
-            versions = sorted(self.client.search_model_versions(f"name = '{rm.name}'"), key=lambda v: -int(v.version))
-            out.append({"name": rm.name, "aliases": dict(getattr(rm, "aliases", {}) or {}),
-                        "versions": [self.version_row(v) for v in versions]})
+            versions = sorted(
+                self.client.search_model_versions(f"name = '{rm.name}'"), key=lambda v: -int(v.version)
+            )
+            out.append(
+                {
+                    "name": rm.name,
+                    "aliases": dict(getattr(rm, "aliases", {}) or {}),
+                    "versions": [self.version_row(v) for v in versions],
+                }
+            )
         return out
 
     def version_row(self, mv: Any) -> dict[str, Any]:
         tags = dict(mv.tags or {})
-        return {"version": str(mv.version), "run_id": tags.get("xai.run_id"), "gate": tags.get("xai.gate", ""),
-                "status": tags.get("xai.status", ""), "tags": {k: v for k, v in sorted(tags.items())
-                                                              if k.startswith("xai.")},
-                "run_url": self.run_url(tags.get("xai.run_id"))}
+        return {
+            "version": str(mv.version),
+            "run_id": tags.get("xai.run_id"),
+            "gate": tags.get("xai.gate", ""),
+            "status": tags.get("xai.status", ""),
+            "tags": {k: v for k, v in sorted(tags.items()) if k.startswith("xai.")},
+            "run_url": self.run_url(tags.get("xai.run_id")),
+        }
 
     def version(self, name: str, version: str) -> dict[str, Any]:
         mv = self.client.get_model_version(check_name(name), check_version(version))
@@ -121,8 +132,11 @@ def metric_cards(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """method -> scalar metrics (the sanity lists go to the curves)."""
     out: dict[str, dict[str, float]] = {}
     for method, values in (results.get("metrics") or {}).items():
-        out[method] = {k: float(v) for k, v in (values or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("seconds")}
+        out[method] = {
+            k: float(v)
+            for k, v in (values or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("seconds")
+        }
     return out
 
 
@@ -134,13 +148,22 @@ def sanity_curves(results: dict[str, Any]) -> list[dict[str, Any]]:
             layers = (values or {}).get(f"sanity.{kind}.layers")
             ys = (values or {}).get(f"sanity.{kind}.spearman")
             if isinstance(layers, list) and isinstance(ys, list) and len(ys) == len(layers) and ys:
-                curves.append({"method": method, "kind": kind, "layers": [str(x) for x in layers],
-                               "values": [float(y) for y in ys], "svg": svg_points([float(y) for y in ys])})
+                curves.append(
+                    {
+                        "method": method,
+                        "kind": kind,
+                        "layers": [str(x) for x in layers],
+                        "values": [float(y) for y in ys],
+                        "svg": svg_points([float(y) for y in ys]),
+                    }
+                )
     return curves
 
 
 def svg_points(values: list[float], width: int = 240, height: int = 100) -> str:
     """A polyline's points for values in [-1, 1] on a width x height plot."""
     n = max(len(values) - 1, 1)
-    return " ".join(f"{i * width / n:.1f},{(1 - (max(-1.0, min(1.0, v)) + 1) / 2) * height:.1f}"
-                    for i, v in enumerate(values))
+    return " ".join(
+        f"{i * width / n:.1f},{(1 - (max(-1.0, min(1.0, v)) + 1) / 2) * height:.1f}"
+        for i, v in enumerate(values)
+    )

@@ -51,7 +51,9 @@ class Models:
             if key not in self._loaded:
                 from registry.models import load_version
 
-                self._loaded[key] = load_version(f"models:/{name}/{version}", unsafe=False, tracking_uri=self.uri)
+                self._loaded[key] = load_version(
+                    f"models:/{name}/{version}", unsafe=False, tracking_uri=self.uri
+                )
             return self._loaded[key]
 
 
@@ -73,7 +75,9 @@ def upload_image(loaded: Any, data: bytes) -> Any:
         return load_image(path, loaded.preprocess, convert=True)
 
 
-def explain_one(loaded: Any, image: Any, method: str, target: int | None, layer: str | None) -> dict[str, Any]:
+def explain_one(
+    loaded: Any, image: Any, method: str, target: int | None, layer: str | None
+) -> dict[str, Any]:
     """PNG data URIs of the image and its map (signed red/blue for LRP and DeepLIFT), or the error."""
     from core.api import explain
     from core.plugins import signed_relevance
@@ -84,7 +88,9 @@ def explain_one(loaded: Any, image: Any, method: str, target: int | None, layer:
     started = time.perf_counter()
     out: dict[str, Any] = {"image": data_uri(png_bytes(image, scale))}
     try:
-        exp = explain(loaded.model, loaded.preprocess.normalize(image[None]), targets=target, method=method, **params)
+        exp = explain(
+            loaded.model, loaded.preprocess.normalize(image[None]), targets=target, method=method, **params
+        )
     except Exception as exc:
         out["error"] = f"{method}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         return out
@@ -93,9 +99,15 @@ def explain_one(loaded: Any, image: Any, method: str, target: int | None, layer:
     names = loaded.class_names or []
     t = int(exp.targets[0]) if exp.targets is not None else None
     out.update(method_extras(exp.extras, scale))
-    out.update({"map": data_uri(png_bytes(picture, scale)), "target": t,
-                "target_name": names[t] if t is not None and t < len(names) else str(t),
-                "seconds": round(time.perf_counter() - started, 3), "layer": str(exp.extras.get("layer", "") or "")})
+    out.update(
+        {
+            "map": data_uri(png_bytes(picture, scale)),
+            "target": t,
+            "target_name": names[t] if t is not None and t < len(names) else str(t),
+            "seconds": round(time.perf_counter() - started, 3),
+            "layer": str(exp.extras.get("layer", "") or ""),
+        }
+    )
     return out
 
 
@@ -123,6 +135,13 @@ def method_extras(extras: dict[str, Any], scale: int) -> dict[str, Any]:
         out["text"] = str(text[0])
     filters = extras.get("filters")
     if isinstance(filters, list) and filters and isinstance(filters[0], list):
-        out["filters"] = [{"filter": int(f["filter"]), "sign": str(f["sign"]), "score": round(float(f["score"]), 4),
-                           "sentence": str(f.get("sentence", ""))} for f in filters[0]]
+        out["filters"] = [
+            {
+                "filter": int(f["filter"]),
+                "sign": str(f["sign"]),
+                "score": round(float(f["score"]), 4),
+                "sentence": str(f.get("sentence", "")),
+            }
+            for f in filters[0]
+        ]
     return out

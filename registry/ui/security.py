@@ -9,8 +9,10 @@ import secrets
 from typing import Any
 
 COOKIE = "xai_ui_token"
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 def new_token() -> str:
@@ -39,22 +41,30 @@ class Guard:
         via_query = given is not None and hmac.compare_digest(given.encode(), self.token.encode())
         cookie = request.cookies.get(COOKIE, "")
         if not (via_query or hmac.compare_digest(cookie.encode(), self.token.encode())):
-            return await PlainTextResponse("401: the explorer's token is missing or wrong (use the address "
-                                           "`xai ui` printed)", status_code=401)(scope, receive, send)
+            return await PlainTextResponse(
+                "401: the explorer's token is missing or wrong (use the address `xai ui` printed)",
+                status_code=401,
+            )(scope, receive, send)
         if request.method not in ("GET", "HEAD"):
             sent = request.headers.get("x-csrf-token", "")
             if not hmac.compare_digest(sent.encode(), self.csrf.encode()):
                 return await PlainTextResponse("403: missing or wrong CSRF token", status_code=403)(
-                    scope, receive, send)
+                    scope, receive, send
+                )
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                            (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cache-control", b"no-store"),
+                ]
                 if via_query:
-                    headers.append((b"set-cookie", f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; "
-                                                   "Path=/".encode()))
+                    headers.append(
+                        (b"set-cookie", f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/".encode())
+                    )
                 message = {**message, "headers": headers}
             await send(message)
 

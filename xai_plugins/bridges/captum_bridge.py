@@ -19,13 +19,43 @@ from xai_plugins import Explainer, XAIError, hookimpl, provides
 from xai_plugins.bridges import snake
 from xai_plugins.toolkit import resolve_layer
 
-SKIP = {"Attribution", "GradientAttribution", "LayerAttribution", "NeuronAttribution", "PerturbationAttribution",
-        "LimeBase", "DataLoaderAttribution", "NoiseTunnel", "LLMAttribution", "LLMGradientAttribution",
-        "RemoteLLMAttribution"}
-HIDDEN_ARGS = {"self", "inputs", "target", "additional_forward_args", "return_convergence_delta", "grad_kwargs",
-               "show_progress", "kwargs", "args"}
-COMMON = ("IntegratedGradients", "Saliency", "Occlusion", "Lime", "KernelShap", "LayerConductance",
-          "LayerGradCam", "DeepLift", "GradientShap", "InputXGradient", "FeatureAblation")
+SKIP = {
+    "Attribution",
+    "GradientAttribution",
+    "LayerAttribution",
+    "NeuronAttribution",
+    "PerturbationAttribution",
+    "LimeBase",
+    "DataLoaderAttribution",
+    "NoiseTunnel",
+    "LLMAttribution",
+    "LLMGradientAttribution",
+    "RemoteLLMAttribution",
+}
+HIDDEN_ARGS = {
+    "self",
+    "inputs",
+    "target",
+    "additional_forward_args",
+    "return_convergence_delta",
+    "grad_kwargs",
+    "show_progress",
+    "kwargs",
+    "args",
+}
+COMMON = (
+    "IntegratedGradients",
+    "Saliency",
+    "Occlusion",
+    "Lime",
+    "KernelShap",
+    "LayerConductance",
+    "LayerGradCam",
+    "DeepLift",
+    "GradientShap",
+    "InputXGradient",
+    "FeatureAblation",
+)
 
 
 class CaptumExplainer(Explainer):
@@ -56,8 +86,10 @@ class CaptumExplainer(Explainer):
         if attr.dim() == 4:
             self.space = "map"
             return attr.sum(dim=1, keepdim=True)
-        raise XAIError(f"{self.name}: Captum returned attributions of shape {tuple(attr.shape)}, which are "
-                       "neither input-shaped nor spatial; choose a convolutional layer")
+        raise XAIError(
+            f"{self.name}: Captum returned attributions of shape {tuple(attr.shape)}, which are "
+            "neither input-shaped nor spatial; choose a convolutional layer"
+        )
 
 
 def _tupled(value: Any) -> Any:
@@ -74,8 +106,11 @@ def _make(cls: type) -> type:
         default = p.default if p.default is not inspect.Parameter.empty else None
         params[name] = default if isinstance(default, (int, float, str, bool, type(None), tuple)) else None
     doc = f"Captum's {cls.__name__} through the bridge (parameters: attribute() keyword arguments)."
-    return type(f"Captum{cls.__name__}", (CaptumExplainer,),
-                {"name": f"captum_{snake(cls.__name__)}", "params": params, "captum_class": cls, "__doc__": doc})
+    return type(
+        f"Captum{cls.__name__}",
+        (CaptumExplainer,),
+        {"name": f"captum_{snake(cls.__name__)}", "params": params, "captum_class": cls, "__doc__": doc},
+    )
 
 
 def _missing(class_name: str) -> type:
@@ -83,11 +118,21 @@ def _missing(class_name: str) -> type:
         raise XAIError(f"{self.name} needs captum: pip install 'xai-mlops[captum]'")
 
     def init(self, **params):
-        raise XAIError(f"captum_{snake(class_name)} needs captum, which is not installed: "
-                       "pip install 'xai-mlops[captum]'")
+        raise XAIError(
+            f"captum_{snake(class_name)} needs captum, which is not installed: "
+            "pip install 'xai-mlops[captum]'"
+        )
 
-    return type(f"Missing{class_name}", (Explainer,), {"name": f"captum_{snake(class_name)}", "__init__": init,
-                                                        "explain": explain, "__doc__": "(needs captum)"})
+    return type(
+        f"Missing{class_name}",
+        (Explainer,),
+        {
+            "name": f"captum_{snake(class_name)}",
+            "__init__": init,
+            "explain": explain,
+            "__doc__": "(needs captum)",
+        },
+    )
 
 
 def captum_classes() -> list[type]:
@@ -98,7 +143,12 @@ def captum_classes() -> list[type]:
         return [_missing(n) for n in COMMON]
     out = []
     for name, cls in sorted(vars(attr_mod).items()):
-        if not inspect.isclass(cls) or not issubclass(cls, Attribution) or name in SKIP or name.startswith("Neuron"):
+        if (
+            not inspect.isclass(cls)
+            or not issubclass(cls, Attribution)
+            or name in SKIP
+            or name.startswith("Neuron")
+        ):
             continue
         if inspect.isabstract(cls):
             continue

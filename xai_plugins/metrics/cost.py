@@ -22,8 +22,12 @@ class Cost(Metric):
         exp = context.explanation
         images = int(exp.maps.shape[0])
         seconds = float(exp.seconds)
-        return {"seconds": seconds, "images": images, "seconds_per_image": seconds / max(1, images),
-                "images_per_second": images / seconds if seconds > 0 else 0.0}
+        return {
+            "seconds": seconds,
+            "images": images,
+            "seconds_per_image": seconds / max(1, images),
+            "images_per_second": images / seconds if seconds > 0 else 0.0,
+        }
 
 
 @hookimpl

@@ -50,8 +50,9 @@ from xai_plugins.toolkit import (
 )
 
 
-def succinct_ratio(activations: torch.Tensor, gradients: torch.Tensor, threshold: float = 0.1,
-                   min_count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def succinct_ratio(
+    activations: torch.Tensor, gradients: torch.Tensor, threshold: float = 0.1, min_count: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ratio, active area) per image (B each) of one layer's B x K x h x w activations."""
     heat = cam_weighted_maps(activations, gradients)
     active = heat > threshold  # the binary heat maps B_k
@@ -89,8 +90,12 @@ class SuccinctLearning(Metric):
             for sl in batch_slices(x.shape[0], int(self.config["batch_size"])):
                 gp = run_gradient_pass(model, x[sl], t[sl], names)
                 for n in names:
-                    ratio, area = succinct_ratio(gp.activations[n], gp.gradients[n],
-                                                 float(self.config["threshold"]), int(self.config["min_count"]))
+                    ratio, area = succinct_ratio(
+                        gp.activations[n],
+                        gp.gradients[n],
+                        float(self.config["threshold"]),
+                        int(self.config["min_count"]),
+                    )
                     sums[n] += torch.stack([ratio.sum(), area.sum()]).cpu()
         count = max(1, x.shape[0])
         out: dict[str, Any] = {}

@@ -27,17 +27,26 @@ def map_drift(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     = less drift) and l1, the mean absolute difference of the [0, 1] maps (lower = less drift)."""
     a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
     if a.shape != b.shape:
-        raise XAIError(f"maps of shape {tuple(a.shape)} and {tuple(b.shape)} cannot be compared: "
-                       "drift needs the same probe images")
-    return {"spearman": float(spearman(a, b).mean()), "ssim": float(ssim(a, b).mean()),
-            "dice90": float(dice_at_quantile(a, b).mean()), "l1": float((a - b).abs().mean())}
+        raise XAIError(
+            f"maps of shape {tuple(a.shape)} and {tuple(b.shape)} cannot be compared: "
+            "drift needs the same probe images"
+        )
+    return {
+        "spearman": float(spearman(a, b).mean()),
+        "ssim": float(ssim(a, b).mean()),
+        "dice90": float(dice_at_quantile(a, b).mean()),
+        "l1": float((a - b).abs().mean()),
+    }
 
 
 def explanation_drift(maps_a: dict[str, torch.Tensor], maps_b: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Per method present in both: ``map_drift``; plus the methods found in only one of them."""
     common = sorted(set(maps_a) & set(maps_b))
-    return {"methods": {m: map_drift(maps_a[m], maps_b[m]) for m in common},
-            "only_in_a": sorted(set(maps_a) - set(maps_b)), "only_in_b": sorted(set(maps_b) - set(maps_a))}
+    return {
+        "methods": {m: map_drift(maps_a[m], maps_b[m]) for m in common},
+        "only_in_a": sorted(set(maps_a) - set(maps_b)),
+        "only_in_b": sorted(set(maps_b) - set(maps_a)),
+    }
 
 
 def load_maps(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
@@ -81,10 +90,14 @@ class Drift(Metric):
         maps, names = load_maps(previous)
         key = _label(context).replace("/", "_")
         if key not in maps:
-            raise XAIError(f"the previous version has no maps for {key!r} (it has: {', '.join(sorted(maps))})")
+            raise XAIError(
+                f"the previous version has no maps for {key!r} (it has: {', '.join(sorted(maps))})"
+            )
         results = context.results
         if names is not None and results is not None and results.image_names and names != results.image_names:
-            raise XAIError("the previous version was explained on other probe images: drift needs the same ones")
+            raise XAIError(
+                "the previous version was explained on other probe images: drift needs the same ones"
+            )
         return {"compared": 1.0, **map_drift(context.explanation.maps.float().cpu(), maps[key])}
 
 

@@ -56,7 +56,7 @@ def random_ranks(shape: tuple[int, int, int], generator: torch.Generator) -> tor
 
 def _pixel_ranks(ranks: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
     up = ranks.repeat_interleave(window, dim=1).repeat_interleave(window, dim=2)
-    return up[:, :size[0], :size[1]]
+    return up[:, : size[0], : size[1]]
 
 
 def baseline_fill(inputs: torch.Tensor, kind: str, window: int, seed: int = 0) -> torch.Tensor:
@@ -76,9 +76,18 @@ def baseline_fill(inputs: torch.Tensor, kind: str, window: int, seed: int = 0) -
     raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, not {kind!r}")
 
 
-def perturbation_curve(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ranks: torch.Tensor,
-                       window: int, fractions: list[float], start: torch.Tensor, end: torch.Tensor,
-                       score: str = "probability", batch_size: int = 256) -> torch.Tensor:
+def perturbation_curve(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ranks: torch.Tensor,
+    window: int,
+    fractions: list[float],
+    start: torch.Tensor,
+    end: torch.Tensor,
+    score: str = "probability",
+    batch_size: int = 256,
+) -> torch.Tensor:
     """B x len(fractions) scores of the target class: at fraction q, the first round(q * R) regions
     (by ``ranks``) show ``end`` and the others ``start`` (deletion: start = input, end = baseline;
     insertion: the reverse). Runs every step of every image batched, without gradients."""
@@ -118,9 +127,19 @@ class Faithfulness(Metric):
 
     name = "faithfulness"
     higher_is_better = True
-    params = {"window": None, "steps": 16, "max_fraction": 0.5, "baseline": "zeros", "insertion_baseline": "blur",
-              "score": "probability", "random_runs": 2, "seed": 0, "batch_size": 256, "max_images": 32,
-              "figures": True}
+    params = {
+        "window": None,
+        "steps": 16,
+        "max_fraction": 0.5,
+        "baseline": "zeros",
+        "insertion_baseline": "blur",
+        "score": "probability",
+        "random_runs": 2,
+        "seed": 0,
+        "batch_size": 256,
+        "max_images": 32,
+        "figures": True,
+    }
 
     def compute(self, context: MetricContext) -> dict[str, Any]:
         cfg = self.config
@@ -140,8 +159,12 @@ class Faithfulness(Metric):
 
         def curves(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             run = dict(window=window, score=cfg["score"], batch_size=int(cfg["batch_size"]))
-            dele = perturbation_curve(context.model, x, t, order, fractions=fr_full, start=x, end=removed, **run)
-            ins = perturbation_curve(context.model, x, t, order, fractions=fr_full, start=canvas, end=x, **run)
+            dele = perturbation_curve(
+                context.model, x, t, order, fractions=fr_full, start=x, end=removed, **run
+            )
+            ins = perturbation_curve(
+                context.model, x, t, order, fractions=fr_full, start=canvas, end=x, **run
+            )
             return dele, ins
 
         dele, ins = curves(ranks)
@@ -149,15 +172,22 @@ class Faithfulness(Metric):
         r_dele, r_ins = (torch.stack([c[i] for c in rnd]).mean(0) for i in range(2))
         morf, r_morf = dele[:, :last], r_dele[:, :last]
         out: dict[str, Any] = {
-            "aopc": float(aopc(morf).mean()), "aopc_random": float(aopc(r_morf).mean()),
-            "deletion_auc": float(area(fr_full, dele).mean()), "deletion_auc_random": float(area(fr_full, r_dele).mean()),
+            "aopc": float(aopc(morf).mean()),
+            "aopc_random": float(aopc(r_morf).mean()),
+            "deletion_auc": float(area(fr_full, dele).mean()),
+            "deletion_auc_random": float(area(fr_full, r_dele).mean()),
             "insertion_auc": float(area(fr_full, ins).mean()),
             "insertion_auc_random": float(area(fr_full, r_ins).mean()),
-            "fractions": fr_full, "aopc_fractions": fr_aopc,
-            "aopc_curve": (morf[:, :1] - morf).mean(0).tolist(), "aopc_curve_random": (r_morf[:, :1] - r_morf).mean(0).tolist(),
-            "deletion_curve": dele.mean(0).tolist(), "deletion_curve_random": r_dele.mean(0).tolist(),
-            "insertion_curve": ins.mean(0).tolist(), "insertion_curve_random": r_ins.mean(0).tolist(),
-            "window": window, "images": n,
+            "fractions": fr_full,
+            "aopc_fractions": fr_aopc,
+            "aopc_curve": (morf[:, :1] - morf).mean(0).tolist(),
+            "aopc_curve_random": (r_morf[:, :1] - r_morf).mean(0).tolist(),
+            "deletion_curve": dele.mean(0).tolist(),
+            "deletion_curve_random": r_dele.mean(0).tolist(),
+            "insertion_curve": ins.mean(0).tolist(),
+            "insertion_curve_random": r_ins.mean(0).tolist(),
+            "window": window,
+            "images": n,
         }
         out["aopc_gain"] = out["aopc"] - out["aopc_random"]
         out["aopc_beats_random"] = float((aopc(morf) > aopc(r_morf)).float().mean())
@@ -167,16 +197,32 @@ class Faithfulness(Metric):
 
     def _figures(self, method: str, out: dict[str, Any]) -> dict[str, bytes]:
         ylabel = "probability of the class" if self.config["score"] == "probability" else "logit of the class"
-        styles = {"deletion": "-o", "deletion (random order)": "--", "insertion": "-s", "insertion (random order)": ":"}
-        di = line_plot(out["fractions"], {
-            "deletion": out["deletion_curve"], "deletion (random order)": out["deletion_curve_random"],
-            "insertion": out["insertion_curve"], "insertion (random order)": out["insertion_curve_random"]},
+        styles = {
+            "deletion": "-o",
+            "deletion (random order)": "--",
+            "insertion": "-s",
+            "insertion (random order)": ":",
+        }
+        di = line_plot(
+            out["fractions"],
+            {
+                "deletion": out["deletion_curve"],
+                "deletion (random order)": out["deletion_curve_random"],
+                "insertion": out["insertion_curve"],
+                "insertion (random order)": out["insertion_curve_random"],
+            },
             f"{method}: deletion (AUC {out['deletion_auc']:.3f}) / insertion (AUC {out['insertion_auc']:.3f})",
-            ylabel, "fraction of the image changed", styles=styles)
-        ap = line_plot(out["aopc_fractions"], {"most relevant first": out["aopc_curve"],
-                                               "random order": out["aopc_curve_random"]},
-                       f"{method}: AOPC {out['aopc']:.3f} vs random {out['aopc_random']:.3f}",
-                       "drop of the score", "fraction of regions perturbed")
+            ylabel,
+            "fraction of the image changed",
+            styles=styles,
+        )
+        ap = line_plot(
+            out["aopc_fractions"],
+            {"most relevant first": out["aopc_curve"], "random order": out["aopc_curve_random"]},
+            f"{method}: AOPC {out['aopc']:.3f} vs random {out['aopc_random']:.3f}",
+            "drop of the score",
+            "fraction of regions perturbed",
+        )
         return {"deletion_insertion": di, "aopc": ap}
 
 

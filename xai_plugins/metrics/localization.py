@@ -47,21 +47,33 @@ def dilate(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
     if tolerance <= 0:
         return masks.bool()
     k = 2 * tolerance + 1
-    return torch.nn.functional.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1) > 0
+    return (
+        torch.nn.functional.max_pool2d(masks.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1)
+        > 0
+    )
 
 
 def fit_masks(masks: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """Boolean masks at the maps' resolution (nearest neighbour), on the CPU."""
     masks = masks.bool().cpu()
     if masks.shape[-2:] != maps.shape[-2:]:
-        masks = torch.nn.functional.interpolate(masks.float().unsqueeze(1), size=maps.shape[-2:],
-                                                mode="nearest").squeeze(1) > 0.5
+        masks = (
+            torch.nn.functional.interpolate(
+                masks.float().unsqueeze(1), size=maps.shape[-2:], mode="nearest"
+            ).squeeze(1)
+            > 0.5
+        )
     return masks
 
 
 def target_kind(target: torch.Tensor) -> str:
-    """"points" (integer B x K x 2), "density" (float, not only 0/1) or "mask"."""
-    if target.dim() == 3 and target.shape[-1] == 2 and not target.dtype.is_floating_point and target.dtype != torch.bool:
+    """ "points" (integer B x K x 2), "density" (float, not only 0/1) or "mask"."""
+    if (
+        target.dim() == 3
+        and target.shape[-1] == 2
+        and not target.dtype.is_floating_point
+        and target.dtype != torch.bool
+    ):
         return "points"
     if target.dtype.is_floating_point and not bool(((target == 0) | (target == 1)).all()):
         return "density"
@@ -73,8 +85,9 @@ def fit_density(density: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     density = density.float().cpu().clamp(min=0)
     if density.shape[-2:] != maps.shape[-2:]:
         shrink = density.shape[-1] >= maps.shape[-1]
-        density = torch.nn.functional.interpolate(density.unsqueeze(1), size=maps.shape[-2:],
-                                                  mode="area" if shrink else "bilinear").squeeze(1)
+        density = torch.nn.functional.interpolate(
+            density.unsqueeze(1), size=maps.shape[-2:], mode="area" if shrink else "bilinear"
+        ).squeeze(1)
     return density
 
 
@@ -111,13 +124,19 @@ class Localization(Metric):
         kind = target_kind(context.masks)
         if kind == "density":
             density = fit_density(context.masks, maps)
-            return {"sim": float(sim(maps, density).mean()), "pcc": float(cc(maps, density).mean()),
-                    "kl": float(kl_divergence(maps, density).mean())}
+            return {
+                "sim": float(sim(maps, density).mean()),
+                "pcc": float(cc(maps, density).mean()),
+                "kl": float(kl_divergence(maps, density).mean()),
+            }
         if kind == "points":
             fix = points_to_fixations(context.masks, tuple(context.inputs.shape[-2:]), maps)
-            return {"nss": float(nss(maps, fix).mean()), "auc_judd": float(auc_judd(maps, fix).mean()),
-                    "auc_borji": float(auc_borji(maps, fix).mean()),
-                    "auc_shuffled": float(auc_shuffled(maps, fix).mean())}
+            return {
+                "nss": float(nss(maps, fix).mean()),
+                "auc_judd": float(auc_judd(maps, fix).mean()),
+                "auc_borji": float(auc_borji(maps, fix).mean()),
+                "auc_shuffled": float(auc_shuffled(maps, fix).mean()),
+            }
         masks = fit_masks(context.masks, maps)
         frac = masks.reshape(masks.shape[0], -1).float().mean(1)
         target = masks.float()
@@ -150,10 +169,15 @@ class Shortcut(Metric):
         regions = dilate(exact, tol)
         share = relevance_mass(maps, regions)
         area = regions.reshape(regions.shape[0], -1).float().mean(1)
-        return {"share": float(share.mean()), "share_max": float(share.max()),
-                "share_exact": float(relevance_mass(maps, exact).mean()), "area": float(area.mean()),
-                "ratio": float((share / area.clamp_min(1e-12)).mean()),
-                "pointing": float(pointing_game(maps, regions).mean()), "tolerance": tol}
+        return {
+            "share": float(share.mean()),
+            "share_max": float(share.max()),
+            "share_exact": float(relevance_mass(maps, exact).mean()),
+            "area": float(area.mean()),
+            "ratio": float((share / area.clamp_min(1e-12)).mean()),
+            "pointing": float(pointing_game(maps, regions).mean()),
+            "tolerance": tol,
+        }
 
 
 @hookimpl

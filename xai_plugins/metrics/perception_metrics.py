@@ -112,8 +112,11 @@ class PVInvariance(Metric):
         y_b = other.reconstruct(context.model, context.inputs)["reconstruction"].float().cpu()
         y_a = extras["reconstruction"].float().cpu()
         image = extras["input_image"].float().cpu()
-        out = {"ssim": _mean(ssim(y_a, y_b)), "input_ssim_a": _mean(ssim(y_a, image)),
-               "input_ssim_b": _mean(ssim(y_b, image))}
+        out = {
+            "ssim": _mean(ssim(y_a, y_b)),
+            "input_ssim_a": _mean(ssim(y_a, image)),
+            "input_ssim_b": _mean(ssim(y_b, image)),
+        }
         if y_a.shape[0] > 1:
             out["unpaired_ssim"] = _mean(ssim(y_a, y_b.roll(1, dims=0)))
         return out

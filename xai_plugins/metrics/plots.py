@@ -25,9 +25,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def line_plot(x: Sequence[float] | Sequence[str], series: dict[str, Sequence[float]], title: str,
-              ylabel: str, xlabel: str = "", ylim: tuple[float, float] | None = None,
-              styles: dict[str, str] | None = None) -> bytes:
+def line_plot(
+    x: Sequence[float] | Sequence[str],
+    series: dict[str, Sequence[float]],
+    title: str,
+    ylabel: str,
+    xlabel: str = "",
+    ylim: tuple[float, float] | None = None,
+    styles: dict[str, str] | None = None,
+) -> bytes:
     """One line per series over ``x`` (numbers, or category labels drawn rotated)."""
     from matplotlib.figure import Figure
 
@@ -37,7 +43,9 @@ def line_plot(x: Sequence[float] | Sequence[str], series: dict[str, Sequence[flo
     ax = fig.add_subplot(1, 1, 1)
     pos = np.arange(len(x)) if categorical else np.asarray(x, dtype=float)
     for name, values in series.items():
-        ax.plot(pos, np.asarray(values, dtype=float), (styles or {}).get(name, "-o"), label=name, markersize=3)
+        ax.plot(
+            pos, np.asarray(values, dtype=float), (styles or {}).get(name, "-o"), label=name, markersize=3
+        )
     if categorical:
         ax.set_xticks(pos)
         ax.set_xticklabels(list(x), rotation=75, fontsize=7)
@@ -52,8 +60,13 @@ def line_plot(x: Sequence[float] | Sequence[str], series: dict[str, Sequence[flo
     return _png(fig)
 
 
-def map_grid(columns: Sequence[tuple[str, torch.Tensor]], images: torch.Tensor | None = None,
-             title: str = "", max_columns: int = 12, cell: int = 72) -> bytes:
+def map_grid(
+    columns: Sequence[tuple[str, torch.Tensor]],
+    images: torch.Tensor | None = None,
+    title: str = "",
+    max_columns: int = 12,
+    cell: int = 72,
+) -> bytes:
     """Rows: images; columns: the input (when given), then each named B x H x W map in [0, 1]
     (overlaid on the input when given), ``cell`` px each, names on top. More than ``max_columns``
     maps: evenly spaced ones, the first and the last kept."""
@@ -81,7 +94,10 @@ def map_grid(columns: Sequence[tuple[str, torch.Tensor]], images: torch.Tensor |
             tiles.append(overlay(images[r], m, alpha=0.6) if images is not None else colorize(m))
         for c, tile in enumerate(tiles):
             pil = Image.fromarray((np.clip(tile, 0, 1) * 255).round().astype(np.uint8))
-            canvas.paste(pil.resize((cell, cell), Image.Resampling.NEAREST), (gap + c * (cell + gap), top + head + r * (cell + gap)))
+            canvas.paste(
+                pil.resize((cell, cell), Image.Resampling.NEAREST),
+                (gap + c * (cell + gap), top + head + r * (cell + gap)),
+            )
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()

@@ -39,8 +39,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 class _StopRecording(Exception):
@@ -135,11 +139,14 @@ class PrefixCache:
         original = module.forward
         self._originals[module] = original
         if root:
+
             def forward(*args: Any, **kwargs: Any) -> Any:
                 return self._root_forward(original, args, kwargs)
         else:
+
             def forward(*args: Any, **kwargs: Any) -> Any:
                 return self._module_forward(module, original, args, kwargs)
+
         module.forward = forward  # type: ignore[method-assign]
 
     def _root_forward(self, original: Any, args: tuple, kwargs: dict) -> Any:
@@ -168,7 +175,12 @@ class PrefixCache:
         if not s.serving:
             return original(*args, **kwargs)
         calls = s.record.calls
-        if module in self.changed or _hooked(module) or s.pos >= len(calls) or calls[s.pos].module is not module:
+        if (
+            module in self.changed
+            or _hooked(module)
+            or s.pos >= len(calls)
+            or calls[s.pos].module is not module
+        ):
             s.serving = False
             self.stats["live"] += 1
             return original(*args, **kwargs)
@@ -198,7 +210,9 @@ class PrefixCache:
         self.stats["records"] += 1
         return record
 
-    def _record_call(self, record: _Record, module: nn.Module, original: Any, args: tuple, kwargs: dict) -> Any:
+    def _record_call(
+        self, record: _Record, module: nn.Module, original: Any, args: tuple, kwargs: dict
+    ) -> Any:
         if module in self.changed:
             record.stopped_by = module
             raise _StopRecording
@@ -227,11 +241,17 @@ class PrefixCache:
     def _match(self, x: torch.Tensor) -> tuple[int, int] | None:
         ref = self.reference
         n = x.shape[0]
-        if x.dim() != ref.dim() or x.shape[1:] != ref.shape[1:] or n == 0 or n > ref.shape[0] \
-                or x.dtype != ref.dtype or x.device != ref.device:
+        if (
+            x.dim() != ref.dim()
+            or x.shape[1:] != ref.shape[1:]
+            or n == 0
+            or n > ref.shape[0]
+            or x.dtype != ref.dtype
+            or x.device != ref.device
+        ):
             return None
         for start in range(0, ref.shape[0] - n + 1):
-            if torch.equal(ref[start], x[0]) and torch.equal(ref[start:start + n], x):
+            if torch.equal(ref[start], x[0]) and torch.equal(ref[start : start + n], x):
                 return start, n
         return None
 

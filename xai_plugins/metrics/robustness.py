@@ -36,8 +36,15 @@ def input_range(inputs: torch.Tensor) -> float:
     return float(inputs.max() - inputs.min()) or 1.0
 
 
-def adversarial(name: str, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                epsilon: float, max_iter: int, overshoot: float) -> torch.Tensor:
+def adversarial(
+    name: str,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    epsilon: float,
+    max_iter: int,
+    overshoot: float,
+) -> torch.Tensor:
     """The adversarial version of ``inputs`` moving away from ``targets``."""
     if name == "fgsm":
         return fgsm(model, inputs, targets, epsilon=epsilon * input_range(inputs))
@@ -49,25 +56,39 @@ def adversarial(name: str, model: torch.nn.Module, inputs: torch.Tensor, targets
 DICE = ("threshold", "quantile")
 
 
-def compare_maps(a: torch.Tensor, b: torch.Tensor, quantile: float = 0.9, threshold: float = 0.9,
-                 dice: str = "threshold") -> dict[str, torch.Tensor]:
+def compare_maps(
+    a: torch.Tensor, b: torch.Tensor, quantile: float = 0.9, threshold: float = 0.9, dice: str = "threshold"
+) -> dict[str, torch.Tensor]:
     """Per-image similarities of two batches of maps: dice_threshold (cut at the value ``threshold``),
     dice_quantile (cut at each map's ``quantile``), dice90 (the one ``dice`` names), spearman, ssim."""
     if dice not in DICE:
         raise ValueError(f"dice must be one of {', '.join(DICE)}, not {dice!r}")
-    out = {"dice_threshold": dice_at_threshold(a, b, threshold), "dice_quantile": dice_at_quantile(a, b, quantile)}
+    out = {
+        "dice_threshold": dice_at_threshold(a, b, threshold),
+        "dice_quantile": dice_at_quantile(a, b, quantile),
+    }
     return {**out, "dice90": out[f"dice_{dice}"], "spearman": spearman(a, b), "ssim": ssim(a, b)}
 
 
-def max_sensitivity(explain, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                    maps: torch.Tensor, noise: float, samples: int, seed: int = 0) -> torch.Tensor:
+def max_sensitivity(
+    explain,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    maps: torch.Tensor,
+    noise: float,
+    samples: int,
+    seed: int = 0,
+) -> torch.Tensor:
     """Per image: max_j ||m(x + d_j) - m(x)|| / ||m(x)|| with d_j ~ U(-r, r)^n, r = noise * range
     (Yeh et al. 2019, Def. 3.1). All noisy copies are explained in one batched call."""
     b = inputs.shape[0]
     r = noise * input_range(inputs)
     g = torch.Generator().manual_seed(seed)
     delta = (torch.rand((samples, *inputs.shape), generator=g) * 2 - 1) * r
-    noisy = (inputs.unsqueeze(0) + delta.to(inputs.device, inputs.dtype)).reshape(samples * b, *inputs.shape[1:])
+    noisy = (inputs.unsqueeze(0) + delta.to(inputs.device, inputs.dtype)).reshape(
+        samples * b, *inputs.shape[1:]
+    )
     exp = explain(model, noisy, targets.repeat(samples))
     m = exp.maps.float().cpu().reshape(samples, b, -1)
     ref = maps.float().cpu().reshape(1, b, -1)
@@ -83,8 +104,19 @@ class Robustness(Metric):
     name = "robustness"
     requires = ("explain",)
     higher_is_better = None  # similarities: higher is better; max_sensitivity: lower is better
-    params = {"attacks": list(ATTACKS), "epsilon": 0.03, "max_iter": 50, "overshoot": 0.02, "quantile": 0.9,
-              "threshold": 0.9, "dice": "threshold", "noise": 0.02, "samples": 8, "seed": 0, "max_images": 16}
+    params = {
+        "attacks": list(ATTACKS),
+        "epsilon": 0.03,
+        "max_iter": 50,
+        "overshoot": 0.02,
+        "quantile": 0.9,
+        "threshold": 0.9,
+        "dice": "threshold",
+        "noise": 0.02,
+        "samples": 8,
+        "seed": 0,
+        "max_images": 16,
+    }
 
     def compute(self, context: MetricContext) -> dict[str, Any]:
         cfg = self.config
@@ -93,21 +125,37 @@ class Robustness(Metric):
         maps = context.explanation.maps[:n].float().cpu()
         out: dict[str, Any] = {}
         for name in cfg["attacks"]:
-            x_adv = adversarial(name, context.model, x, t, float(cfg["epsilon"]), int(cfg["max_iter"]),
-                                float(cfg["overshoot"]))
+            x_adv = adversarial(
+                name,
+                context.model,
+                x,
+                t,
+                float(cfg["epsilon"]),
+                int(cfg["max_iter"]),
+                float(cfg["overshoot"]),
+            )
             with preserved_model(context.model), torch.no_grad():
                 pred = context.model(x).argmax(1)
                 pred_adv = context.model(x_adv).argmax(1)
             exp = context.explain(context.model, x_adv, t)
-            for key, value in compare_maps(maps, exp.maps.float(), float(cfg["quantile"]), float(cfg["threshold"]),
-                                           str(cfg["dice"])).items():
+            for key, value in compare_maps(
+                maps, exp.maps.float(), float(cfg["quantile"]), float(cfg["threshold"]), str(cfg["dice"])
+            ).items():
                 out[f"{name}.{key}"] = float(value.mean())
             out[f"{name}.fooling_rate"] = float((pred != pred_adv).float().mean())
             size = (x_adv - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
             out[f"{name}.perturbation"] = float(size.mean())
         if int(cfg["samples"]) > 0:
-            sens = max_sensitivity(context.explain, context.model, x, t, maps, float(cfg["noise"]),
-                                   int(cfg["samples"]), int(cfg["seed"]))
+            sens = max_sensitivity(
+                context.explain,
+                context.model,
+                x,
+                t,
+                maps,
+                float(cfg["noise"]),
+                int(cfg["samples"]),
+                int(cfg["seed"]),
+            )
             out["max_sensitivity"] = float(sens.mean())
             out["max_sensitivity_max"] = float(sens.max())
         return out

@@ -42,8 +42,14 @@ from xai_plugins.metrics.step_batch import StepBatch, nested
 from xai_plugins.similarity import SIMILARITIES, SpearmanReference
 from xai_plugins.toolkit import explainer_flag, share_default_layer
 
-_RESETS_EVERY_PARAMETER = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
-                           nn.GroupNorm, nn.Embedding)
+_RESETS_EVERY_PARAMETER = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Embedding,
+)
 ExplainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Explanation]
 ORDERS = ("cascading", "independent")
 
@@ -81,8 +87,10 @@ def reinitialized_copy(module: nn.Module, seed: int) -> nn.Module:
     whose ``reset_parameters`` redraws every parameter get fresh storage instead of a copy of
     values about to be overwritten (a VGG classifier holds hundreds of MB)."""
     fresh = isinstance(module, _RESETS_EVERY_PARAMETER)
-    memo = {id(p): nn.Parameter(torch.empty_like(p) if fresh else p.detach().clone(), requires_grad=False)
-            for p in module.parameters()}
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p) if fresh else p.detach().clone(), requires_grad=False)
+        for p in module.parameters()
+    }
     clone = copy.deepcopy(module, memo)
     reinitialize(clone, seed)
     return clone.eval()
@@ -144,11 +152,20 @@ def _signed(exp: Explanation) -> torch.Tensor:
     return attr.sum(dim=1) if attr.dim() == 4 else attr
 
 
-def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                            original: Explanation | None = None, order: str = "cascading",
-                            layers: list[str] | None = None, seed: int = 42,
-                            similarities: tuple[str, ...] | list[str] = ("spearman",), cache: bool = True,
-                            keep_maps: int = 3, stack_rows: int = 0) -> RandomizationCurve:
+def parameter_randomization(
+    explain: ExplainFn,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    original: Explanation | None = None,
+    order: str = "cascading",
+    layers: list[str] | None = None,
+    seed: int = 42,
+    similarities: tuple[str, ...] | list[str] = ("spearman",),
+    cache: bool = True,
+    keep_maps: int = 3,
+    stack_rows: int = 0,
+) -> RandomizationCurve:
     """Model parameter randomization test (Adebayo et al. 2018, section 3.1).
 
     ``explain(model, inputs, targets) -> Explanation`` re-runs the explainer under test (a metric
@@ -186,8 +203,16 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
         shell = structural_copy(model)
         share_default_layer(model, shell)
         shell_modules = dict(shell.named_modules())
-        for exp in _stacked_steps(explain, shell, [shell_modules[n] for n in names], order, inputs, targets, seed,
-                                  stack_rows // inputs.shape[0]):
+        for exp in _stacked_steps(
+            explain,
+            shell,
+            [shell_modules[n] for n in names],
+            order,
+            inputs,
+            targets,
+            seed,
+            stack_rows // inputs.shape[0],
+        ):
             record(exp)
         curve.stacked_steps = len(curve.maps)
     done = len(curve.maps)
@@ -195,14 +220,33 @@ def parameter_randomization(explain: ExplainFn, model: nn.Module, inputs: torch.
         net = private_copy(model)
         share_default_layer(model, net)
         net_modules = dict(net.named_modules())
-        _steps_one_by_one(explain, net, [net_modules[n] for n in names], order, inputs, targets, seed, cache, done,
-                          record, curve)
+        _steps_one_by_one(
+            explain,
+            net,
+            [net_modules[n] for n in names],
+            order,
+            inputs,
+            targets,
+            seed,
+            cache,
+            done,
+            record,
+            curve,
+        )
     curve.seconds = time.perf_counter() - start
     return curve
 
 
-def _stacked_steps(explain: ExplainFn, net: nn.Module, modules: list[nn.Module], order: str, inputs: torch.Tensor,
-                   targets: torch.Tensor | None, seed: int, per_batch: int) -> Iterator[Explanation]:
+def _stacked_steps(
+    explain: ExplainFn,
+    net: nn.Module,
+    modules: list[nn.Module],
+    order: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    seed: int,
+    per_batch: int,
+) -> Iterator[Explanation]:
     """Each step's explanation, ``per_batch`` steps per explanation of a stacked batch; stops early
     (the caller goes on one step at a time) when the explainer does not follow the stacked rows."""
     if nested(modules):  # checked before drawing any re-initialized copy
@@ -213,8 +257,12 @@ def _stacked_steps(explain: ExplainFn, net: nn.Module, modules: list[nn.Module],
         for first in range(0, len(modules), per_batch):
             steps = range(first, min(len(modules), first + per_batch))
             # step s re-initializes modules[:s + 1] (cascading) or modules[s] alone (independent)
-            stack.plan({m: [(r <= s) if order == "cascading" else (r == s) for s in steps]
-                        for r, m in enumerate(modules)})
+            stack.plan(
+                {
+                    m: [(r <= s) if order == "cascading" else (r == s) for s in steps]
+                    for r, m in enumerate(modules)
+                }
+            )
             xs = inputs.repeat(len(steps), *([1] * (inputs.dim() - 1)))
             ts = None if targets is None else targets.repeat(len(steps))
             try:
@@ -229,9 +277,19 @@ def _stacked_steps(explain: ExplainFn, net: nn.Module, modules: list[nn.Module],
         stack.remove()
 
 
-def _steps_one_by_one(explain: ExplainFn, net: nn.Module, modules: list[nn.Module], order: str,
-                      inputs: torch.Tensor, targets: torch.Tensor, seed: int, cache: bool, first: int,
-                      record: Callable[[Explanation], None], curve: RandomizationCurve) -> None:
+def _steps_one_by_one(
+    explain: ExplainFn,
+    net: nn.Module,
+    modules: list[nn.Module],
+    order: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    seed: int,
+    cache: bool,
+    first: int,
+    record: Callable[[Explanation], None],
+    curve: RandomizationCurve,
+) -> None:
     """Steps ``first`` onwards, each randomizing ``net`` in place (restored for ``independent``)."""
     prefix = PrefixCache(net, inputs) if cache else None
     changed: list[nn.Module] = []
@@ -253,25 +311,46 @@ def _steps_one_by_one(explain: ExplainFn, net: nn.Module, modules: list[nn.Modul
 
 
 def _rows_of(exp: Explanation, start: int, stop: int) -> Explanation:
-    return Explanation(exp.method, exp.attributions[start:stop], exp.maps[start:stop], exp.targets[start:stop], {},
-                       dict(exp.params), exp.seconds)
+    return Explanation(
+        exp.method,
+        exp.attributions[start:stop],
+        exp.maps[start:stop],
+        exp.targets[start:stop],
+        {},
+        dict(exp.params),
+        exp.seconds,
+    )
 
 
 # -- the data (label) randomization test -----------------------------------------------------------
 _RETRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train_labels: torch.Tensor,
-                             epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
-                             seed: int = 0) -> tuple[nn.Module, float]:
+def train_on_permuted_labels(
+    model: nn.Module,
+    train_inputs: torch.Tensor,
+    train_labels: torch.Tensor,
+    epochs: int = 10,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[nn.Module, float]:
     """A frozen copy of ``model``'s architecture re-initialized and trained (core.train.train_model)
     on ``train_inputs`` (model-ready) with randomly permuted labels, and the accuracy it reached on
     those labels. The result depends on the architecture, data and settings only, not on the
     model's weights: it is kept per model object, so every method of a run shares one training."""
     from xai_plugins.toolkit import Preprocess, train_model
 
-    key = (tuple(train_inputs.shape), float(train_inputs.double().sum()), float(train_inputs.double().square().sum()),
-           int(train_labels.sum()), epochs, lr, batch_size, seed)
+    key = (
+        tuple(train_inputs.shape),
+        float(train_inputs.double().sum()),
+        float(train_inputs.double().square().sum()),
+        int(train_labels.sum()),
+        epochs,
+        lr,
+        batch_size,
+        seed,
+    )
     cached = _RETRAINED.setdefault(model, {})
     if key in cached:
         return cached[key]
@@ -280,8 +359,12 @@ def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train
     g = torch.Generator().manual_seed(seed)
     permuted = train_labels[torch.randperm(train_labels.numel(), generator=g)]
     data = (train_inputs.to(device), permuted.to(device))
-    identity = Preprocess(size=None, mean=[0.0] * train_inputs.shape[1], std=[1.0] * train_inputs.shape[1],
-                          channels=train_inputs.shape[1])
+    identity = Preprocess(
+        size=None,
+        mean=[0.0] * train_inputs.shape[1],
+        std=[1.0] * train_inputs.shape[1],
+        channels=train_inputs.shape[1],
+    )
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():  # train_model seeds the global RNG
         torch.manual_seed(seed)
@@ -289,7 +372,9 @@ def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train
             m.reset_parameters()
         for p in net.parameters():
             p.requires_grad_(True)
-        train_model(net, data, identity, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=False)
+        train_model(
+            net, data, identity, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=False
+        )
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -299,11 +384,20 @@ def train_on_permuted_labels(model: nn.Module, train_inputs: torch.Tensor, train
     return net, accuracy
 
 
-def label_randomization(explain: ExplainFn, model: nn.Module, train_inputs: torch.Tensor,
-                        train_labels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                        original: Explanation, similarities: tuple[str, ...] | list[str] = ("spearman",),
-                        epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
-                        seed: int = 0) -> tuple[dict[str, torch.Tensor], Explanation, float]:
+def label_randomization(
+    explain: ExplainFn,
+    model: nn.Module,
+    train_inputs: torch.Tensor,
+    train_labels: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    original: Explanation,
+    similarities: tuple[str, ...] | list[str] = ("spearman",),
+    epochs: int = 10,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], Explanation, float]:
     """Data randomization test (Adebayo et al. 2018, section 3.2): explain ``inputs`` with the model
     of ``train_on_permuted_labels``; returns the per-image similarities to ``original``, the new
     explanation, and the accuracy that model reached on the permuted training labels."""
@@ -372,10 +466,23 @@ class Sanity(Metric):
     name = "sanity"
     requires = ("explain",)
     higher_is_better = False
-    params = {"cascading": True, "independent": True, "layers": None, "seed": 42,
-              "similarities": ["spearman", "spearman_signed", "ssim", "hog"], "max_images": 32, "cache": True,
-              "figures": True, "grid_images": 3, "label_randomization": True, "label_max_params": 1_000_000,
-              "label_samples": 512, "label_epochs": 10, "label_lr": 3e-3, "stack_rows": 32}
+    params = {
+        "cascading": True,
+        "independent": True,
+        "layers": None,
+        "seed": 42,
+        "similarities": ["spearman", "spearman_signed", "ssim", "hog"],
+        "max_images": 32,
+        "cache": True,
+        "figures": True,
+        "grid_images": 3,
+        "label_randomization": True,
+        "label_max_params": 1_000_000,
+        "label_samples": 512,
+        "label_epochs": 10,
+        "label_lr": 3e-3,
+        "stack_rows": 32,
+    }
 
     def compute(self, context: MetricContext) -> dict[str, Any]:
         cfg = self.config
@@ -390,9 +497,20 @@ class Sanity(Metric):
         for order in ORDERS:
             if not cfg[order]:
                 continue
-            curve = parameter_randomization(context.explain, context.model, inputs, targets, original, order,
-                                            cfg["layers"], int(cfg["seed"]), sims, bool(cfg["cache"]),
-                                            int(cfg["grid_images"]), stack_rows)
+            curve = parameter_randomization(
+                context.explain,
+                context.model,
+                inputs,
+                targets,
+                original,
+                order,
+                cfg["layers"],
+                int(cfg["seed"]),
+                sims,
+                bool(cfg["cache"]),
+                int(cfg["grid_images"]),
+                stack_rows,
+            )
             out.update(_curve_values(curve))
             if cfg["figures"]:
                 figures.update(_curve_figures(curve, original, images, int(cfg["grid_images"])))
@@ -406,22 +524,36 @@ class Sanity(Metric):
         cfg = self.config
         size = sum(p.numel() for p in context.model.parameters())
         if size > int(cfg["label_max_params"]):
-            return {"label.skipped": f"model has {size} parameters (> label_max_params {cfg['label_max_params']})"}
+            return {
+                "label.skipped": f"model has {size} parameters (> label_max_params {cfg['label_max_params']})"
+            }
         data = training_data(context, int(cfg["label_samples"]), int(cfg["seed"]))
         if isinstance(data, str):
             return {"label.skipped": data}
         start = time.perf_counter()
-        scores, exp, acc = label_randomization(context.explain, context.model, data[0], data[1], inputs, targets,
-                                               original, sims, int(cfg["label_epochs"]), float(cfg["label_lr"]),
-                                               seed=int(cfg["seed"]))
+        scores, exp, acc = label_randomization(
+            context.explain,
+            context.model,
+            data[0],
+            data[1],
+            inputs,
+            targets,
+            original,
+            sims,
+            int(cfg["label_epochs"]),
+            float(cfg["label_lr"]),
+            seed=int(cfg["seed"]),
+        )
         out: dict[str, Any] = {f"label.{s}": float(v.mean()) for s, v in scores.items()}
         out["label.train_accuracy"] = acc
         out["label.seconds"] = time.perf_counter() - start
         if cfg["figures"]:
             k = int(cfg["grid_images"])
-            figures["label_grid"] = map_grid([("original", original.maps[:k]), ("random labels", exp.maps[:k])],
-                                             images[:k] if images is not None else None,
-                                             "explanations of a model trained on permuted labels")
+            figures["label_grid"] = map_grid(
+                [("original", original.maps[:k]), ("random labels", exp.maps[:k])],
+                images[:k] if images is not None else None,
+                "explanations of a model trained on permuted labels",
+            )
         return out
 
 
@@ -431,8 +563,12 @@ def _subset(exp: Explanation, n: int) -> Explanation:
 
 def _curve_values(curve: RandomizationCurve) -> dict[str, Any]:
     o = curve.order
-    out: dict[str, Any] = {f"{o}.layers": list(curve.layers), f"{o}.seconds": curve.seconds,
-                           f"{o}.reused_calls": curve.reused_calls, f"{o}.stacked_steps": curve.stacked_steps}
+    out: dict[str, Any] = {
+        f"{o}.layers": list(curve.layers),
+        f"{o}.seconds": curve.seconds,
+        f"{o}.reused_calls": curve.reused_calls,
+        f"{o}.stacked_steps": curve.stacked_steps,
+    }
     for s in curve.scores:
         values = curve.mean(s)
         out[f"{o}.{s}"] = values
@@ -444,16 +580,28 @@ def _curve_values(curve: RandomizationCurve) -> dict[str, Any]:
     return out
 
 
-def _curve_figures(curve: RandomizationCurve, original: Explanation, images: torch.Tensor | None,
-                   k: int) -> dict[str, bytes]:
+def _curve_figures(
+    curve: RandomizationCurve, original: Explanation, images: torch.Tensor | None, k: int
+) -> dict[str, bytes]:
     x = ["original", *curve.layers]
     series = {s: [1.0, *curve.mean(s)] for s in curve.scores}
     what = "top down, cumulative" if curve.order == "cascading" else "one layer at a time"
-    figs = {f"{curve.order}_curve": line_plot(x, series, f"{original.method}: {curve.order} randomization ({what})",
-                                              "similarity to original", "randomized layer", (-0.5, 1.05))}
+    figs = {
+        f"{curve.order}_curve": line_plot(
+            x,
+            series,
+            f"{original.method}: {curve.order} randomization ({what})",
+            "similarity to original",
+            "randomized layer",
+            (-0.5, 1.05),
+        )
+    }
     columns = [("original", original.maps[:k])] + list(zip(curve.layers, curve.maps))
-    figs[f"{curve.order}_grid"] = map_grid(columns, images[:k] if images is not None else None,
-                                           f"{original.method}: maps after {curve.order} randomization")
+    figs[f"{curve.order}_grid"] = map_grid(
+        columns,
+        images[:k] if images is not None else None,
+        f"{original.method}: maps after {curve.order} randomization",
+    )
     return figs
 
 

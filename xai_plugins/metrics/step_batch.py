@@ -51,7 +51,9 @@ class StepBatch:
         self._patched: list[nn.Module] = []
         self._patch(model, self._root_forward)
         for module, copy in randomized.items():
-            self._patch(module, lambda original, module=module, copy=copy: self._layer_forward(original, copy, module))
+            self._patch(
+                module, lambda original, module=module, copy=copy: self._layer_forward(original, copy, module)
+            )
 
     def plan(self, flags: dict[nn.Module, list[bool]]) -> None:
         """Per randomized module, per step of the next explanation: True = re-initialized."""
@@ -84,9 +86,12 @@ class StepBatch:
                 return original(*args, **kwargs)
             finally:
                 self._active = False
+
         return forward
 
-    def _layer_forward(self, original: Callable[..., Any], copy: nn.Module, module: nn.Module) -> Callable[..., Any]:
+    def _layer_forward(
+        self, original: Callable[..., Any], copy: nn.Module, module: nn.Module
+    ) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not self._active:
                 return original(*args, **kwargs)
@@ -106,12 +111,16 @@ class StepBatch:
                 else:
                     outputs.append(fn(*a, **kw))
             return outputs[0] if len(outputs) == 1 else _concat(outputs)
+
         return forward
 
 
 InputVJP = Callable[[torch.Tensor, torch.Size], torch.Tensor]
-_CONV_INPUT_GRADS = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
-                     nn.Conv3d: torch.nn.grad.conv3d_input}
+_CONV_INPUT_GRADS = {
+    nn.Conv1d: torch.nn.grad.conv1d_input,
+    nn.Conv2d: torch.nn.grad.conv2d_input,
+    nn.Conv3d: torch.nn.grad.conv3d_input,
+}
 
 
 def nested(modules: list[nn.Module]) -> bool:
@@ -130,11 +139,14 @@ def _input_vjp(module: nn.Module) -> InputVJP | None:
     conv_input = _CONV_INPUT_GRADS.get(type(module))
     if conv_input is None or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None
-    return lambda g, shape: conv_input(shape, module.weight, g, module.stride, module.padding, module.dilation,
-                                       module.groups)
+    return lambda g, shape: conv_input(
+        shape, module.weight, g, module.stride, module.padding, module.dilation, module.groups
+    )
 
 
-def _first_block_repeated(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: int) -> torch.Tensor:
+def _first_block_repeated(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: int
+) -> torch.Tensor:
     y = fn(x[: x.shape[0] // m])
     return y.repeat(m, *([1] * (y.dim() - 1)))
 
@@ -146,8 +158,13 @@ class _SharedLinear(torch.autograd.Function):
     row's output gradient; nothing is summed across steps, as a broadcast would)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP,  # type: ignore[override]
-                m: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        vjp: InputVJP,  # type: ignore[override]
+        m: int,
+    ) -> torch.Tensor:
         ctx.vjp, ctx.shape = vjp, x.shape
         return _first_block_repeated(fn, x, m)
 
@@ -156,7 +173,9 @@ class _SharedLinear(torch.autograd.Function):
         return ctx.vjp(g.contiguous(), ctx.shape), None, None, None
 
 
-def _shared_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, m: int) -> torch.Tensor:
+def _shared_linear(
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, m: int
+) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _SharedLinear.apply(x, fn, vjp, m)
     return _first_block_repeated(fn, x, m)
@@ -189,7 +208,9 @@ def _rows(args: tuple, kwargs: dict) -> int | None:
 
 
 def _slice(values: tuple, sl: slice, n: int) -> tuple:
-    return tuple(v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in values)
+    return tuple(
+        v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in values
+    )
 
 
 def _concat(outputs: list[Any]) -> Any:

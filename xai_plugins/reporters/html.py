@@ -64,8 +64,10 @@ class HTMLReporter(Reporter):
     def write(self, results: RunResults, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(self.config['title'])}"
-                 f"</title><style>{CSS}</style></head><body>"]
+        parts = [
+            f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(self.config["title"])}'
+            f"</title><style>{CSS}</style></head><body>"
+        ]
         parts.append(self._header(results))
         parts.append(self._failures(results))
         parts.append(self._grid(results))
@@ -100,8 +102,11 @@ class HTMLReporter(Reporter):
     def _failures(self, r: RunResults) -> str:
         out = []
         if r.failures:
-            rows = "".join(f"<li><b>{esc(f.name)}</b> ({esc(f.stage)}, {esc(f.kind)}, plugin {esc(f.plugin)}): "
-                           f"{esc(f.message)}</li>" for f in r.failures)
+            rows = "".join(
+                f"<li><b>{esc(f.name)}</b> ({esc(f.stage)}, {esc(f.kind)}, plugin {esc(f.plugin)}): "
+                f"{esc(f.message)}</li>"
+                for f in r.failures
+            )
             out.append(f"<h2>Failures</h2><div class=fail><ul>{rows}</ul></div>")
         if r.skipped_inputs:
             rows = "".join(f"<li>{esc(s.get('name'))}: {esc(s.get('reason'))}</li>" for s in r.skipped_inputs)
@@ -110,20 +115,28 @@ class HTMLReporter(Reporter):
 
     def _metrics(self, r: RunResults) -> str:
         out = []
-        keys = sorted({k for m in r.metrics.values() for k, v in m.items() if not isinstance(v, (list, dict))})
+        keys = sorted(
+            {k for m in r.metrics.values() for k, v in m.items() if not isinstance(v, (list, dict))}
+        )
         if keys:  # one column per method: a handful of methods, often dozens of metric values
             labels = list(r.explanations)
             head = "".join(f"<th>{esc(label)}</th>" for label in labels)
             n = max(1, len(r.image_names))
-            times = "".join(f"<td class=num>{r.timings.get(label, 0.0) / n * 1000:.1f}</td>" for label in labels)
+            times = "".join(
+                f"<td class=num>{r.timings.get(label, 0.0) / n * 1000:.1f}</td>" for label in labels
+            )
             rows = [f"<tr><th>ms / image</th>{times}</tr>"]
             for k in keys:
-                cells = "".join(f"<td class=num>{fmt(r.metrics.get(label, {}).get(k, ''))}</td>" for label in labels)
+                cells = "".join(
+                    f"<td class=num>{fmt(r.metrics.get(label, {}).get(k, ''))}</td>" for label in labels
+                )
                 rows.append(f"<tr><th>{esc(k)}</th>{cells}</tr>")
             out.append(f"<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>")
         scalars = {k: v for k, v in r.global_metrics.items() if not isinstance(v, (list, dict))}
         if scalars:
-            rows = "".join(f"<tr><th>{esc(k)}</th><td class=num>{fmt(v)}</td></tr>" for k, v in sorted(scalars.items()))
+            rows = "".join(
+                f"<tr><th>{esc(k)}</th><td class=num>{fmt(v)}</td></tr>" for k, v in sorted(scalars.items())
+            )
             out.append(f"<h2>Model metrics</h2><table>{rows}</table>")
         return "".join(out)
 
@@ -135,8 +148,10 @@ class HTMLReporter(Reporter):
                     figs[f"{label}/{name}"] = png
         if not figs:
             return ""
-        items = "".join(f"<figure>{img_tag(png, name)}<figcaption class=cap>{esc(name)}</figcaption></figure>"
-                        for name, png in sorted(figs.items()))
+        items = "".join(
+            f"<figure>{img_tag(png, name)}<figcaption class=cap>{esc(name)}</figcaption></figure>"
+            for name, png in sorted(figs.items())
+        )
         return f"<h2>Figures</h2><div class=figs>{items}</div>"
 
     def _grid(self, r: RunResults) -> str:
@@ -166,8 +181,11 @@ class HTMLReporter(Reporter):
                     extra_cols.append((label, name))
         signed = signed_relevance({label: r.explanations[label] for label in labels})
         legend = "<br><small>red: for the class, blue: against</small>"
-        head = "<th>input</th>" + "".join(f"<th>{esc(lab)}{legend if lab in signed else ''}</th>" for lab in labels) + \
-            "".join(f"<th>{esc(lab)}: {esc(name)}</th>" for lab, name in extra_cols)
+        head = (
+            "<th>input</th>"
+            + "".join(f"<th>{esc(lab)}{legend if lab in signed else ''}</th>" for lab in labels)
+            + "".join(f"<th>{esc(lab)}: {esc(name)}</th>" for lab, name in extra_cols)
+        )
         scale = display_scale(r.images.shape[-2])
         names = r.class_names
         alpha = float(self.config["alpha"])
@@ -177,14 +195,20 @@ class HTMLReporter(Reporter):
             t, p = int(r.targets[i]), int(r.predictions[i])
             tname = names[t] if names and t < len(names) else t
             pname = names[p] if names and p < len(names) else p
-            cap = f"{esc(r.image_names[i])}<br>explained: {esc(tname)} · predicted: {esc(pname)} " \
-                  f"({float(r.probabilities[i, p]):.0%})"
+            cap = (
+                f"{esc(r.image_names[i])}<br>explained: {esc(tname)} · predicted: {esc(pname)} "
+                f"({float(r.probabilities[i, p]):.0%})"
+            )
             if r.labels is not None:
                 lab = int(r.labels[i])
                 lname = names[lab] if names and lab < len(names) else lab
                 ok = lab == p
-                cap += f"<br>label: {esc(lname)} <span class={'ok' if ok else 'bad'}>{'✓' if ok else '✗'}</span>"
-            cells = [f"<td>{img_tag(png_bytes(image, scale), r.image_names[i])}<div class=cap>{cap}</div></td>"]
+                cap += (
+                    f"<br>label: {esc(lname)} <span class={'ok' if ok else 'bad'}>{'✓' if ok else '✗'}</span>"
+                )
+            cells = [
+                f"<td>{img_tag(png_bytes(image, scale), r.image_names[i])}<div class=cap>{cap}</div></td>"
+            ]
             for label in labels:
                 exp = r.explanations[label]
                 if label in signed:
@@ -193,11 +217,15 @@ class HTMLReporter(Reporter):
                     over = overlay(image, exp.maps[i], alpha=alpha)
                 text = exp.extras.get("text")
                 caption = esc(text[i]) if isinstance(text, list) and i < len(text) else ""
-                cells.append(f"<td>{img_tag(png_bytes(over, scale), f'{label} map for {r.image_names[i]}')}"
-                             f"<div class=cap>{caption}</div></td>")
+                cells.append(
+                    f"<td>{img_tag(png_bytes(over, scale), f'{label} map for {r.image_names[i]}')}"
+                    f"<div class=cap>{caption}</div></td>"
+                )
             for label, name in extra_cols:
                 tensor = extra_image(r.explanations[label].extras["images"][name], i)
-                cells.append(f"<td>{img_tag(png_bytes(tensor, scale), f'{label} {name}') if tensor is not None else ''}</td>")
+                cells.append(
+                    f"<td>{img_tag(png_bytes(tensor, scale), f'{label} {name}') if tensor is not None else ''}</td>"
+                )
             rows.append("<tr>" + "".join(cells) + "</tr>")
         return f"<table class=grid><tr>{head}</tr>{''.join(rows)}</table>"
 

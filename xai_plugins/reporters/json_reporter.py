@@ -18,9 +18,13 @@ from xai_plugins.toolkit import signed_relevance
 
 def jsonable(value: Any) -> Any:
     """Convert tensors, numpy values and paths to JSON types; NaN/inf become null (the run records
-non-finite model outputs as a failure, so a null never hides one)."""
+    non-finite model outputs as a failure, so a null never hides one)."""
     if isinstance(value, torch.Tensor):
-        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
+        return (
+            jsonable(value.detach().cpu().tolist())
+            if value.numel() <= 4096
+            else f"<tensor {tuple(value.shape)}>"
+        )
     if isinstance(value, np.ndarray):
         return jsonable(value.tolist()) if value.size <= 4096 else f"<array {value.shape}>"
     if isinstance(value, (np.floating, float)):
@@ -47,8 +51,12 @@ def results_dict(results: RunResults) -> dict[str, Any]:
     images = []
     for i, name in enumerate(results.image_names):
         t, p = int(results.targets[i]), int(results.predictions[i])
-        row = {"name": name, "target": t, "prediction": p,
-               "probability": jsonable(float(results.probabilities[i, p]))}
+        row = {
+            "name": name,
+            "target": t,
+            "prediction": p,
+            "probability": jsonable(float(results.probabilities[i, p])),
+        }
         if names:
             row["target_name"], row["prediction_name"] = names[t], names[p]
         if results.labels is not None:
@@ -58,9 +66,14 @@ def results_dict(results: RunResults) -> dict[str, Any]:
     methods = {}
     for label, exp in results.explanations.items():
         extras = {k: v for k, v in exp.extras.items() if k != "images"}
-        methods[label] = {"method": exp.method, "params": redact(jsonable(exp.params)), "seconds": jsonable(exp.seconds),
-                          "seconds_per_image": jsonable(exp.seconds / max(1, len(results.image_names))),
-                          "attribution_shape": list(exp.attributions.shape), "extras": redact(jsonable(extras))}
+        methods[label] = {
+            "method": exp.method,
+            "params": redact(jsonable(exp.params)),
+            "seconds": jsonable(exp.seconds),
+            "seconds_per_image": jsonable(exp.seconds / max(1, len(results.image_names))),
+            "attribution_shape": list(exp.attributions.shape),
+            "extras": redact(jsonable(extras)),
+        }
     return {
         "meta": redact(jsonable(results.meta)),
         "images": images,
@@ -88,12 +101,16 @@ class JSONReporter(Reporter):
         tmp.write_text(json.dumps(results_dict(results), indent=2, allow_nan=False))
         tmp.replace(path)
         if self.config["save_maps"] and results.explanations:
-            np.savez_compressed(out_dir / "maps.npz", **{
-                label.replace("/", "_"): exp.maps.numpy() for label, exp in results.explanations.items()})
+            np.savez_compressed(
+                out_dir / "maps.npz",
+                **{label.replace("/", "_"): exp.maps.numpy() for label, exp in results.explanations.items()},
+            )
             signed = signed_relevance(results.explanations)
             if signed:
-                np.savez_compressed(out_dir / "signed.npz", **{
-                    label.replace("/", "_"): r.detach().cpu().numpy() for label, r in signed.items()})
+                np.savez_compressed(
+                    out_dir / "signed.npz",
+                    **{label.replace("/", "_"): r.detach().cpu().numpy() for label, r in signed.items()},
+                )
         return path
 
 

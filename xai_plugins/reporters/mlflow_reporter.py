@@ -35,7 +35,9 @@ def metric_key(*parts: str) -> str:
     return "/".join(_KEY_BAD.sub("_", str(p)) for p in parts if str(p))[:250]
 
 
-def flat_metrics(metrics: dict[str, dict[str, Any]], global_metrics: dict[str, Any] | None = None) -> dict[str, float]:
+def flat_metrics(
+    metrics: dict[str, dict[str, Any]], global_metrics: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Every finite scalar: ``<method>/<metric>`` and ``model/<metric>``."""
     out: dict[str, float] = {}
     groups = list(metrics.items()) + [("model", global_metrics or {})]
@@ -55,11 +57,17 @@ def log_metrics(client: Any, run_id: str, values: dict[str, float], step: int = 
     stamp = int(time.time() * 1000)
     items = [Metric(k, v, stamp, step) for k, v in sorted(values.items())]
     for i in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[i:i + 1000])
+        client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-def map_pngs(maps: dict[str, Any], names: list[str], images: Any = None, alpha: float = 0.5,
-             max_images: int | None = None, signed: dict[str, Any] | None = None) -> dict[str, bytes]:
+def map_pngs(
+    maps: dict[str, Any],
+    names: list[str],
+    images: Any = None,
+    alpha: float = 0.5,
+    max_images: int | None = None,
+    signed: dict[str, Any] | None = None,
+) -> dict[str, bytes]:
     """``maps/<method>/<NNN>_<image>.png`` -> PNG bytes, for B x H x W maps in [0, 1] per method;
     each map over its image when ``images`` (B x 3 x H x W in [0, 1]) is given, else colorized.
     ``signed``: method -> B x H x W signed relevance, drawn red/blue over the image instead."""
@@ -71,7 +79,9 @@ def map_pngs(maps: dict[str, Any], names: list[str], images: Any = None, alpha: 
             if images is not None and label in signed:
                 picture = signed_overlay(images[i], signed[label][i])
             else:
-                picture = overlay(images[i], batch[i], alpha=alpha) if images is not None else colorize(batch[i])
+                picture = (
+                    overlay(images[i], batch[i], alpha=alpha) if images is not None else colorize(batch[i])
+                )
             stem = Path(names[i]).with_suffix("").name if i < len(names) else f"image_{i}"
             path = f"maps/{_FILE_BAD.sub('_', label)}/{i:03d}_{_FILE_BAD.sub('_', stem)}.png"
             files[path] = png_bytes(picture, display_scale(picture.shape[0]))
@@ -100,8 +110,14 @@ class MLflowReporter(Reporter):
     """Logs maps (PNG), metrics, results.json and report.html to an MLflow run."""
 
     name = "mlflow"
-    params = {"tracking_uri": None, "experiment": None, "run_id": None, "run_name": None, "max_images": 64,
-              "alpha": 0.5}
+    params = {
+        "tracking_uri": None,
+        "experiment": None,
+        "run_id": None,
+        "run_name": None,
+        "max_images": 64,
+        "alpha": 0.5,
+    }
 
     def write(self, results: RunResults, out_dir: Path) -> Path:
         try:
@@ -113,8 +129,14 @@ class MLflowReporter(Reporter):
         client = MlflowClient(tracking_uri=self.config["tracking_uri"])
         run_id, own = self._run(mlflow, client)
         signed = signed_relevance(results.explanations)
-        files = map_pngs({label: exp.maps for label, exp in results.explanations.items()}, results.image_names,
-                         results.images, float(self.config["alpha"]), int(self.config["max_images"]), signed)
+        files = map_pngs(
+            {label: exp.maps for label, exp in results.explanations.items()},
+            results.image_names,
+            results.images,
+            float(self.config["alpha"]),
+            int(self.config["max_images"]),
+            signed,
+        )
         for name in LOGGED_FILES:
             if (out_dir / name).is_file():
                 files[name] = (out_dir / name).read_bytes()
@@ -130,8 +152,13 @@ class MLflowReporter(Reporter):
             client.set_terminated(run_id)
         run = client.get_run(run_id)
         uri = client.tracking_uri
-        record = {"run_id": run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri,
-                  "artifact_uri": run.info.artifact_uri, "url": run_url(uri, run.info.experiment_id, run_id)}
+        record = {
+            "run_id": run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": uri,
+            "artifact_uri": run.info.artifact_uri,
+            "url": run_url(uri, run.info.experiment_id, run_id),
+        }
         path = out_dir / "mlflow-run.json"
         path.write_text(json.dumps(record, indent=2))
         return path

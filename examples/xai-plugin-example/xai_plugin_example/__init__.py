@@ -33,7 +33,10 @@ class MapEntropy(Metric):
         p = context.explanation.maps.flatten(1).double()
         p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
         entropy = -(p * (p + 1e-12).log()).sum(1)
-        return {"entropy": float(entropy.mean()), "max_entropy": float(torch.log(torch.tensor(p.shape[1] * 1.0)))}
+        return {
+            "entropy": float(entropy.mean()),
+            "max_entropy": float(torch.log(torch.tensor(p.shape[1] * 1.0))),
+        }
 
 
 @hookimpl

@@ -19,8 +19,9 @@ def display(inputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return ((inputs - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
-def iterative_fgsm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, epsilon: torch.Tensor,
-                   steps: int) -> torch.Tensor:
+def iterative_fgsm(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, epsilon: torch.Tensor, steps: int
+) -> torch.Tensor:
     """``steps`` FGSM steps of size epsilon / steps (Kurakin et al. 2017's basic iterative method with a
     step that never leaves the epsilon ball); ``steps=1`` is FGSM (Goodfellow et al. 2015).
     ``epsilon``: B x 1 x 1 x 1 per-image budgets in input units."""
@@ -52,9 +53,18 @@ class AdversarialExplainer(Explainer):
     name = "adversarial"
     family = "adversarial"
     space = "input"
-    params = {"attack": "deepfool", "epsilon": 0.03, "steps": 10, "max_iter": 50, "overshoot": 0.02,
-              "num_classes": 10,
-              "pixels": 1, "popsize": 80, "maxiter": 30, "seed": 0}
+    params = {
+        "attack": "deepfool",
+        "epsilon": 0.03,
+        "steps": 10,
+        "max_iter": 50,
+        "overshoot": 0.02,
+        "num_classes": 10,
+        "pixels": 1,
+        "popsize": 80,
+        "maxiter": 30,
+        "seed": 0,
+    }
 
     def attack(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -62,24 +72,44 @@ class AdversarialExplainer(Explainer):
             if cfg["steps"] < 1 or cfg["epsilon"] <= 0:
                 raise InputError("the fgsm attack needs steps >= 1 and epsilon > 0")
             span = inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)
-            return iterative_fgsm(model, inputs, targets, (cfg["epsilon"] * span).view(-1, 1, 1, 1), cfg["steps"])
+            return iterative_fgsm(
+                model, inputs, targets, (cfg["epsilon"] * span).view(-1, 1, 1, 1), cfg["steps"]
+            )
         if cfg["attack"] == "deepfool":
-            return deepfool(model, inputs, targets, max_iter=cfg["max_iter"], overshoot=cfg["overshoot"],
-                            num_classes=cfg["num_classes"])
+            return deepfool(
+                model,
+                inputs,
+                targets,
+                max_iter=cfg["max_iter"],
+                overshoot=cfg["overshoot"],
+                num_classes=cfg["num_classes"],
+            )
         if cfg["attack"] == "one_pixel":
             if cfg["pixels"] < 1 or cfg["popsize"] < 1 or cfg["maxiter"] < 1:
                 raise InputError("the one_pixel attack needs pixels, popsize and maxiter >= 1")
-            self.found = one_pixel(model, inputs, targets, pixels=cfg["pixels"], popsize=cfg["popsize"],
-                                   maxiter=cfg["maxiter"], seed=cfg["seed"])
+            self.found = one_pixel(
+                model,
+                inputs,
+                targets,
+                pixels=cfg["pixels"],
+                popsize=cfg["popsize"],
+                maxiter=cfg["maxiter"],
+                seed=cfg["seed"],
+            )
             return self.found.adversarial
         raise InputError(f"attack must be one of {', '.join(ATTACKS)}, not {cfg['attack']!r}")
 
-    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def explain(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         adversarial = self.attack(model, inputs, targets)
         with torch.no_grad():
             prediction = model(adversarial).argmax(1)
-        extras = {"adversarial_prediction": prediction.cpu(), "fooled": (prediction != targets).cpu(),
-                  "images": {"adversarial": display(adversarial, inputs).cpu()}}
+        extras = {
+            "adversarial_prediction": prediction.cpu(),
+            "fooled": (prediction != targets).cpu(),
+            "images": {"adversarial": display(adversarial, inputs).cpu()},
+        }
         if self.config["attack"] == "one_pixel":
             extras["pixels"] = self.found.positions.cpu()
         return adversarial - inputs, extras

@@ -25,9 +25,13 @@ class TwoGenerators(nn.Module):
     def __init__(self, channels: int = 3, width: int = 32):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.LeakyReLU(0.2))
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+        )
         self.similar = self._decoder(channels, width)
         self.adversarial = self._decoder(channels, width)
 
@@ -36,8 +40,13 @@ class TwoGenerators(nn.Module):
         last = nn.Conv2d(width, channels, 3, padding=1)
         nn.init.normal_(last.weight, std=1e-3)  # near the identity, yet every layer gets gradients
         nn.init.zeros_(last.bias)
-        return nn.Sequential(nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-                             nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), last)
+        return nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            last,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2:]
@@ -55,9 +64,12 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, channels: int = 3, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 1, 3, padding=1))
+            nn.Conv2d(channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -113,8 +125,17 @@ class AdversarialGenerators(Explainer):
     family = "adversarial"
     space = "input"
     trainable = True
-    params = {"fit_steps": 400, "fit_batch": 32, "lr": 5e-3, "rec": 0.5, "margin": 1.0, "width": 16, "seed": 0,
-              "loss": "margin", "adv": 0.05}
+    params = {
+        "fit_steps": 400,
+        "fit_batch": 32,
+        "lr": 5e-3,
+        "rec": 0.5,
+        "margin": 1.0,
+        "width": 16,
+        "seed": 0,
+        "loss": "margin",
+        "adv": 0.05,
+    }
     fit_params = ("fit_steps", "fit_batch", "lr", "rec", "margin", "width", "seed", "loss", "adv")
     LOSSES = ("margin", "paper")
 
@@ -126,8 +147,10 @@ class AdversarialGenerators(Explainer):
     def __init__(self, **params: Any):
         super().__init__(**params)
         if self.config["loss"] not in self.LOSSES:
-            raise XAIError(f"adversarial_generators: loss must be one of {', '.join(self.LOSSES)}, "
-                           f"not {self.config['loss']!r}")
+            raise XAIError(
+                f"adversarial_generators: loss must be one of {', '.join(self.LOSSES)}, "
+                f"not {self.config['loss']!r}"
+            )
 
     def losses(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
@@ -137,19 +160,31 @@ class AdversarialGenerators(Explainer):
         cfg = self.config
         rec = cfg["rec"] * ((similar - x).abs().mean() + (adversarial - x).abs().mean())
         if cfg["loss"] == "margin":
-            loss = margin(out_s, keep, cfg["margin"]) + margin(out_a, keep, cfg["margin"], keep_class=False) + rec
+            loss = (
+                margin(out_s, keep, cfg["margin"])
+                + margin(out_a, keep, cfg["margin"], keep_class=False)
+                + rec
+            )
         else:
             self.discriminator_step(x, similar.detach(), adversarial.detach())
             fooling = gan_loss(self.disc(similar), True) + gan_loss(self.disc(adversarial), True)
-            loss = class_cross_entropy(out_s, keep) + class_cross_entropy(out_a, keep, keep_class=False) + rec + \
-                cfg["adv"] * fooling
-        stats = {"keep_rate": float((out_s.argmax(1) == keep).float().mean()),
-                 "change_rate": float((out_a.argmax(1) != keep).float().mean())}
+            loss = (
+                class_cross_entropy(out_s, keep)
+                + class_cross_entropy(out_a, keep, keep_class=False)
+                + rec
+                + cfg["adv"] * fooling
+            )
+        stats = {
+            "keep_rate": float((out_s.argmax(1) == keep).float().mean()),
+            "change_rate": float((out_a.argmax(1) != keep).float().mean()),
+        }
         return loss, stats
 
     def discriminator_step(self, real: torch.Tensor, *fakes: torch.Tensor) -> None:
         """One Adam step of D on the GAN cross-entropy: real images 1, generated ones 0."""
-        loss = gan_loss(self.disc(real), True) + sum(gan_loss(self.disc(f), False) for f in fakes) / len(fakes)
+        loss = gan_loss(self.disc(real), True) + sum(gan_loss(self.disc(f), False) for f in fakes) / len(
+            fakes
+        )
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.disc_opt.step()
@@ -176,9 +211,13 @@ class AdversarialGenerators(Explainer):
                         self._checkpoint(opt, step)
                     if step >= cfg["fit_steps"]:
                         break
-        return {"generators": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                "channels": int(data.inputs.shape[1]), "width": int(cfg["width"]), "steps": step,
-                **{f"train_{k}": v for k, v in stats.items()}}
+        return {
+            "generators": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "channels": int(data.inputs.shape[1]),
+            "width": int(cfg["width"]),
+            "steps": step,
+            **{f"train_{k}": v for k, v in stats.items()},
+        }
 
     def _resume(self, opt: torch.optim.Optimizer) -> int:
         path = self.checkpoint_path
@@ -196,7 +235,9 @@ class AdversarialGenerators(Explainer):
         if self.checkpoint_path is not None:
             saved = {"generators": self.net.state_dict(), "optimizer": opt.state_dict(), "step": step}
             if self.disc is not None:
-                saved.update(discriminator=self.disc.state_dict(), discriminator_optimizer=self.disc_opt.state_dict())
+                saved.update(
+                    discriminator=self.disc.state_dict(), discriminator_optimizer=self.disc_opt.state_dict()
+                )
             torch.save(saved, self.checkpoint_path)
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -205,15 +246,22 @@ class AdversarialGenerators(Explainer):
         self.net.eval()
         self.fit_stats = {k: v for k, v in state.items() if k.startswith("train_")}
 
-    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def explain(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         if self.net is None:
             raise XAIError("adversarial_generators is not fitted: pass fit_data (or fit it first)")
         self.net.to(inputs.device)
         with torch.no_grad():
             similar, adversarial = self.net(inputs)
             pred_s, pred_a = model(similar).argmax(1), model(adversarial).argmax(1)
-        extras = {"similar_prediction": pred_s.cpu(), "adversarial_prediction": pred_a.cpu(),
-                  "images": {"similar": display(similar, inputs).cpu(),
-                             "adversarial": display(adversarial, inputs).cpu()},
-                  "fit": dict(getattr(self, "fit_stats", {}))}
+        extras = {
+            "similar_prediction": pred_s.cpu(),
+            "adversarial_prediction": pred_a.cpu(),
+            "images": {
+                "similar": display(similar, inputs).cpu(),
+                "adversarial": display(adversarial, inputs).cpu(),
+            },
+            "fit": dict(getattr(self, "fit_stats", {})),
+        }
         return similar - adversarial, extras

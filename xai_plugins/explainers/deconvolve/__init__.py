@@ -62,11 +62,28 @@ class DeConvolve(Explainer):
     space = "map"
     trainable = True
     fit_params = ("layer", "steps", "score_layers", "ascent", "ascent_steps", "ascent_lr", "seed")
-    params = {"layer": None, "steps": 5, "score_layers": "explained", "ascent": "class", "ascent_steps": 50,
-              "ascent_lr": 0.05, "sharpen": 1.0,
-              "top_k": 3, "rank": "evidence", "threshold": 0.5, "sigma": 1.0, "text": True,
-              "describer": "template", "describer_params": None, "buckets": 2, "class_names": None,
-              "mean": None, "std": None, "seed": 0, "batch_size": 64}
+    params = {
+        "layer": None,
+        "steps": 5,
+        "score_layers": "explained",
+        "ascent": "class",
+        "ascent_steps": 50,
+        "ascent_lr": 0.05,
+        "sharpen": 1.0,
+        "top_k": 3,
+        "rank": "evidence",
+        "threshold": 0.5,
+        "sigma": 1.0,
+        "text": True,
+        "describer": "template",
+        "describer_params": None,
+        "buckets": 2,
+        "class_names": None,
+        "mean": None,
+        "std": None,
+        "seed": 0,
+        "batch_size": 64,
+    }
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -86,13 +103,25 @@ class DeConvolve(Explainer):
         layer = str(self.config["layer"])
         bs = int(self.config["batch_size"]) * 4
         main = filter_scores(model, layer, shape, int(self.config["steps"]), bs)
-        state: dict[str, Any] = {"layer": layer, "input_shape": list(shape), "scores": main.scores,
-                                 "curve": main.curve, "values": main.values, "baseline": main.baseline}
+        state: dict[str, Any] = {
+            "layer": layer,
+            "input_shape": list(shape),
+            "scores": main.scores,
+            "curve": main.curve,
+            "values": main.values,
+            "baseline": main.baseline,
+        }
         if self.config["score_layers"] == "all":
-            state["layer_scores"] = {n: filter_scores(model, n, shape, 2, bs).scores for n, _ in conv_layers(model)}
+            state["layer_scores"] = {
+                n: filter_scores(model, n, shape, 2, bs).scores for n, _ in conv_layers(model)
+            }
         filters = list(range(main.scores.shape[0]))
-        ascent = dict(steps=int(self.config["ascent_steps"]), lr=float(self.config["ascent_lr"]),
-                      seed=int(self.config["seed"]), batch_size=int(self.config["batch_size"]))
+        ascent = dict(
+            steps=int(self.config["ascent_steps"]),
+            lr=float(self.config["ascent_lr"]),
+            seed=int(self.config["seed"]),
+            batch_size=int(self.config["batch_size"]),
+        )
         if self.config["ascent"] == "class":  # each filter towards the class it scores highest for
             classes = main.scores.argmax(1).tolist()
             patterns = filter_maps.ascend_class(model, layer, shape, filters, classes, **ascent)
@@ -107,7 +136,9 @@ class DeConvolve(Explainer):
     # -- per image ------------------------------------------------------------------------------
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         if self.state is None:
-            raise XAIError("deconvolve: not fitted (the engine fits it; call fit/load_state when using it directly)")
+            raise XAIError(
+                "deconvolve: not fitted (the engine fits it; call fit/load_state when using it directly)"
+            )
         state = self.state
         ev = layer_evidence(model, inputs, targets, state["layer"], state["scores"], self.config["rank"])
         images = self.display_images(inputs)
@@ -116,25 +147,40 @@ class DeConvolve(Explainer):
         pos, neg = ev.top(k, positive=True), ev.top(k, positive=False)
         corr = sweep_correlation(state["curve"], state["values"])[:, targets.cpu()].T.contiguous()
         ev.correlation = corr
-        extras: dict[str, Any] = {"filter_scores": ev.scores.cpu(), "filter_evidence": ev.evidence.cpu(),
-                                  "filter_correlation": corr,
-                                  "images": self.superimposed(images, ev, pos, neg, size), "layer": state["layer"]}
+        extras: dict[str, Any] = {
+            "filter_scores": ev.scores.cpu(),
+            "filter_evidence": ev.evidence.cpu(),
+            "filter_correlation": corr,
+            "images": self.superimposed(images, ev, pos, neg, size),
+            "layer": state["layer"],
+        }
         if "layer_scores" in state:
             t = targets.cpu()
             extras["layer_scores"] = {n: s[:, t].T.contiguous() for n, s in state["layer_scores"].items()}
         extras.update(self.describe(images, ev, pos, neg, targets, size))
         return ev.aggregate_map(), extras
 
-    def superimposed(self, images: torch.Tensor, ev: Evidence, pos: list[list[int]], neg: list[list[int]],
-                     size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def superimposed(
+        self,
+        images: torch.Tensor,
+        ev: Evidence,
+        pos: list[list[int]],
+        neg: list[list[int]],
+        size: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
         """The chosen positive (negative) filters' maps, |evidence|-weighted, superimposed both ways;
         and the stored gradient-ascent pattern of each image's top positive filter."""
         th, sg = float(self.config["threshold"]), float(self.config["sigma"])
-        pos_heat, neg_heat = self.sharpened(ev.group_heat(pos, size)), self.sharpened(ev.group_heat(neg, size))
-        out = {"proportionate": superimpose.proportionate(images, pos_heat),
-               "encircled": superimpose.encircled(images, pos_heat, th, sg),
-               "negative_proportionate": superimpose.proportionate(images, neg_heat),
-               "negative_encircled": superimpose.encircled(images, neg_heat, th, sg, colour=(0.1, 0.3, 1.0))}
+        pos_heat, neg_heat = (
+            self.sharpened(ev.group_heat(pos, size)),
+            self.sharpened(ev.group_heat(neg, size)),
+        )
+        out = {
+            "proportionate": superimpose.proportionate(images, pos_heat),
+            "encircled": superimpose.encircled(images, pos_heat, th, sg),
+            "negative_proportionate": superimpose.proportionate(images, neg_heat),
+            "negative_encircled": superimpose.encircled(images, neg_heat, th, sg, colour=(0.1, 0.3, 1.0)),
+        }
         patterns = self.state.get("patterns") if self.state else None
         if patterns is not None and any(pos):
             shown = filter_maps.display(patterns[torch.tensor([row[0] if row else 0 for row in pos])], size)
@@ -172,8 +218,15 @@ class DeConvolve(Explainer):
         names = self.config["class_names"]
         return str(names[c]) if names and 0 <= c < len(names) else f"class {c}"
 
-    def describe(self, images: torch.Tensor, ev: Evidence, pos: list[list[int]], neg: list[list[int]],
-                 targets: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+    def describe(
+        self,
+        images: torch.Tensor,
+        ev: Evidence,
+        pos: list[list[int]],
+        neg: list[list[int]],
+        targets: torch.Tensor,
+        size: tuple[int, int],
+    ) -> dict[str, Any]:
         """Describe every chosen filter's superimposed map; aggregate the sentences per image."""
         b = images.shape[0]
         if not self.config["text"]:
@@ -183,20 +236,42 @@ class DeConvolve(Explainer):
         describer = get_describer(self.config["describer"], self.config["describer_params"])
         per_image, errors = [], []
         for i in range(b):
-            per_image.append(self.sentences(describer, images[i], ev, i, pos[i], neg[i], int(targets[i]), size, errors))
+            per_image.append(
+                self.sentences(describer, images[i], ev, i, pos[i], neg[i], int(targets[i]), size, errors)
+            )
         embed = CachedEmbedder(semantic.embed, [s for sentences in per_image for s in sentences.values()])
-        aggregates = [semantic_average(list(sentences.values()), [float(ev.scores[i, f]) for f in sentences],
-                                       embed, int(self.config["buckets"])) for i, sentences in enumerate(per_image)]
-        out: dict[str, Any] = {"text": [a.text for a in aggregates], "summary": [a.summary for a in aggregates],
-                               "filters": [self.chosen(ev, i, pos[i], neg[i], per_image[i])
-                                           for i in range(b)],
-                               "text_embedding": semantic.embedder_name(), "describer": describer.name}
+        aggregates = [
+            semantic_average(
+                list(sentences.values()),
+                [float(ev.scores[i, f]) for f in sentences],
+                embed,
+                int(self.config["buckets"]),
+            )
+            for i, sentences in enumerate(per_image)
+        ]
+        out: dict[str, Any] = {
+            "text": [a.text for a in aggregates],
+            "summary": [a.summary for a in aggregates],
+            "filters": [self.chosen(ev, i, pos[i], neg[i], per_image[i]) for i in range(b)],
+            "text_embedding": semantic.embedder_name(),
+            "describer": describer.name,
+        }
         if errors:
             out["describer_errors"] = sorted(set(errors))
         return out
 
-    def sentences(self, describer: Describer, image: torch.Tensor, ev: Evidence, i: int, pos: list[int],
-                  neg: list[int], target: int, size: tuple[int, int], errors: list[str]) -> dict[int, str]:
+    def sentences(
+        self,
+        describer: Describer,
+        image: torch.Tensor,
+        ev: Evidence,
+        i: int,
+        pos: list[int],
+        neg: list[int],
+        target: int,
+        size: tuple[int, int],
+        errors: list[str],
+    ) -> dict[int, str]:
         """One sentence per chosen filter of image ``i``: its map superimposed both ways, described."""
         chosen = pos + neg
         if not chosen:
@@ -204,24 +279,39 @@ class DeConvolve(Explainer):
         th, sg = float(self.config["threshold"]), float(self.config["sigma"])
         heat = self.sharpened(ev.filter_heat(i, chosen, size))
         img = image.unsqueeze(0).expand(len(chosen), -1, -1, -1)
-        views = {"proportionate": superimpose.proportionate(img, heat), "encircled": superimpose.encircled(img, heat, th, sg)}
+        views = {
+            "proportionate": superimpose.proportionate(img, heat),
+            "encircled": superimpose.encircled(img, heat, th, sg),
+        }
         out = {}
         for j, f in enumerate(chosen):
-            context = {"filter": f, "layer": ev.layer, "score": float(ev.scores[i, f]), "evidence": float(ev.evidence[i, f]),
-                       "class_name": self.class_name(target), "sign": "positive" if f in pos else "negative",
-                       "views": {k: v[j] for k, v in views.items()}}
+            context = {
+                "filter": f,
+                "layer": ev.layer,
+                "score": float(ev.scores[i, f]),
+                "evidence": float(ev.evidence[i, f]),
+                "class_name": self.class_name(target),
+                "sign": "positive" if f in pos else "negative",
+                "views": {k: v[j] for k, v in views.items()},
+            }
             out[f] = describer.describe(image, heat[j], context)
             if getattr(describer, "last_error", None):
                 errors.append(describer.last_error)
         return out
 
     @staticmethod
-    def chosen(ev: Evidence, i: int, pos: list[int], neg: list[int], sentences: dict[int, str] | None) -> list[dict]:
+    def chosen(
+        ev: Evidence, i: int, pos: list[int], neg: list[int], sentences: dict[int, str] | None
+    ) -> list[dict]:
         rows = []
         for sign, group in (("positive", pos), ("negative", neg)):
             for f in group:
-                row = {"filter": f, "sign": sign, "score": float(ev.scores[i, f]),
-                       "evidence": float(ev.evidence[i, f])}
+                row = {
+                    "filter": f,
+                    "sign": sign,
+                    "score": float(ev.scores[i, f]),
+                    "evidence": float(ev.evidence[i, f]),
+                }
                 if ev.correlation is not None:
                     row["correlation"] = float(ev.correlation[i, f])
                 if sentences is not None:

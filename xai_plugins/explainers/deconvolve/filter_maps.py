@@ -67,8 +67,18 @@ class _UpTo:
         self.handle.remove()
 
 
-def _ascend(model: nn.Module, input_shape: tuple[int, ...], n: int, objective: Any, steps: int, lr: float,
-            rms: float, seed: int, batch_size: int, blur_every: int) -> torch.Tensor:
+def _ascend(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    n: int,
+    objective: Any,
+    steps: int,
+    lr: float,
+    rms: float,
+    seed: int,
+    batch_size: int,
+    blur_every: int,
+) -> torch.Tensor:
     """Projected Adam ascent of ``objective(x, batch slice) -> per-sample values`` from seeded noise,
     ``n`` inputs in batches, with the RMS projection and periodic blur of the module docstring.
     Each sample's best iterate is returned (never worse than its start)."""
@@ -80,8 +90,13 @@ def _ascend(model: nn.Module, input_shape: tuple[int, ...], n: int, objective: A
     with torch.enable_grad():
         for sl in batch_slices(n, batch_size):
             count = sl.stop - sl.start
-            x = _project(torch.randn(count, *input_shape, generator=gen).to(device, dtype), rms).requires_grad_()
-            best, best_value = x.detach().clone(), torch.full((count,), -torch.inf, device=device, dtype=dtype)
+            x = _project(
+                torch.randn(count, *input_shape, generator=gen).to(device, dtype), rms
+            ).requires_grad_()
+            best, best_value = (
+                x.detach().clone(),
+                torch.full((count,), -torch.inf, device=device, dtype=dtype),
+            )
             opt = torch.optim.Adam([x], lr=lr)
             for step in range(int(steps) + 1):
                 value = objective(x, sl)
@@ -106,17 +121,29 @@ def _layer_call_count(model: nn.Module, layer: str, input_shape: tuple[int, ...]
     return len(layer_calls(model, layer, input_shape, device, dtype))
 
 
-def ascend_filters(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
-                   steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
-                   batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
+def ascend_filters(
+    model: nn.Module,
+    layer: str,
+    input_shape: tuple[int, ...],
+    filters: list[int],
+    steps: int = 50,
+    lr: float = 0.05,
+    rms: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 128,
+    blur_every: int = 4,
+) -> torch.Tensor:
     """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
     module = resolve_layer(model, layer)[1]
     with _UpTo(module, _layer_call_count(model, layer, input_shape)) as upto:
+
         def objective(x: torch.Tensor, sl: slice) -> torch.Tensor:
             idx = torch.tensor(filters[sl], device=x.device)
             return upto(model, x)[torch.arange(len(idx), device=x.device), idx].mean(dim=(1, 2))
 
-        return _ascend(model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every)
+        return _ascend(
+            model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every
+        )
 
 
 class _OnlyChannel:
@@ -142,19 +169,34 @@ class _OnlyChannel:
         self.handle.remove()
 
 
-def ascend_class(model: nn.Module, layer: str, input_shape: tuple[int, ...], filters: list[int],
-                 classes: list[int], steps: int = 50, lr: float = 0.05, rms: float = 1.0, seed: int = 0,
-                 batch_size: int = 128, blur_every: int = 4) -> torch.Tensor:
+def ascend_class(
+    model: nn.Module,
+    layer: str,
+    input_shape: tuple[int, ...],
+    filters: list[int],
+    classes: list[int],
+    steps: int = 50,
+    lr: float = 0.05,
+    rms: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 128,
+    blur_every: int = 4,
+) -> torch.Tensor:
     """The input (F x C x H x W) that maximizes the logit of ``classes[i]`` when ``layer`` passes on
     only filter ``filters[i]`` (section 3.3: the class activation as the objective)."""
     module = resolve_layer(model, layer)[1]
     with _OnlyChannel(module, _layer_call_count(model, layer, input_shape)) as only:
+
         def objective(x: torch.Tensor, sl: slice) -> torch.Tensor:
             only.keep, only.calls = torch.tensor(filters[sl], device=x.device), 0
             logits = model(x)
-            return logits[torch.arange(x.shape[0], device=x.device), torch.tensor(classes[sl], device=x.device)]
+            return logits[
+                torch.arange(x.shape[0], device=x.device), torch.tensor(classes[sl], device=x.device)
+            ]
 
-        return _ascend(model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every)
+        return _ascend(
+            model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every
+        )
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +218,13 @@ def shrink(patterns: torch.Tensor, max_side: int = 64) -> torch.Tensor:
     h, w = patterns.shape[-2:]
     if max(h, w) > max_side:
         scale = max_side / max(h, w)
-        patterns = F.interpolate(patterns.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                                 mode="bilinear", align_corners=False, antialias=True)
+        patterns = F.interpolate(
+            patterns.float(),
+            size=(max(1, round(h * scale)), max(1, round(w * scale))),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
     return patterns.to(torch.float16).cpu()
 
 

@@ -66,14 +66,20 @@ class _Replace:
         self.handle.remove()
 
 
-def layer_calls(model: nn.Module, layer: str, input_shape: tuple[int, ...], device: torch.device,
-                dtype: torch.dtype = torch.float32) -> list[tuple[int, ...]]:
+def layer_calls(
+    model: nn.Module,
+    layer: str,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[int, ...]]:
     """The output shape (without the batch) of every call of ``layer`` in one forward of one input
     of ``input_shape``: more than one for a module reused in the forward (one ``nn.ReLU``)."""
     module = resolve_layer(model, layer)[1]
     seen: list[tuple[int, ...]] = []
     handle = module.register_forward_hook(
-        lambda m, a, out: seen.append(tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()))
+        lambda m, a, out: seen.append(tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ())
+    )
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
@@ -84,8 +90,9 @@ def layer_calls(model: nn.Module, layer: str, input_shape: tuple[int, ...], devi
     return seen
 
 
-def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], steps: int = 5,
-                  batch_size: int = 256) -> FilterScores:
+def filter_scores(
+    model: nn.Module, layer: str, input_shape: tuple[int, ...], steps: int = 5, batch_size: int = 256
+) -> FilterScores:
     """Algorithm 1 for every filter of ``layer`` in batched passes (model in eval mode, no grad)."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -98,7 +105,9 @@ def filter_scores(model: nn.Module, layer: str, input_shape: tuple[int, ...], st
     module = resolve_layer(model, layer)[1]
     with torch.no_grad(), _Replace(module, len(shapes)) as replace:
         zero_in = torch.zeros(1, *input_shape, device=device, dtype=dtype)
-        baseline = torch.softmax(replace.run(model, zero_in, torch.zeros(1, k, h, w, device=device, dtype=dtype)), 1)[0]
+        baseline = torch.softmax(
+            replace.run(model, zero_in, torch.zeros(1, k, h, w, device=device, dtype=dtype)), 1
+        )[0]
         pairs = [(float(v), f) for v in values[1:] for f in range(k)]  # (constant, filter), v > 0
         probs = []
         for sl in batch_slices(len(pairs), batch_size):
@@ -124,8 +133,11 @@ def sweep_correlation(curve: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return torch.where(den > 1e-12, corr, torch.zeros_like(corr)).clamp(-1, 1)
 
 
-def reference_scores(sub_model: Callable[[torch.Tensor], torch.Tensor], layer_shape: tuple[int, ...],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_scores(
+    sub_model: Callable[[torch.Tensor], torch.Tensor],
+    layer_shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Algorithm 1 as written, one filter at a time: ``sub_model`` is the model sliced from the layer
     to the output, ``layer_shape`` its input shape (K x h x w). Returns K x classes."""
     rows = []

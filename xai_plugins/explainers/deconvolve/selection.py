@@ -34,7 +34,10 @@ class Evidence:
         if k == 0:
             return [[] for _ in range(e.shape[0])]
         values, idx = e.topk(k, dim=1)
-        return [[int(f) for f, v in zip(row_i, row_v) if v > 0] for row_i, row_v in zip(idx.tolist(), values.tolist())]
+        return [
+            [int(f) for f, v in zip(row_i, row_v) if v > 0]
+            for row_i, row_v in zip(idx.tolist(), values.tolist())
+        ]
 
     def filter_heat(self, i: int, filters: list[int], size: tuple[int, int]) -> torch.Tensor:
         """The chosen filters' maps on image ``i``, each scaled into [0, 1], at ``size`` (F x H x W)."""
@@ -53,11 +56,19 @@ class Evidence:
 
     def aggregate_map(self) -> torch.Tensor:
         """sum_k S[k, c] * ReLU(A_k): the aggregated filter evidence, B x 1 x h x w (signed)."""
-        return (self.scores.to(self.activations.dtype)[:, :, None, None] * self.activations).sum(1, keepdim=True)
+        return (self.scores.to(self.activations.dtype)[:, :, None, None] * self.activations).sum(
+            1, keepdim=True
+        )
 
 
-def layer_evidence(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer: str,
-                   score_matrix: torch.Tensor, rank: str = "evidence") -> Evidence:
+def layer_evidence(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    layer: str,
+    score_matrix: torch.Tensor,
+    rank: str = "evidence",
+) -> Evidence:
     """Run the model once, capturing ``layer``; combine with the fitted K x classes scores."""
     module = resolve_layer(model, layer)[1]
     with torch.no_grad(), LayerCapture(module) as cap:
@@ -66,8 +77,10 @@ def layer_evidence(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.
         raise RuntimeError(f"layer {layer!r} gave no B x K x h x w feature maps")
     acts = cap.outputs[-1].detach().clamp(min=0)  # a reused module: its last call, as elsewhere
     if acts.shape[1] != score_matrix.shape[0]:
-        raise RuntimeError(f"layer {layer!r} has {acts.shape[1]} filters but the fitted scores have "
-                           f"{score_matrix.shape[0]}: refit for this model")
+        raise RuntimeError(
+            f"layer {layer!r} has {acts.shape[1]} filters but the fitted scores have "
+            f"{score_matrix.shape[0]}: refit for this model"
+        )
     scores = score_matrix.to(acts.device, acts.dtype)[:, targets.to(acts.device)].T.contiguous()
     evidence = scores * acts.mean(dim=(2, 3)) if rank == "evidence" else scores.clone()
     return Evidence(layer, acts, scores, evidence)

@@ -51,16 +51,24 @@ def boundary(region: torch.Tensor, width: int = 1) -> torch.Tensor:
     r = region.float().unsqueeze(1)
     k = 2 * width + 1
     eroded = -F.max_pool2d(-F.pad(r, (width,) * 4, value=0.0), k, stride=1)
-    return (region & (eroded.squeeze(1) < 0.5))
+    return region & (eroded.squeeze(1) < 0.5)
 
 
-def encircled(images: torch.Tensor, heat: torch.Tensor, threshold: float = 0.5, sigma: float = 1.0,
-              colour: tuple[float, float, float] = (1.0, 0.1, 0.1), dim: float = 0.55) -> torch.Tensor:
+def encircled(
+    images: torch.Tensor,
+    heat: torch.Tensor,
+    threshold: float = 0.5,
+    sigma: float = 1.0,
+    colour: tuple[float, float, float] = (1.0, 0.1, 0.1),
+    dim: float = 0.55,
+) -> torch.Tensor:
     """The encircled threshold heat map: focus region at full intensity, the rest dimmed, the
     region's boundary drawn in ``colour`` (1 px per 64 px of image side)."""
     region = focus_region(heat, threshold, sigma)
     width = max(1, min(images.shape[-2:]) // 64)
     edge = boundary(region, width).unsqueeze(1)
-    out = images * torch.where(region.unsqueeze(1), torch.ones_like(images[:, :1]), torch.full_like(images[:, :1], dim))
+    out = images * torch.where(
+        region.unsqueeze(1), torch.ones_like(images[:, :1]), torch.full_like(images[:, :1], dim)
+    )
     paint = torch.tensor(colour, dtype=images.dtype, device=images.device).view(1, 3, 1, 1).expand_as(out)
     return torch.where(edge, paint, out).clamp(0, 1)

@@ -89,8 +89,9 @@ def _weighted_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.T
     return (torch.stack([v.double() for v in vectors]) * w.view(-1, 1)).sum(0) / w.sum()
 
 
-def semantic_average(sentences: Sequence[str], scores: Sequence[float], embed: Embedder,
-                     buckets: int = 2) -> Aggregate:
+def semantic_average(
+    sentences: Sequence[str], scores: Sequence[float], embed: Embedder, buckets: int = 2
+) -> Aggregate:
     """Bucket the (sentence, score) pairs and average them semantically (see module docstring)."""
     if len(sentences) != len(scores):
         raise ValueError("one score per sentence")

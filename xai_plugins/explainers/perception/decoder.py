@@ -29,19 +29,34 @@ class Decoder(nn.Module):
     """Conv (+LeakyReLU) -> [ConvTranspose (linear) -> BN -> depth x (Conv + LeakyReLU)] x steps
     -> (resize) -> Conv -> sigmoid."""
 
-    def __init__(self, latent_channels: int, latent_size: tuple[int, int], out_channels: int,
-                 out_size: tuple[int, int], width: int | None = None, min_width: int = 16, depth: int = 1):
+    def __init__(
+        self,
+        latent_channels: int,
+        latent_size: tuple[int, int],
+        out_channels: int,
+        out_size: tuple[int, int],
+        width: int | None = None,
+        min_width: int = 16,
+        depth: int = 1,
+    ):
         super().__init__()
         self.arch: dict[str, Any] = {
-            "latent_channels": int(latent_channels), "latent_size": [int(v) for v in latent_size],
-            "out_channels": int(out_channels), "out_size": [int(v) for v in out_size],
-            "width": int(width) if width else None, "min_width": int(min_width), "depth": int(depth)}
+            "latent_channels": int(latent_channels),
+            "latent_size": [int(v) for v in latent_size],
+            "out_channels": int(out_channels),
+            "out_size": [int(v) for v in out_size],
+            "width": int(width) if width else None,
+            "min_width": int(min_width),
+            "depth": int(depth),
+        }
         c = int(width) if width else min(256, max(32, int(latent_channels)))
         layers: list[nn.Module] = [nn.Conv2d(latent_channels, c, 3, padding=1), nn.LeakyReLU(0.2)]
         for _ in range(upsampling_steps(tuple(latent_size), tuple(out_size))):
             c_out = max(int(min_width), c // 2)
-            layers += [nn.ConvTranspose2d(c, c_out, 3, stride=2, padding=1, output_padding=1),
-                       nn.BatchNorm2d(c_out)]
+            layers += [
+                nn.ConvTranspose2d(c, c_out, 3, stride=2, padding=1, output_padding=1),
+                nn.BatchNorm2d(c_out),
+            ]
             for _ in range(max(1, int(depth))):
                 layers += [nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.2)]
             c = c_out
@@ -67,5 +82,12 @@ class Decoder(nn.Module):
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> Decoder:
-        return cls(arch["latent_channels"], tuple(arch["latent_size"]), arch["out_channels"],
-                   tuple(arch["out_size"]), arch.get("width"), arch.get("min_width", 16), arch.get("depth", 1))
+        return cls(
+            arch["latent_channels"],
+            tuple(arch["latent_size"]),
+            arch["out_channels"],
+            tuple(arch["out_size"]),
+            arch.get("width"),
+            arch.get("min_width", 16),
+            arch.get("depth", 1),
+        )

@@ -72,4 +72,6 @@ class LatentEncoder:
             handle.remove()
         if "z" not in box:
             raise XAIError(f"layer {self.layer_name!r} was not called in the forward pass")
-        return spatial_view(box["z"], tuple(x.shape[-2:]), self.layer_name)  # tokens / channels last: re-indexed
+        return spatial_view(
+            box["z"], tuple(x.shape[-2:]), self.layer_name
+        )  # tokens / channels last: re-indexed

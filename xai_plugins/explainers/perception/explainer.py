@@ -68,14 +68,44 @@ class PerceptionVisualization(Explainer):
     family = "reconstruction"
     trainable = True
     params = {
-        "layer": None, "saliency": "grad_cam", "saliency_params": None, "mean": None, "std": None,
-        "alpha1": 0.2, "alpha2": 0.4, "alpha3": 0.4, "normalize_terms": True,
-        "epochs": 20, "patience": 3, "lr": 1e-3, "fit_batch_size": 32, "val_fraction": 0.1,
-        "width": None, "min_width": 16, "depth": 1, "seed": 0,
+        "layer": None,
+        "saliency": "grad_cam",
+        "saliency_params": None,
+        "mean": None,
+        "std": None,
+        "alpha1": 0.2,
+        "alpha2": 0.4,
+        "alpha3": 0.4,
+        "normalize_terms": True,
+        "epochs": 20,
+        "patience": 3,
+        "lr": 1e-3,
+        "fit_batch_size": 32,
+        "val_fraction": 0.1,
+        "width": None,
+        "min_width": 16,
+        "depth": 1,
+        "seed": 0,
     }
     # everything that changes the decoder (saliency and saliency_params do not)
-    fit_params = ("layer", "mean", "std", "alpha1", "alpha2", "alpha3", "normalize_terms", "epochs", "patience",
-                  "lr", "fit_batch_size", "val_fraction", "width", "min_width", "depth", "seed")
+    fit_params = (
+        "layer",
+        "mean",
+        "std",
+        "alpha1",
+        "alpha2",
+        "alpha3",
+        "normalize_terms",
+        "epochs",
+        "patience",
+        "lr",
+        "fit_batch_size",
+        "val_fraction",
+        "width",
+        "min_width",
+        "depth",
+        "seed",
+    )
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -99,10 +129,17 @@ class PerceptionVisualization(Explainer):
     def train_config(self, mse_scale: float, latent_scale: float) -> TrainConfig:
         c = self.config
         norm = bool(c["normalize_terms"])
-        return TrainConfig(alphas=self.alphas(), epochs=int(c["epochs"]), patience=int(c["patience"]),
-                           lr=float(c["lr"]), batch_size=int(c["fit_batch_size"]),
-                           val_fraction=float(c["val_fraction"]), seed=int(c["seed"]),
-                           mse_scale=mse_scale if norm else 1.0, latent_scale=latent_scale if norm else 1.0)
+        return TrainConfig(
+            alphas=self.alphas(),
+            epochs=int(c["epochs"]),
+            patience=int(c["patience"]),
+            lr=float(c["lr"]),
+            batch_size=int(c["fit_batch_size"]),
+            val_fraction=float(c["val_fraction"]),
+            seed=int(c["seed"]),
+            mse_scale=mse_scale if norm else 1.0,
+            latent_scale=latent_scale if norm else 1.0,
+        )
 
     # -- fitting (core/fitting.py) ---------------------------------------------------------------
     def fit(self, model: nn.Module, data: Any) -> dict[str, Any]:
@@ -119,23 +156,45 @@ class PerceptionVisualization(Explainer):
             z = stats["latent"]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(self.config["seed"]))
-                decoder = Decoder(z.shape[1], tuple(z.shape[-2:]), inputs.shape[1], tuple(inputs.shape[-2:]),
-                                  self.config["width"], int(self.config["min_width"]), int(self.config["depth"]))
+                decoder = Decoder(
+                    z.shape[1],
+                    tuple(z.shape[-2:]),
+                    inputs.shape[1],
+                    tuple(inputs.shape[-2:]),
+                    self.config["width"],
+                    int(self.config["min_width"]),
+                    int(self.config["depth"]),
+                )
                 decoder.calibrate(stats["latent_scale"] ** 0.5, stats["mean_image"].mean(dim=(1, 2)))
             cfg = self.train_config(stats["mse_scale"], stats["latent_scale"])
             with torch.enable_grad():
-                outcome = train_decoder(decoder, encoder, space, inputs, cfg,
-                                        self.checkpoint_path, self.on_epoch_end, device)
-        return {"format": STATE_FORMAT, "layer": encoder.layer_name, "arch": decoder.arch,
-                "decoder": outcome.best_state, **space.state(), "mean_image": stats["mean_image"],
-                "mse_scale": stats["mse_scale"], "latent_scale": stats["latent_scale"],
-                "dsim_scale": cfg.latent_scale, "history": outcome.history,
-                "stopped_early": outcome.stopped_early, "resumed_from": outcome.resumed_from,
-                "fit_samples": int(inputs.shape[0])}
+                outcome = train_decoder(
+                    decoder, encoder, space, inputs, cfg, self.checkpoint_path, self.on_epoch_end, device
+                )
+        return {
+            "format": STATE_FORMAT,
+            "layer": encoder.layer_name,
+            "arch": decoder.arch,
+            "decoder": outcome.best_state,
+            **space.state(),
+            "mean_image": stats["mean_image"],
+            "mse_scale": stats["mse_scale"],
+            "latent_scale": stats["latent_scale"],
+            "dsim_scale": cfg.latent_scale,
+            "history": outcome.history,
+            "stopped_early": outcome.stopped_early,
+            "resumed_from": outcome.resumed_from,
+            "fit_samples": int(inputs.shape[0]),
+        }
 
     @staticmethod
-    def _data_statistics(encoder: LatentEncoder, space: ImageSpace, inputs: torch.Tensor,
-                         device: torch.device, limit: int = 2048) -> dict[str, Any]:
+    def _data_statistics(
+        encoder: LatentEncoder,
+        space: ImageSpace,
+        inputs: torch.Tensor,
+        device: torch.device,
+        limit: int = 2048,
+    ) -> dict[str, Any]:
         """From (up to ``limit``) fit inputs: the mean image (the baseline), the pixel variance
         around it (MSE scale), the mean squared latent (DSIM scale) and one latent (its shape)."""
         sq, s1, s2, n, z = 0.0, 0.0, 0.0, 0, None
@@ -149,7 +208,12 @@ class PerceptionVisualization(Explainer):
                 n += xb.shape[0]
         mean_image = s1 / n
         variance = float((s2 / n - mean_image**2).clamp_min(0).mean())
-        return {"mean_image": mean_image.float().cpu(), "mse_scale": variance, "latent_scale": sq / n, "latent": z}
+        return {
+            "mean_image": mean_image.float().cpu(),
+            "mse_scale": variance,
+            "latent_scale": sq / n,
+            "latent": z,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -177,12 +241,22 @@ class PerceptionVisualization(Explainer):
             logits, logits_y = model(x).float(), model(y_in).float()
             dsim = latent_distance(encoder(y_in), z, self.state["dsim_scale"])
             mean_image = self.state["mean_image"].to(x.device, x.dtype).expand_as(image)
-            scores = {"mse": (y - image).pow(2).flatten(1).mean(1), "ssim": ssim(y, image), "dsim": dsim,
-                      "baseline_mse": (mean_image - image).pow(2).flatten(1).mean(1),
-                      "baseline_ssim": ssim(mean_image.contiguous(), image)}
-        return {"reconstruction": y, "input_image": image, "logits": logits, "reconstruction_logits": logits_y,
-                "predictions": logits.argmax(1), "reconstruction_predictions": logits_y.argmax(1),
-                "scores": scores}
+            scores = {
+                "mse": (y - image).pow(2).flatten(1).mean(1),
+                "ssim": ssim(y, image),
+                "dsim": dsim,
+                "baseline_mse": (mean_image - image).pow(2).flatten(1).mean(1),
+                "baseline_ssim": ssim(mean_image.contiguous(), image),
+            }
+        return {
+            "reconstruction": y,
+            "input_image": image,
+            "logits": logits,
+            "reconstruction_logits": logits_y,
+            "predictions": logits.argmax(1),
+            "reconstruction_predictions": logits_y.argmax(1),
+            "scores": scores,
+        }
 
     def saliency_mask(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """m_c (B x H x W in [0, 1]) from the ``saliency`` explainer, run through the public API."""
@@ -204,7 +278,12 @@ class PerceptionVisualization(Explainer):
         with preserved_model(model), torch.no_grad():  # what the model makes of each picture (Table 1 proxy)
             pv_pred = model(self.image_space.to_input(pv)).argmax(1)
             masked_pred = model(self.image_space.to_input(masked_input)).argmax(1)
-        extras = {**out, "mask": mask, "pv": pv, "pv_predictions": pv_pred,
-                  "masked_input_predictions": masked_pred,
-                  "images": {"reconstruction": y, "pv": pv, "mask": mask}}
+        extras = {
+            **out,
+            "mask": mask,
+            "pv": pv,
+            "pv_predictions": pv_pred,
+            "masked_input_predictions": masked_pred,
+            "images": {"reconstruction": y, "pv": pv, "mask": mask},
+        }
         return mask.unsqueeze(1), extras

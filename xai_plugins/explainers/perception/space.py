@@ -40,8 +40,10 @@ class ImageSpace:
         """From the ``mean``/``std`` parameters, or (both None) from the fit inputs (see module doc)."""
         c = inputs.shape[1]
         if mean is not None or std is not None:
-            return cls(_per_channel(0.0 if mean is None else mean, c, "mean"),
-                       _per_channel(1.0 if std is None else std, c, "std"))
+            return cls(
+                _per_channel(0.0 if mean is None else mean, c, "mean"),
+                _per_channel(1.0 if std is None else std, c, "std"),
+            )
         lo = inputs.transpose(0, 1).reshape(c, -1).amin(1).float().cpu()
         hi = inputs.transpose(0, 1).reshape(c, -1).amax(1).float().cpu()
         if lo.min() >= 0 and hi.max() <= 1:

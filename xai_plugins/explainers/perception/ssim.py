@@ -19,11 +19,20 @@ def gaussian_kernel(size: int, sigma: float, device=None, dtype=None) -> torch.T
     return g / g.sum()
 
 
-def ssim_map(a: torch.Tensor, b: torch.Tensor, win_size: int = 11, sigma: float = 1.5,
-             data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim_map(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    data_range: float = 1.0,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
     """The local SSIM index of two B x C x H x W batches: B x C x h x w (valid positions only)."""
     if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"ssim needs two B x C x H x W tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"ssim needs two B x C x H x W tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     size = min(win_size, a.shape[-2], a.shape[-1])
     size -= 1 - size % 2  # keep it odd
     c = a.shape[1]

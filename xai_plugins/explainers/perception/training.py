@@ -69,8 +69,9 @@ def latent_distance(z_y: torch.Tensor, z: torch.Tensor, scale: float = 1.0) -> t
     return (z_y - z).pow(2).flatten(1).mean(1) / max(float(scale), 1e-12)
 
 
-def pv_loss(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, x: torch.Tensor,
-            cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def pv_loss(
+    decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, x: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 6 on one batch of model inputs ``x``; returns the loss and its three terms."""
     a1, a2, a3 = cfg.alphas
     with torch.no_grad():
@@ -79,11 +80,18 @@ def pv_loss(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, x: torc
     y = decoder(z)
     mse = F.mse_loss(y, target) / max(cfg.mse_scale, 1e-12)
     ssim_loss = 1 - ssim(y, target).mean()
-    dsim = latent_distance(encoder(space.to_input(y)), z, cfg.latent_scale).mean() if a3 > 0 \
+    dsim = (
+        latent_distance(encoder(space.to_input(y)), z, cfg.latent_scale).mean()
+        if a3 > 0
         else torch.zeros((), device=x.device)
+    )
     loss = a1 * mse + a2 * ssim_loss + a3 * dsim
-    return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()),
-                  "ssim": 1 - float(ssim_loss.detach()), "dsim": float(dsim.detach())}
+    return loss, {
+        "loss": float(loss.detach()),
+        "mse": float(mse.detach()),
+        "ssim": 1 - float(ssim_loss.detach()),
+        "dsim": float(dsim.detach()),
+    }
 
 
 def _split(inputs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,9 +103,13 @@ def _split(inputs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.T
 
 def _batches(inputs: torch.Tensor, batch_size: int, seed: int | None) -> Any:
     n = inputs.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        if seed is not None
+        else torch.arange(n)
+    )
     for start in range(0, n, batch_size):
-        yield inputs[order[start:start + batch_size]]
+        yield inputs[order[start : start + batch_size]]
 
 
 def _evaluate(decoder, encoder, space, inputs, cfg, device) -> dict[str, float]:
@@ -137,9 +149,16 @@ def _save_checkpoint(path: Path | None, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def train_decoder(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, inputs: torch.Tensor,
-                  cfg: TrainConfig, checkpoint: Path | None = None, on_epoch_end: EpochHook | None = None,
-                  device: torch.device | None = None) -> TrainOutcome:
+def train_decoder(
+    decoder: Decoder,
+    encoder: LatentEncoder,
+    space: ImageSpace,
+    inputs: torch.Tensor,
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    on_epoch_end: EpochHook | None = None,
+    device: torch.device | None = None,
+) -> TrainOutcome:
     """Train ``decoder`` to invert ``encoder`` on model ``inputs`` (N x C x H x W); resumable."""
     device = device or torch.device("cpu")
     decoder.to(device)
@@ -154,8 +173,14 @@ def train_decoder(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, i
         start, best, bad = int(ck["epoch"]), float(ck["best"]), int(ck["bad"])
         best_state, history = ck["best_state"], list(ck["history"])
     outcome = TrainOutcome(best_state, history, resumed_from=start)
-    bar = tqdm(total=cfg.epochs, initial=start, desc="PV decoder", unit="epoch", leave=False,
-               disable=os.environ.get("XAI_NO_PROGRESS") == "1")
+    bar = tqdm(
+        total=cfg.epochs,
+        initial=start,
+        desc="PV decoder",
+        unit="epoch",
+        leave=False,
+        disable=os.environ.get("XAI_NO_PROGRESS") == "1",
+    )
     try:
         for epoch in range(start, cfg.epochs):
             if bad >= cfg.patience:
@@ -172,7 +197,9 @@ def train_decoder(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, i
                 n += xb.shape[0]
             record = {"epoch": epoch + 1, "loss": total / max(1, n)}
             if val is not None:
-                record.update({f"val_{k}": v for k, v in _evaluate(decoder, encoder, space, val, cfg, device).items()})
+                record.update(
+                    {f"val_{k}": v for k, v in _evaluate(decoder, encoder, space, val, cfg, device).items()}
+                )
             score = record.get("val_loss", record["loss"])
             if score < best - cfg.min_delta * abs(best if math.isfinite(best) else 0.0):
                 best, bad, best_state = score, 0, _clone_state(decoder)
@@ -180,10 +207,20 @@ def train_decoder(decoder: Decoder, encoder: LatentEncoder, space: ImageSpace, i
                 bad += 1
             history.append(record)
             outcome.best_state, outcome.history = best_state, history
-            _save_checkpoint(checkpoint, {
-                "format": CHECKPOINT_FORMAT, "arch": decoder.arch, "epoch": epoch + 1, "best": best, "bad": bad,
-                "decoder": _clone_state(decoder), "optimizer": opt.state_dict(), "best_state": best_state,
-                "history": history})
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "arch": decoder.arch,
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "bad": bad,
+                    "decoder": _clone_state(decoder),
+                    "optimizer": opt.state_dict(),
+                    "best_state": best_state,
+                    "history": history,
+                },
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{score:.4f}")
             if on_epoch_end is not None:

@@ -23,8 +23,9 @@ def class_scores(logits: torch.Tensor, targets: torch.Tensor, output: str = "log
     return scores.gather(1, targets.view(-1, 1).to(scores.device)).squeeze(1)
 
 
-def model_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, output: str,
-                 batch_size: int | None = None) -> torch.Tensor:
+def model_scores(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, output: str, batch_size: int | None = None
+) -> torch.Tensor:
     """``class_scores`` of unperturbed inputs, in batches, without gradients."""
     out = []
     model = fast_forward(model)
@@ -34,8 +35,16 @@ def model_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     return torch.cat(out)
 
 
-def masked_scores(model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor, targets: torch.Tensor,
-                  count: int, keep_mask: KeepMask, batch_size: int | None, output: str = "logit") -> torch.Tensor:
+def masked_scores(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    baseline: torch.Tensor,
+    targets: torch.Tensor,
+    count: int,
+    keep_mask: KeepMask,
+    batch_size: int | None,
+    output: str = "logit",
+) -> torch.Tensor:
     """Scores of ``count`` perturbed copies of every image: B x count.
 
     Copy k of image b is ``x_b * m + baseline_b * (1 - m)`` with ``m = keep_mask(b, k)`` (n x 1|C x H x W,
@@ -52,7 +61,7 @@ def masked_scores(model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor
             m = keep_mask(b, k).to(inputs.dtype)
             if sl.start // count == (sl.stop - 1) // count:  # one image: broadcast instead of copying
                 image = sl.start // count
-                x, r = inputs[image:image + 1], baseline[0 if shared_base else image].unsqueeze(0)
+                x, r = inputs[image : image + 1], baseline[0 if shared_base else image].unsqueeze(0)
             else:
                 x = inputs.index_select(0, b)
                 r = baseline if shared_base else baseline.index_select(0, b)

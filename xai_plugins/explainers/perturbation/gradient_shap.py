@@ -17,7 +17,9 @@ def reference_set(baseline: object, inputs: torch.Tensor) -> torch.Tensor | None
         return None
     if isinstance(baseline, torch.Tensor) and baseline.dim() == 4:
         if tuple(baseline.shape[1:]) != tuple(inputs.shape[1:]):
-            raise InputError(f"references of shape {tuple(baseline.shape)} do not match inputs {tuple(inputs.shape)}")
+            raise InputError(
+                f"references of shape {tuple(baseline.shape)} do not match inputs {tuple(inputs.shape)}"
+            )
         return baseline.to(device=inputs.device, dtype=inputs.dtype)
     return resolve_baseline(baseline, inputs)[:1]
 

@@ -18,7 +18,7 @@ def shapley_kernel(m: int, size: torch.Tensor) -> torch.Tensor:
 
 def all_coalitions(m: int) -> torch.Tensor:
     """Every coalition except the empty and the full one: (2^M - 2) x M."""
-    codes = torch.arange(1, 2 ** m - 1).unsqueeze(1)
+    codes = torch.arange(1, 2**m - 1).unsqueeze(1)
     return ((codes >> torch.arange(m)) & 1).float()
 
 
@@ -55,7 +55,7 @@ class KernelShap(SuperpixelSurrogate):
     def coalitions(self, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if count < 2:
             return torch.ones(1, count), torch.zeros(1)
-        if 2 ** count - 2 <= self.config["samples"]:
+        if 2**count - 2 <= self.config["samples"]:
             z = all_coalitions(count)
             return z, shapley_kernel(count, z.sum(1).double()).float()
         z = sampled_coalitions(count, int(self.config["samples"]), gen)
@@ -74,6 +74,7 @@ class KernelShap(SuperpixelSurrogate):
         return torch.cat([head, (total - head.sum()).view(1)])
 
     def spread(self, values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        sizes = torch.zeros_like(values).scatter_add_(1, segments.flatten(1), torch.ones_like(segments.flatten(1),
-                                                                                                dtype=values.dtype))
+        sizes = torch.zeros_like(values).scatter_add_(
+            1, segments.flatten(1), torch.ones_like(segments.flatten(1), dtype=values.dtype)
+        )
         return paint(values / sizes.clamp_min(1), segments)

@@ -22,8 +22,13 @@ class Lime(SuperpixelSurrogate):
     """
 
     name = "lime"
-    params = {**SuperpixelSurrogate.params, "output": "probability", "num_features": None,
-              "kernel_width": 0.25, "ridge": 1.0}
+    params = {
+        **SuperpixelSurrogate.params,
+        "output": "probability",
+        "num_features": None,
+        "kernel_width": 0.25,
+        "ridge": 1.0,
+    }
 
     def coalitions(self, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(2, int(self.config["samples"]))

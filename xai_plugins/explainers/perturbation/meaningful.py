@@ -53,10 +53,22 @@ class MeaningfulPerturbation(Explainer):
     name = "meaningful_perturbation"
     family = "perturbation"
     space = "map"
-    params = {"steps": 150, "lr": 0.1, "l1": 0.5, "tv": 0.2, "tv_power": 3.0, "mask_scale": 2, "sigma": None,
-              "jitter": 2, "output": "probability", "seed": 0}
+    params = {
+        "steps": 150,
+        "lr": 0.1,
+        "l1": 0.5,
+        "tv": 0.2,
+        "tv_power": 3.0,
+        "mask_scale": 2,
+        "sigma": None,
+        "jitter": 2,
+        "output": "probability",
+        "seed": 0,
+    }
 
-    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def explain(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         if cfg["steps"] < 1 or cfg["mask_scale"] < 1:
             raise InputError("meaningful_perturbation needs steps >= 1 and mask_scale >= 1")
@@ -70,12 +82,15 @@ class MeaningfulPerturbation(Explainer):
         jitter = int(cfg["jitter"])
         with torch.enable_grad():
             for _ in range(int(cfg["steps"])):
-                dy, dx = (torch.randint(0, jitter + 1, (2,), generator=gen).tolist() if jitter else (0, 0))
+                dy, dx = torch.randint(0, jitter + 1, (2,), generator=gen).tolist() if jitter else (0, 0)
                 x, blur = (torch.roll(t, shifts=(dy, dx), dims=(2, 3)) for t in (inputs, blurred))
                 up = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
                 score = class_scores(model(blur + up * (x - blur)), targets, cfg["output"])
-                loss = cfg["l1"] * (1 - mask).abs().flatten(1).mean(1) + \
-                    cfg["tv"] * total_variation(mask, cfg["tv_power"]) + score
+                loss = (
+                    cfg["l1"] * (1 - mask).abs().flatten(1).mean(1)
+                    + cfg["tv"] * total_variation(mask, cfg["tv_power"])
+                    + score
+                )
                 (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
                 opt.step()
                 with torch.no_grad():

@@ -61,8 +61,16 @@ class Occlusion(Explainer):
 
         baseline = resolve_baseline(self.config["baseline"], inputs)
         full = model_scores(model, inputs, targets, self.config["output"], self.config["batch_size"])
-        occluded = masked_scores(model, inputs, baseline, targets, rows.shape[0] * n_cols, keep,
-                                 self.config["batch_size"], self.config["output"])
+        occluded = masked_scores(
+            model,
+            inputs,
+            baseline,
+            targets,
+            rows.shape[0] * n_cols,
+            keep,
+            self.config["batch_size"],
+            self.config["output"],
+        )
         drop = (full.unsqueeze(1) - occluded).view(-1, rows.shape[0], n_cols)
         total = torch.einsum("bij,ih,jw->bhw", drop, rows, cols)
         counts = torch.einsum("ih,jw->hw", rows, cols)

@@ -19,8 +19,15 @@ class RandomMasks:
 
     CACHE_ELEMENTS = 2**25
 
-    def __init__(self, count: int, grid: int, keep: float, size: tuple[int, int], gen: torch.Generator,
-                 device: torch.device):
+    def __init__(
+        self,
+        count: int,
+        grid: int,
+        keep: float,
+        size: tuple[int, int],
+        gen: torch.Generator,
+        device: torch.device,
+    ):
         height, width = size
         self.size = size
         self.cell = (-(-height // grid), -(-width // grid))
@@ -63,19 +70,40 @@ class RISE(Explainer):
     name = "rise"
     family = "perturbation"
     space = "map"
-    params = {"samples": 2000, "grid": 7, "keep": 0.5, "baseline": "zeros", "output": "probability",
-              "seed": 0, "batch_size": 64}
+    params = {
+        "samples": 2000,
+        "grid": 7,
+        "keep": 0.5,
+        "baseline": "zeros",
+        "output": "probability",
+        "seed": 0,
+        "batch_size": 64,
+    }
 
     def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if not 0 < cfg["keep"] < 1 or cfg["samples"] < 1 or cfg["grid"] < 1:
             raise InputError("rise needs 0 < keep < 1, samples >= 1 and grid >= 1")
         size = (inputs.shape[-2], inputs.shape[-1])
-        masks = RandomMasks(cfg["samples"], cfg["grid"], cfg["keep"], size, generator(cfg["seed"], inputs.device),
-                            inputs.device)
+        masks = RandomMasks(
+            cfg["samples"],
+            cfg["grid"],
+            cfg["keep"],
+            size,
+            generator(cfg["seed"], inputs.device),
+            inputs.device,
+        )
         baseline = resolve_baseline(cfg["baseline"], inputs)
-        scores = masked_scores(model, inputs, baseline, targets, len(masks), lambda b, k: masks(k),
-                               cfg["batch_size"], cfg["output"])
+        scores = masked_scores(
+            model,
+            inputs,
+            baseline,
+            targets,
+            len(masks),
+            lambda b, k: masks(k),
+            cfg["batch_size"],
+            cfg["output"],
+        )
         saliency = torch.zeros(inputs.shape[0], size[0] * size[1], device=inputs.device)
         step = max(1, cfg["batch_size"] or len(masks))
         for start in range(0, len(masks), step):

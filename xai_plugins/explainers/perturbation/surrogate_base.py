@@ -21,15 +21,24 @@ class SuperpixelSurrogate(Explainer):
 
     family = "perturbation"
     space = "map"
-    params: dict[str, Any] = {"segments": 50, "compactness": 10.0, "feature_mask": None, "samples": 1000,
-                              "baseline": "zeros", "output": "logit", "seed": 0, "batch_size": 64}
+    params: dict[str, Any] = {
+        "segments": 50,
+        "compactness": 10.0,
+        "feature_mask": None,
+        "samples": 1000,
+        "baseline": "zeros",
+        "output": "logit",
+        "seed": 0,
+        "batch_size": 64,
+    }
 
     def coalitions(self, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n x M float 0/1 coalitions and their n regression weights."""
         raise NotImplementedError
 
-    def solve(self, z: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, full: torch.Tensor,
-              empty: torch.Tensor) -> torch.Tensor:
+    def solve(
+        self, z: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, full: torch.Tensor, empty: torch.Tensor
+    ) -> torch.Tensor:
         """The M coefficients from coalitions z, weights, scores y, f(x) and f(baseline)."""
         raise NotImplementedError
 
@@ -42,7 +51,9 @@ class SuperpixelSurrogate(Explainer):
             return given_segments(self.config["feature_mask"], inputs)
         return slic_segments(inputs, self.config["segments"], self.config["compactness"])
 
-    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def explain(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         segments, counts = self.segment(inputs)
         gen = generator(cfg["seed"], torch.device("cpu"))
@@ -52,23 +63,35 @@ class SuperpixelSurrogate(Explainer):
         z_all = torch.ones(len(counts), n_max + 2, m_max)
         z_all[:, -1] = 0.0
         for b, (z, _) in enumerate(designs):
-            z_all[b, :z.shape[0], :z.shape[1]] = z
+            z_all[b, : z.shape[0], : z.shape[1]] = z
         z_all = z_all.to(inputs.device)
 
         def keep(b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             return z_all[b, k].gather(1, segments[b].flatten(1)).view(-1, 1, *inputs.shape[-2:])
 
         baseline = resolve_baseline(cfg["baseline"], inputs)
-        scores = masked_scores(model, inputs, baseline, targets, n_max + 2, keep, cfg["batch_size"], cfg["output"])
+        scores = masked_scores(
+            model, inputs, baseline, targets, n_max + 2, keep, cfg["batch_size"], cfg["output"]
+        )
         full, empty = scores[:, -2], scores[:, -1]
         values = torch.zeros(len(counts), m_max, device=inputs.device)
         per_image = []
         for b, (z, w) in enumerate(designs):
-            coef = self.solve(z.double(), w.double(), scores[b, :z.shape[0]].double().cpu(),
-                              full[b].double().cpu(), empty[b].double().cpu()).float()
-            values[b, :coef.numel()] = coef.to(inputs.device)
+            coef = self.solve(
+                z.double(),
+                w.double(),
+                scores[b, : z.shape[0]].double().cpu(),
+                full[b].double().cpu(),
+                empty[b].double().cpu(),
+            ).float()
+            values[b, : coef.numel()] = coef.to(inputs.device)
             per_image.append(coef)
-        extras = {"segments": segments.cpu(), "values": per_image, "score": full.cpu(), "baseline_score": empty.cpu()}
+        extras = {
+            "segments": segments.cpu(),
+            "values": per_image,
+            "score": full.cpu(),
+            "baseline_score": empty.cpu(),
+        }
         return self.spread(values, segments), extras
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:
@@ -76,8 +99,9 @@ class SuperpixelSurrogate(Explainer):
         return attributions.reshape(attributions.shape[0], *attributions.shape[-2:]).clamp(min=0)
 
 
-def weighted_ridge(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float,
-                   intercept: bool = True) -> torch.Tensor:
+def weighted_ridge(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, intercept: bool = True
+) -> torch.Tensor:
     """Coefficients of ridge regression with sample weights (as scikit-learn's ``Ridge``: the
     intercept is the weighted mean, not penalized)."""
     w = weights / weights.sum().clamp_min(1e-300)

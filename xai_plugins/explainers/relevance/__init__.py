@@ -64,8 +64,19 @@ class LRP(_SignedExplainer):
     """
 
     name = "lrp"
-    params = {"rule": None, "composite": None, "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0,
-              "stabilizer": 1e-6, "low": None, "high": None, "zero_bias": False, "canonize": True}
+    params = {
+        "rule": None,
+        "composite": None,
+        "epsilon": 1e-6,
+        "gamma": 0.25,
+        "alpha": 2.0,
+        "beta": 1.0,
+        "stabilizer": 1e-6,
+        "low": None,
+        "high": None,
+        "zero_bias": False,
+        "canonize": True,
+    }
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -73,8 +84,15 @@ class LRP(_SignedExplainer):
         self._composite: Composite = composite_for(self.config)
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
-        relevance, extras = lrp_relevance(model, inputs, targets, self._composite, bool(self.config["canonize"]),
-                                          float(self.config["stabilizer"]), bool(self.config["zero_bias"]))
+        relevance, extras = lrp_relevance(
+            model,
+            inputs,
+            targets,
+            self._composite,
+            bool(self.config["canonize"]),
+            float(self.config["stabilizer"]),
+            bool(self.config["zero_bias"]),
+        )
         if self.config["zero_bias"]:
             check_conservation(relevance, extras, type(model).__name__)
         return relevance, extras
@@ -93,9 +111,11 @@ def check_conservation(relevance: torch.Tensor, extras: dict[str, Any], model_na
     total = relevance.flatten(1).sum(1).to(logit) + absorbed
     error = ((total - logit).abs() / logit.abs().clamp_min(1e-12)).max()
     if float(error) > CONSERVATION_TOLERANCE:
-        raise InputError(f"lrp cannot explain {model_name} with zero_bias: relevance is not conserved (input "
-                         f"relevance + absorbed off the logit by {float(error):.0%}); use zero_bias=False (biases "
-                         f"then take their share) or integrated_gradients")
+        raise InputError(
+            f"lrp cannot explain {model_name} with zero_bias: relevance is not conserved (input "
+            f"relevance + absorbed off the logit by {float(error):.0%}); use zero_bias=False (biases "
+            f"then take their share) or integrated_gradients"
+        )
 
 
 class DeepLift(_SignedExplainer):
@@ -126,8 +146,17 @@ class DeepLift(_SignedExplainer):
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         c = self.config
-        return deeplift_attributions(model, inputs, targets, c["rule"], c["baseline"], int(c["samples"] or 1),
-                        float(c["noise"] or 0.0), c["seed"], float(c["eps"]))
+        return deeplift_attributions(
+            model,
+            inputs,
+            targets,
+            c["rule"],
+            c["baseline"],
+            int(c["samples"] or 1),
+            float(c["noise"] or 0.0),
+            c["seed"],
+            float(c["eps"]),
+        )
 
 
 @hookimpl
@@ -135,5 +164,17 @@ def xai_explainers():
     return [LRP, DeepLift]
 
 
-__all__ = ["LRP", "DeepLift", "lrp_relevance", "deeplift_attributions", "Rule", "make_rule", "RULES", "COMPOSITES", "Composite",
-           "LayerMapComposite", "DepthComposite", "LayerInfo"]
+__all__ = [
+    "LRP",
+    "DeepLift",
+    "lrp_relevance",
+    "deeplift_attributions",
+    "Rule",
+    "make_rule",
+    "RULES",
+    "COMPOSITES",
+    "Composite",
+    "LayerMapComposite",
+    "DepthComposite",
+    "LayerInfo",
+]

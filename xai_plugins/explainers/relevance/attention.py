@@ -62,10 +62,33 @@ def sdpa(call: Call, args: tuple, kwargs: dict) -> torch.Tensor:
     return call(torch.matmul, attn, v)
 
 
-_MHA = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-        "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
-        "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-        "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA = (
+    "query",
+    "key",
+    "value",
+    "embed_dim_to_check",
+    "num_heads",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+    "add_zero_attn",
+    "dropout_p",
+    "out_proj_weight",
+    "out_proj_bias",
+    "training",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "use_separate_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+    "static_k",
+    "static_v",
+    "average_attn_weights",
+    "is_causal",
+)
 
 
 def multi_head_attention(call: Call, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,7 +129,9 @@ def multi_head_attention(call: Call, args: tuple, kwargs: dict) -> tuple[torch.T
         with torch.no_grad():
             scores = heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(embed // n_heads)
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                scores = (
+                    scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                )
             weights = scores.softmax(-1)
             weights = weights.mean(1) if a.get("average_attn_weights", True) else weights
             if not batched:

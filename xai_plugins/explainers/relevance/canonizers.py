@@ -86,8 +86,9 @@ def can_fold(bn: dict[str, Any]) -> bool:
     return not bn["training"] and bn.get("running_mean") is not None and bn.get("running_var") is not None
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: dict[str, Any]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters of ``batch_norm(L(x; W, b))`` as one layer ``L(x; W', b')``."""
     with torch.no_grad():
         weight = weight.detach()
@@ -103,11 +104,16 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: dict[st
         return folded.to(weight.dtype), shift.to(weight.dtype)
 
 
-def folded_parameters(cache: dict, weight: torch.Tensor, bias: torch.Tensor | None,
-                      bn: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_parameters(
+    cache: dict, weight: torch.Tensor, bias: torch.Tensor | None, bn: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = (weight, bias, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"])
-    return cached(cache, ("fold", id(weight), id(bn["running_var"])), version_key(*tensors) + (bn["eps"],),
-                  lambda: fold_batch_norm(weight, bias, bn))
+    return cached(
+        cache,
+        ("fold", id(weight), id(bn["running_var"])),
+        version_key(*tensors) + (bn["eps"],),
+        lambda: fold_batch_norm(weight, bias, bn),
+    )
 
 
 class PassFn(torch.autograd.Function):

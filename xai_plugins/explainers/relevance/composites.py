@@ -68,9 +68,15 @@ class LayerMapComposite(Composite):
     """Rules by layer name, then for the first layer, then by kind (Zennit ``LayerMapComposite`` /
     ``SpecialFirstLayerMapComposite`` / ``NameLayerMapComposite``)."""
 
-    def __init__(self, conv: Rule | None = None, linear: Rule | None = None, first: Rule | None = None,
-                 first_kinds: tuple[str, ...] = ("conv",), names: dict[str, Rule] | None = None,
-                 name: str = ""):
+    def __init__(
+        self,
+        conv: Rule | None = None,
+        linear: Rule | None = None,
+        first: Rule | None = None,
+        first_kinds: tuple[str, ...] = ("conv",),
+        names: dict[str, Rule] | None = None,
+        name: str = "",
+    ):
         self.conv, self.linear, self.first, self.first_kinds = conv, linear, first, first_kinds
         self.names, self.name = dict(names or {}), name
 
@@ -78,8 +84,11 @@ class LayerMapComposite(Composite):
         if layer.name in self.names:
             return self.names[layer.name]
         if self.first is not None:
-            is_first = layer.index == 0 if len(self.first_kinds) > 1 else (
-                layer.kind in self.first_kinds and layer.kind_index == 0)
+            is_first = (
+                layer.index == 0
+                if len(self.first_kinds) > 1
+                else (layer.kind in self.first_kinds and layer.kind_index == 0)
+            )
             if is_first:
                 return self.first
         return self.conv if layer.kind == "conv" else self.linear
@@ -141,17 +150,22 @@ COMPOSITES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "epsilon_gamma_box": lambda c: LayerMapComposite(_gamma(c), _eps(c), _box(c), name="epsilon_gamma_box"),
     "epsilon_plus": lambda c: LayerMapComposite(_plus(c), _eps(c), name="epsilon_plus"),
     "epsilon_alpha2_beta1": lambda c: LayerMapComposite(_a2b1(c), _eps(c), name="epsilon_alpha2_beta1"),
-    "epsilon_plus_flat": lambda c: LayerMapComposite(_plus(c), _eps(c), _flat(c), ("conv", "linear"),
-                                                     name="epsilon_plus_flat"),
-    "epsilon_alpha2_beta1_flat": lambda c: LayerMapComposite(_a2b1(c), _eps(c), _flat(c), ("conv", "linear"),
-                                                             name="epsilon_alpha2_beta1_flat"),
+    "epsilon_plus_flat": lambda c: LayerMapComposite(
+        _plus(c), _eps(c), _flat(c), ("conv", "linear"), name="epsilon_plus_flat"
+    ),
+    "epsilon_alpha2_beta1_flat": lambda c: LayerMapComposite(
+        _a2b1(c), _eps(c), _flat(c), ("conv", "linear"), name="epsilon_alpha2_beta1_flat"
+    ),
     "epsilon_plus_box": lambda c: LayerMapComposite(_plus(c), _eps(c), _box(c), name="epsilon_plus_box"),
-    "deep_taylor": lambda c: LayerMapComposite(_plus(c), _plus(c), _box(c), ("conv", "linear"),
-                                               name="deep_taylor"),
+    "deep_taylor": lambda c: LayerMapComposite(
+        _plus(c), _plus(c), _box(c), ("conv", "linear"), name="deep_taylor"
+    ),
     "attn_lrp": lambda c: LayerMapComposite(_eps(c), _eps(c), name="attn_lrp"),
     "gamma_epsilon_zero": lambda c: DepthComposite(
-        [(1 / 3, _gamma(c)), (2 / 3, _eps(c)), (float("inf"), zero(_cfg(c)[0]))], _box(c),
-        name="gamma_epsilon_zero"),
+        [(1 / 3, _gamma(c)), (2 / 3, _eps(c)), (float("inf"), zero(_cfg(c)[0]))],
+        _box(c),
+        name="gamma_epsilon_zero",
+    ),
 }
 
 
@@ -168,8 +182,9 @@ class UniformComposite(Composite):
         return self.rule
 
 
-def make_composite(rule: str | Rule | None, composite: str | Composite | None,
-                   config: dict[str, Any]) -> Composite:
+def make_composite(
+    rule: str | Rule | None, composite: str | Composite | None, config: dict[str, Any]
+) -> Composite:
     """The composite for an explainer configuration (``rule`` xor ``composite``)."""
     if isinstance(composite, Composite):
         return composite

@@ -59,13 +59,28 @@ from .ops import (
 _LINEAR_FUNCS = frozenset({*CONV_FUNCS, F.linear})
 # operations with no DeepLIFT rule here: refused in one line naming the module (a gradient through
 # them would break summation to delta silently)
-_REFUSED = {F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
-            F.layer_norm: "layer normalization", F.group_norm: "group normalization",
-            F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention"}
+_REFUSED = {
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    torch.Tensor.softmax: "softmax",
+    F.layer_norm: "layer normalization",
+    F.group_norm: "group normalization",
+    F.scaled_dot_product_attention: "attention",
+    F.multi_head_attention_forward: "attention",
+}
 if hasattr(F, "rms_norm"):
     _REFUSED[F.rms_norm] = "RMS normalization"
-_PRODUCTS = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.matmul, torch.Tensor.matmul,
-                       torch.bmm, torch.Tensor.bmm})
+_PRODUCTS = frozenset(
+    {
+        torch.mul,
+        torch.Tensor.mul,
+        torch.Tensor.mul_,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.bmm,
+        torch.Tensor.bmm,
+    }
+)
 _POOL_WITH_INDICES = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
@@ -95,7 +110,14 @@ class _RescaleFn(torch.autograd.Function):
         dy = y - ctx.y_ref
         small = dx.abs() < ctx.eps
         rescaled = grad * dy / torch.where(small, torch.ones_like(dx), dx)
-        return torch.where(small, _derivative(ctx.fn, x, grad, ctx.relu), rescaled), None, None, None, None, None
+        return (
+            torch.where(small, _derivative(ctx.fn, x, grad, ctx.relu), rescaled),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _RevealCancelFn(torch.autograd.Function):
@@ -118,8 +140,12 @@ class _RevealCancelFn(torch.autograd.Function):
         dz_neg = 0.5 * (f_n - f_0) + 0.5 * (f_y - f_p)  # Eq. 24
         fallback = _derivative(fn, y, grad, ctx.relu)
         small_p, small_n = dpos.abs() < ctx.eps, dneg.abs() < ctx.eps
-        m_pos = torch.where(small_p, fallback, grad * dz_pos / torch.where(small_p, torch.ones_like(dpos), dpos))
-        m_neg = torch.where(small_n, fallback, grad * dz_neg / torch.where(small_n, torch.ones_like(dneg), dneg))
+        m_pos = torch.where(
+            small_p, fallback, grad * dz_pos / torch.where(small_p, torch.ones_like(dpos), dpos)
+        )
+        m_neg = torch.where(
+            small_n, fallback, grad * dz_neg / torch.where(small_n, torch.ones_like(dneg), dneg)
+        )
         return None, m_pos, m_neg, None, None, None, None
 
 
@@ -148,8 +174,9 @@ class _MaxPoolFn(torch.autograd.Function):
         x, y, idx = ctx.saved_tensors
         y_ref = ctx.y_ref
         cross = torch.maximum(y, y_ref)
-        routed = _scatter(grad * (cross - y_ref), idx, x.shape) + \
-            _scatter(grad * (y - cross), ctx.idx_ref, x.shape)
+        routed = _scatter(grad * (cross - y_ref), idx, x.shape) + _scatter(
+            grad * (y - cross), ctx.idx_ref, x.shape
+        )
         dx = x - ctx.x_ref
         small = dx.abs() < ctx.eps
         multiplier = routed / torch.where(small, torch.ones_like(dx), dx)
@@ -185,29 +212,39 @@ class _DeepLiftMode(TorchFunctionMode):
 
     def _next(self, kind: str, like: torch.Tensor) -> tuple:
         if self.position >= len(self.entries):
-            raise RuntimeError("DeepLIFT: the model ran more operations on the input than on the reference; "
-                               "its forward must not depend on the input values")
+            raise RuntimeError(
+                "DeepLIFT: the model ran more operations on the input than on the reference; "
+                "its forward must not depend on the input values"
+            )
         entry = self.entries[self.position]
         self.position += 1
         ref = entry[1]
         if entry[0] != kind or ref.shape[1:] != like.shape[1:]:
-            raise RuntimeError(f"DeepLIFT: operation {self.position} differs between input and reference "
-                               f"({kind} {tuple(like.shape)} vs {entry[0]} {tuple(ref.shape)})")
+            raise RuntimeError(
+                f"DeepLIFT: operation {self.position} differs between input and reference "
+                f"({kind} {tuple(like.shape)} vs {entry[0]} {tuple(ref.shape)})"
+            )
         return entry
 
     def refuse(self, what: str) -> None:
         from xai_plugins import InputError
 
         where = self.tracker.current() if self.tracker is not None else "the model's forward"
-        raise InputError(f"deeplift cannot explain {where}: {what} has no DeepLIFT rule here "
-                         "(use integrated_gradients, which needs none)")
+        raise InputError(
+            f"deeplift cannot explain {where}: {what} has no DeepLIFT rule here "
+            "(use integrated_gradients, which needs none)"
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _REFUSED:
             self.refuse(_REFUSED[func])
-        if self.phase == "input" and func in _PRODUCTS and len(args) == 2 and all(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if (
+            self.phase == "input"
+            and func in _PRODUCTS
+            and len(args) == 2
+            and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        ):
             self.refuse("a product of two activations (gating, attention)")
         relu = is_relu_call(func, args, kwargs)
         if relu or func in ACTIVATION_FUNCS:
@@ -306,8 +343,9 @@ class _DeepLiftMode(TorchFunctionMode):
         return out
 
 
-def references(baseline: Any, x: torch.Tensor, samples: int = 1, noise: float = 0.0,
-               seed: int | None = 0) -> torch.Tensor:
+def references(
+    baseline: Any, x: torch.Tensor, samples: int = 1, noise: float = 0.0, seed: int | None = 0
+) -> torch.Tensor:
     """The references as an S x B' x C x H x W tensor (B' = 1 when one reference serves all inputs).
 
     ``baseline``: "zeros"/None (a black image, the review's default), a number, a tensor shaped like
@@ -341,9 +379,17 @@ def references(baseline: Any, x: torch.Tensor, samples: int = 1, noise: float = 
     return chosen.contiguous()
 
 
-def deeplift(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, rule: str = "rescale",
-             baseline: Any = "zeros", samples: int = 1, noise: float = 0.0, seed: int | None = 0,
-             eps: float = 1e-10) -> tuple[torch.Tensor, dict[str, Any]]:
+def deeplift(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    rule: str = "rescale",
+    baseline: Any = "zeros",
+    samples: int = 1,
+    noise: float = 0.0,
+    seed: int | None = 0,
+    eps: float = 1e-10,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """DeepLIFT attributions (B x C x H x W) of each sample's target logit; ``extras["delta"]`` holds
     f_c(x) - f_c(x0) (averaged over the references), which the attributions sum to (Eq. 19)."""
     x = inputs.detach()
@@ -367,7 +413,9 @@ def deeplift(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, rule
             with replay:
                 logits = model(xin)
             if replay.position != len(recorder.entries):
-                raise RuntimeError("DeepLIFT: the model ran fewer operations on the input than on the reference")
+                raise RuntimeError(
+                    "DeepLIFT: the model ran fewer operations on the input than on the reference"
+                )
             replay.split.clear()
             seed_grad = torch.zeros_like(logits).scatter_(1, t.view(-1, 1), 1.0)
             (grad,) = torch.autograd.grad(logits, xin, seed_grad)

@@ -49,25 +49,46 @@ from .rules import RULES, Rule
 _LINEAR_FUNCS = frozenset({*CONV_FUNCS, torch.nn.functional.linear})
 # operations whose output is non-negative when their input is (tracked so that rules can skip the
 # a^- terms without looking at the data)
-_KEEPS_SIGN = frozenset({*MAXPOOL_FUNCS, *AVGPOOL_FUNCS, torch.flatten, torch.Tensor.flatten, torch.Tensor.view,
-                         torch.Tensor.reshape, torch.reshape, torch.Tensor.contiguous,
-                         torch.nn.functional.dropout, torch.nn.functional.adaptive_max_pool2d})
+_KEEPS_SIGN = frozenset(
+    {
+        *MAXPOOL_FUNCS,
+        *AVGPOOL_FUNCS,
+        torch.flatten,
+        torch.Tensor.flatten,
+        torch.Tensor.view,
+        torch.Tensor.reshape,
+        torch.reshape,
+        torch.Tensor.contiguous,
+        torch.nn.functional.dropout,
+        torch.nn.functional.adaptive_max_pool2d,
+    }
+)
 
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
 _MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm})
 _MUL = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.mul_})
 _DIV = frozenset({torch.div, torch.Tensor.div, torch.Tensor.div_})
-_ADD_SUB = {torch.add: 1.0, torch.Tensor.add: 1.0, torch.Tensor.add_: 1.0, torch.sub: -1.0, torch.Tensor.sub: -1.0,
-            torch.Tensor.sub_: -1.0}
+_ADD_SUB = {
+    torch.add: 1.0,
+    torch.Tensor.add: 1.0,
+    torch.Tensor.add_: 1.0,
+    torch.sub: -1.0,
+    torch.Tensor.sub: -1.0,
+    torch.Tensor.sub_: -1.0,
+}
 # a product with the output of one of these is a gate (squeeze-excitation, explicit SiLU x * sigmoid(x))
-_GATES = frozenset({torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.sigmoid_, F.hardsigmoid})
+_GATES = frozenset(
+    {torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.sigmoid_, F.hardsigmoid}
+)
 _MEAN = frozenset({torch.mean, torch.Tensor.mean})  # token / spatial averages: proportional split
 _RMS_NORM = getattr(F, "rms_norm", None)
 # normalizations whose statistics mix samples or groups in ways no rule here covers: refused
-_REFUSED = {F.group_norm: "group normalization has no LRP rule here",
-            F.instance_norm: "instance normalization has no LRP rule here",
-            F.local_response_norm: "local response normalization has no LRP rule here"}
+_REFUSED = {
+    F.group_norm: "group normalization has no LRP rule here",
+    F.instance_norm: "instance normalization has no LRP rule here",
+    F.local_response_norm: "local response normalization has no LRP rule here",
+}
 
 
 def _active(t: Any) -> bool:
@@ -116,16 +137,18 @@ class _Node:
         op, cache = self.op, self.session.cache
         if self.fold is not None:
             weight, bias, bn = self.fold
-            versions = version_key(op.weight, op.bias, bn["running_mean"], bn["running_var"], bn["weight"],
-                                   bn["bias"])
+            versions = version_key(
+                op.weight, op.bias, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"]
+            )
             y = self.y_ref
         else:
             weight, bias = op.weight, op.bias
             versions = version_key(op.weight, op.bias)
         # one entry per layer (the latest rule's): modified copies of large layers do not pile up
         key = ("rule", id(op.weight), self.fold is not None, op.groups)
-        prepared = canon.cached(cache, key, versions + (self.rule.key(),),
-                                lambda: self.rule.prepare(op, weight, bias))
+        prepared = canon.cached(
+            cache, key, versions + (self.rule.key(),), lambda: self.rule.prepare(op, weight, bias)
+        )
         result = self.rule.relevance(op, x, y, prepared, relevance, self.nonneg)
         self.session.record(self.info.name, result)
         return result
@@ -150,8 +173,15 @@ class _LayerFn(torch.autograd.Function):
 class _Session:
     """State of one explanation: rule assignment, canonization, per-layer relevance sums."""
 
-    def __init__(self, model: nn.Module, composite: Composite, canonize: bool, stabilizer: float,
-                 n_layers: int | None = None, zero_bias: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite,
+        canonize: bool,
+        stabilizer: float,
+        n_layers: int | None = None,
+        zero_bias: bool = False,
+    ):
         self.composite, self.canonize, self.stabilizer = composite, canonize, stabilizer
         self.keep_bias = not zero_bias
         self.tracker = ModuleTracker(model)
@@ -175,9 +205,11 @@ class _Session:
 
     def absorb(self, kind: str):
         """A callback adding a rule's absorbed relevance (a tensor, batch or windows first) to ``kind``."""
+
         def add(r: torch.Tensor) -> None:
             total = r.detach().reshape(self.batch, -1).sum(1)
             self.absorbed[kind] = self.absorbed[kind] + total if kind in self.absorbed else total
+
         return add
 
     def constant_leaf(self, t: torch.Tensor) -> torch.Tensor:
@@ -243,7 +275,13 @@ class _RelevanceMode(TorchFunctionMode):
             x = bn["input"]
             rest = {k: v for k, v in bn.items() if k != "input"}
             entry = s.outputs.get(id(x))
-            if s.canonize and entry is not None and entry[0] is x and entry[1].fold is None and canon.can_fold(bn):
+            if (
+                s.canonize
+                and entry is not None
+                and entry[0] is x
+                and entry[1].fold is None
+                and canon.can_fold(bn)
+            ):
                 node = entry[1]
                 weight, bias = canon.folded_parameters(s.cache, node.op.weight, node.op.bias, bn)
                 node.fold = (weight, bias, bn)
@@ -282,7 +320,6 @@ class _RelevanceMode(TorchFunctionMode):
                 s.nonneg.pop(id(args[0]), None)
         return out
 
-
     # -- transformers and modern CNNs (see nonlinear.py, attention.py) -----------------------------
     def refuse(self, what: str) -> None:
         from xai_plugins import InputError
@@ -299,8 +336,9 @@ class _RelevanceMode(TorchFunctionMode):
         if bn["weight"] is not None:
             scale = scale * bn["weight"].detach()
         scale = scale.view(1, -1, *([1] * (x.dim() - 2)))
-        return nl.LinearizedFn.apply(x, lambda t: func(t, **rest), nl.ScaleLinear(scale), self.s.stabilizer,
-                                     self.s.keep_bias)
+        return nl.LinearizedFn.apply(
+            x, lambda t: func(t, **rest), nl.ScaleLinear(scale), self.s.stabilizer, self.s.keep_bias
+        )
 
     def _modern(self, func, args, kwargs):
         """The rule of a transformer / modern-CNN operation, or NotImplemented for any other."""
@@ -318,8 +356,12 @@ class _RelevanceMode(TorchFunctionMode):
             parts = list(first_arg(args, kwargs, "tensors"))
             if any(_active(t) for t in parts) and not all(_active(t) for t in parts):
                 # constant parts (class / register tokens): leaves, so their relevance is measured
-                parts = [t if _active(t) or not isinstance(t, torch.Tensor) or not t.is_floating_point()
-                         else s.constant_leaf(t) for t in parts]
+                parts = [
+                    t
+                    if _active(t) or not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                    else s.constant_leaf(t)
+                    for t in parts
+                ]
                 rest = {k: v for k, v in kwargs.items() if k != "tensors"}
                 return func(parts, *args[1:], **rest)
             return NotImplemented
@@ -331,15 +373,23 @@ class _RelevanceMode(TorchFunctionMode):
             return nl.SoftmaxFn.apply(x, dim, kwargs.get("dtype"), s.absorb("softmax"))
         if func is F.layer_norm or (func is _RMS_NORM and func is not None):
             x = first_arg(args, kwargs)
-            names = ("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm else \
-                ("input", "normalized_shape", "weight", "eps")
+            names = (
+                ("input", "normalized_shape", "weight", "bias", "eps")
+                if func is F.layer_norm
+                else ("input", "normalized_shape", "weight", "eps")
+            )
             a = dict(zip(names, args))
             a.update(kwargs)
             if not _active(x):
                 return func(*args, **kwargs)
-            eps = a.get("eps") if a.get("eps") is not None else (1e-5 if func is F.layer_norm else
-                                                              torch.finfo(x.dtype).eps)
-            lin = nl.NormLinear(x, len(tuple(a["normalized_shape"])), a.get("weight"), eps, func is F.layer_norm)
+            eps = (
+                a.get("eps")
+                if a.get("eps") is not None
+                else (1e-5 if func is F.layer_norm else torch.finfo(x.dtype).eps)
+            )
+            lin = nl.NormLinear(
+                x, len(tuple(a["normalized_shape"])), a.get("weight"), eps, func is F.layer_norm
+            )
             rest = {k: v for k, v in a.items() if k != "input"}
             keep = s.keep_bias or a.get("bias") is None
             return nl.LinearizedFn.apply(x, lambda t: func(t, **rest), lin, s.stabilizer, keep)
@@ -407,9 +457,15 @@ def count_layers(model: nn.Module, example: torch.Tensor) -> int:
     return cache[key]
 
 
-def lrp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, composite: Composite,
-        canonize: bool = True, stabilizer: float = 1e-6, zero_bias: bool = False
-        ) -> tuple[torch.Tensor, dict[str, Any]]:
+def lrp(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    composite: Composite,
+    canonize: bool = True,
+    stabilizer: float = 1e-6,
+    zero_bias: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Input relevance (B x C x H x W) for each sample's target logit, and per-layer relevance sums.
 
     ``extras["layer_relevance"]``: ``{"output": R at the logit (= S_c), <layer>: sum of the relevance
@@ -460,7 +516,9 @@ def check_config(config: dict[str, Any]) -> None:
     if rule == "alpha_beta":
         alpha, beta = float(config.get("alpha", 2.0)), float(config.get("beta", 1.0))
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
-            raise InputError(f"alpha-beta needs alpha = beta + 1 (review Eq. 15), got alpha={alpha}, beta={beta}")
+            raise InputError(
+                f"alpha-beta needs alpha = beta + 1 (review Eq. 15), got alpha={alpha}, beta={beta}"
+            )
 
 
 def composite_for(config: dict[str, Any]) -> Composite:

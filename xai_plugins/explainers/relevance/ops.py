@@ -23,25 +23,59 @@ import torch
 import torch.nn.functional as F
 
 RELU_FUNCS = frozenset({F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_})
-ACTIVATION_FUNCS = frozenset({
-    torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, F.softplus, F.elu,
-    F.leaky_relu, F.gelu, F.silu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.mish,
-    torch.Tensor.sigmoid_, torch.Tensor.tanh_, torch.sigmoid_, torch.tanh_,
-})
+ACTIVATION_FUNCS = frozenset(
+    {
+        torch.sigmoid,
+        torch.Tensor.sigmoid,
+        torch.tanh,
+        torch.Tensor.tanh,
+        F.softplus,
+        F.elu,
+        F.leaky_relu,
+        F.gelu,
+        F.silu,
+        F.relu6,
+        F.hardtanh,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
+        torch.Tensor.sigmoid_,
+        torch.Tensor.tanh_,
+        torch.sigmoid_,
+        torch.tanh_,
+    }
+)
 # in-place element-wise activations, executed out of place (their forward must not overwrite a tensor
 # that a rule saved for its backward pass)
-_OUT_OF_PLACE = {torch.Tensor.sigmoid_: torch.sigmoid, torch.Tensor.tanh_: torch.tanh, torch.sigmoid_: torch.sigmoid,
-                 torch.tanh_: torch.tanh}
+_OUT_OF_PLACE = {
+    torch.Tensor.sigmoid_: torch.sigmoid,
+    torch.Tensor.tanh_: torch.tanh,
+    torch.sigmoid_: torch.sigmoid,
+    torch.tanh_: torch.tanh,
+}
 ADD_FUNCS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_})
 CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
-for _name, _nd in (("_max_pool1d", 1), ("_max_pool2d", 2), ("_max_pool3d", 3),
-                   ("max_pool1d_with_indices", 1), ("max_pool2d_with_indices", 2),
-                   ("max_pool3d_with_indices", 3)):
+for _name, _nd in (
+    ("_max_pool1d", 1),
+    ("_max_pool2d", 2),
+    ("_max_pool3d", 3),
+    ("max_pool1d_with_indices", 1),
+    ("max_pool2d_with_indices", 2),
+    ("max_pool3d_with_indices", 3),
+):
     if hasattr(F, _name):
         MAXPOOL_FUNCS[getattr(F, _name)] = _nd
-AVGPOOL_FUNCS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                           F.adaptive_avg_pool2d, F.adaptive_avg_pool3d})
+AVGPOOL_FUNCS = frozenset(
+    {
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+    }
+)
 
 
 def is_relu_call(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -55,8 +89,16 @@ def first_arg(args: tuple, kwargs: dict, name: str = "input") -> torch.Tensor:
     return args[0] if args else kwargs[name]
 
 
-_INPLACE_POSITION = {F.elu: 1, F.leaky_relu: 1, F.relu6: 0, F.hardtanh: 2, F.silu: 0, F.hardswish: 0,
-                     F.hardsigmoid: 0, F.mish: 0}
+_INPLACE_POSITION = {
+    F.elu: 1,
+    F.leaky_relu: 1,
+    F.relu6: 0,
+    F.hardtanh: 2,
+    F.silu: 0,
+    F.hardswish: 0,
+    F.hardsigmoid: 0,
+    F.mish: 0,
+}
 
 
 def activation_fn(func: Any, args: tuple, kwargs: dict):
@@ -68,7 +110,7 @@ def activation_fn(func: Any, args: tuple, kwargs: dict):
     rest = tuple(args[1:])
     kw = {k: v for k, v in kwargs.items() if k not in ("input", "inplace")}
     if func in _INPLACE_POSITION:
-        rest = rest[:_INPLACE_POSITION[func]]
+        rest = rest[: _INPLACE_POSITION[func]]
         kw["inplace"] = False
     return lambda t: func(t, *rest, **kw)
 
@@ -153,8 +195,18 @@ class LinearOp:
         if not like.is_contiguous():
             like = like.contiguous()
         return torch.ops.aten.convolution_backward(
-            grad, like, weight, None, list(self.stride), list(self.padding), list(self.dilation), False,
-            [0] * self.nd, self.groups, [True, False, False])[0]
+            grad,
+            like,
+            weight,
+            None,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0] * self.nd,
+            self.groups,
+            [True, False, False],
+        )[0]
 
     def stacked_view(self, out: torch.Tensor, parts: int) -> torch.Tensor:
         """An output of ``parts`` weight stacks, viewed with the stack as its own dimension (after the
@@ -178,8 +230,9 @@ class LinearOp:
 def version_key(*tensors: torch.Tensor | None) -> tuple:
     """Identity + in-place version + storage of tensors: changes whenever their values may have,
     except through ``.data`` (no version bump): ``checked_model_cache`` covers that, once a call."""
-    return tuple((id(t), t._version, t.data_ptr(), str(t.device), t.dtype) if t is not None else None
-                 for t in tensors)
+    return tuple(
+        (id(t), t._version, t.data_ptr(), str(t.device), t.dtype) if t is not None else None for t in tensors
+    )
 
 
 class ModuleTracker:
@@ -201,8 +254,10 @@ class ModuleTracker:
             if self.stack:
                 self.stack.pop()
 
-        self._handles = [nn_module.register_module_forward_pre_hook(pre),
-                         nn_module.register_module_forward_hook(post, always_call=True)]
+        self._handles = [
+            nn_module.register_module_forward_pre_hook(pre),
+            nn_module.register_module_forward_hook(post, always_call=True),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -126,8 +126,15 @@ class Rule:
     def prepare(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         return None
 
-    def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Any,
-                  relevance: torch.Tensor, nonneg: bool | None = None) -> torch.Tensor:
+    def relevance(
+        self,
+        op: LinearOp,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        prepared: Any,
+        relevance: torch.Tensor,
+        nonneg: bool | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -137,8 +144,17 @@ class Rule:
 class BasicRule(Rule):
     """A rule given by its terms and denominators (see the module docstring)."""
 
-    def __init__(self, name: str, terms: list[Term], groups: list[Group], gamma: float = 0.0,
-                 low: Any = None, high: Any = None, input_layer_only: bool = False, fast: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        terms: list[Term],
+        groups: list[Group],
+        gamma: float = 0.0,
+        low: Any = None,
+        high: Any = None,
+        input_layer_only: bool = False,
+        fast: str | None = None,
+    ):
         self.name, self.terms, self.groups, self.gamma = name, tuple(terms), tuple(groups), float(gamma)
         self.low, self.high = low, high
         self.input_layer_only = input_layer_only
@@ -160,15 +176,20 @@ class BasicRule(Rule):
         identity = [i for i, t in enumerate(self.terms) if self._is_identity(t, bias)]
         masked = any(g.mask for g in self.groups)
         unbiased = all(t.bias is None for t in self.terms)
-        return Prepared(lambda: self._prepare_generic(op, weight, bias, identity),
-                        self._prepare_fast(op, weight, bias, identity),
-                        shift=bias if masked and unbiased else None)
+        return Prepared(
+            lambda: self._prepare_generic(op, weight, bias, identity),
+            self._prepare_fast(op, weight, bias, identity),
+            shift=bias if masked and unbiased else None,
+        )
 
-    def _prepare_generic(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None,
-                         identity: list[int]) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
+    def _prepare_generic(
+        self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None, identity: list[int]
+    ) -> tuple[list[_Chunk], list[_Chunk], list[int]]:
         mod_w = [_MODIFIERS[t.weight](weight, self.gamma) for t in self.terms]
-        mod_b = [_MODIFIERS[t.bias](bias, self.gamma) if (t.bias is not None and bias is not None) else None
-                 for t in self.terms]
+        mod_b = [
+            _MODIFIERS[t.bias](bias, self.gamma) if (t.bias is not None and bias is not None) else None
+            for t in self.terms
+        ]
         by_key: dict[str, list[int]] = {}
         for i, t in enumerate(self.terms):
             by_key.setdefault(t.input, []).append(i)
@@ -183,7 +204,9 @@ class BasicRule(Rule):
                 w = torch.cat([mod_w[i] for i in part]) if len(part) > 1 else mod_w[part[0]]
                 b = None
                 if with_bias and any(mod_b[i] is not None for i in part):
-                    bs = [mod_b[i] if mod_b[i] is not None else weight.new_zeros(weight.shape[0]) for i in part]
+                    bs = [
+                        mod_b[i] if mod_b[i] is not None else weight.new_zeros(weight.shape[0]) for i in part
+                    ]
                     b = torch.cat(bs) if len(bs) > 1 else bs[0]
                 out.append(_Chunk(key, part, w, b, [weight.shape[0]] * len(part), [mod_b[i] for i in part]))
             return out
@@ -194,8 +217,9 @@ class BasicRule(Rule):
             backward += chunks(indices, key, False)
         return forward, backward, identity
 
-    def _prepare_fast(self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None,
-                      identity: list[int]) -> tuple | None:
+    def _prepare_fast(
+        self, op: LinearOp, weight: torch.Tensor, bias: torch.Tensor | None, identity: list[int]
+    ) -> tuple | None:
         if self.fast == "identity" and identity == [0] and len(self.terms) == 1:
             return ("identity", weight)
         if self.fast not in ("alpha_beta", "gamma") or op.groups != 1:
@@ -213,8 +237,13 @@ class BasicRule(Rule):
                 return ("alpha_beta", w_pos, b_pos + eps, alpha * w_pos if alpha != 1 else w_pos, 1)
             # z+ >= 0 and z- <= 0 on non-negative inputs: the stabilizer is a constant shift, folded
             # into the bias (where z = 0 every product is 0, so the sign given to eps does not matter)
-            return ("alpha_beta", torch.cat([w_pos, w_neg]), torch.cat([b_pos + eps, b_neg - eps]),
-                    torch.cat([alpha * w_pos, -beta * w_neg]), 2)
+            return (
+                "alpha_beta",
+                torch.cat([w_pos, w_neg]),
+                torch.cat([b_pos + eps, b_neg - eps]),
+                torch.cat([alpha * w_pos, -beta * w_neg]),
+                2,
+            )
         g = self.gamma
         w_pp, w_pn = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
         b_pp = bias + g * bias.clamp(min=0) if use_bias else zeros
@@ -223,8 +252,15 @@ class BasicRule(Rule):
         w = torch.cat([w_pp, w_pn])
         return ("gamma", w, torch.cat([b_pp + eps, b_pn - eps]), w, 2)
 
-    def _relevance_fast(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, fast: tuple,
-                        relevance: torch.Tensor, nonneg: bool | None) -> torch.Tensor | None:
+    def _relevance_fast(
+        self,
+        op: LinearOp,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        fast: tuple,
+        relevance: torch.Tensor,
+        nonneg: bool | None,
+    ) -> torch.Tensor | None:
         if fast[0] == "identity":
             g = relevance / stabilize(y, self.groups[0].stabilizer)
             return op.vjp(g, fast[1], x).mul_(x)
@@ -275,8 +311,15 @@ class BasicRule(Rule):
         return inputs
 
     # -- relevance -------------------------------------------------------------------------------
-    def relevance(self, op: LinearOp, x: torch.Tensor, y: torch.Tensor, prepared: Prepared,
-                  relevance: torch.Tensor, nonneg: bool | None = None) -> torch.Tensor:
+    def relevance(
+        self,
+        op: LinearOp,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        prepared: Prepared,
+        relevance: torch.Tensor,
+        nonneg: bool | None = None,
+    ) -> torch.Tensor:
         """Input relevance; ``nonneg``: whether x >= 0 is known (None: check)."""
         if prepared.shift is not None:
             y = y - op.bias_view(prepared.shift, y.dim())
@@ -340,8 +383,9 @@ def zero(zero_bias: bool = False) -> BasicRule:
 
 def epsilon(eps: float = 1e-6, zero_bias: bool = False) -> BasicRule:
     """LRP-epsilon (review Eq. 13), with the denominator z + eps * sign(z) (Zennit ``Epsilon``)."""
-    return BasicRule("epsilon", [Term("x", "id", None if zero_bias else "id")], [Group(float(eps))],
-                     fast="identity")
+    return BasicRule(
+        "epsilon", [Term("x", "id", None if zero_bias else "id")], [Group(float(eps))], fast="identity"
+    )
 
 
 def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
@@ -349,24 +393,38 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False
     negative ones, Zennit's generalized ``Gamma``); the bias likewise (b + gamma b^+)."""
     nb = None if zero_bias else "gamma_pos"
     nbn = None if zero_bias else "gamma_neg"
-    terms = [Term("pos", "gamma_pos", nb, 0), Term("neg", "gamma_neg", None, 0),
-             Term("pos", "gamma_neg", nbn, 1), Term("neg", "gamma_pos", None, 1)]
-    return BasicRule("gamma", terms, [Group(float(stabilizer), "pos"), Group(float(stabilizer), "neg")],
-                     gamma=gamma, fast="gamma")
+    terms = [
+        Term("pos", "gamma_pos", nb, 0),
+        Term("neg", "gamma_neg", None, 0),
+        Term("pos", "gamma_neg", nbn, 1),
+        Term("neg", "gamma_pos", None, 1),
+    ]
+    return BasicRule(
+        "gamma",
+        terms,
+        [Group(float(stabilizer), "pos"), Group(float(stabilizer), "neg")],
+        gamma=gamma,
+        fast="gamma",
+    )
 
 
-def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6,
-               zero_bias: bool = False) -> BasicRule:
+def alpha_beta(
+    alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, zero_bias: bool = False
+) -> BasicRule:
     """LRP-alpha-beta (review Eq. 15), alpha = beta + 1, on the products: (a w)^+ = a^+ w^+ + a^- w^-
     with the positive bias in the positive denominator, (a w)^- = a^+ w^- + a^- w^+ likewise."""
     if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
         raise ValueError(f"alpha-beta needs alpha = beta + 1 >= 1, got alpha={alpha}, beta={beta}")
-    terms = [Term("pos", "pos", None if zero_bias else "pos", 0, 1.0, float(alpha)),
-             Term("neg", "neg", None, 0, 1.0, float(alpha))]
+    terms = [
+        Term("pos", "pos", None if zero_bias else "pos", 0, 1.0, float(alpha)),
+        Term("neg", "neg", None, 0, 1.0, float(alpha)),
+    ]
     groups = [Group(float(stabilizer))]
     if beta:
-        terms += [Term("pos", "neg", None if zero_bias else "neg", 1, 1.0, -float(beta)),
-                  Term("neg", "pos", None, 1, 1.0, -float(beta))]
+        terms += [
+            Term("pos", "neg", None if zero_bias else "neg", 1, 1.0, -float(beta)),
+            Term("neg", "pos", None, 1, 1.0, -float(beta)),
+        ]
         groups.append(Group(float(stabilizer)))
     return BasicRule("alpha_beta", terms, groups, fast="alpha_beta")
 
@@ -383,9 +441,11 @@ def z_box(low: Any = None, high: Any = None, stabilizer: float = 1e-6, zero_bias
     z = x w - l w^+ - h w^-, R_in = x W^T s - l W+^T s - h W-^T s with s = R / z. ``low``/``high``:
     numbers, per-channel sequences or tensors; None takes each image's per-channel min/max."""
     nb = None if zero_bias else "id"
-    terms = [Term("x", "id", nb, 0, 1.0, 1.0),
-             Term("low", "pos", None if zero_bias else "pos", 0, -1.0, -1.0),
-             Term("high", "neg", None if zero_bias else "neg", 0, -1.0, -1.0)]
+    terms = [
+        Term("x", "id", nb, 0, 1.0, 1.0),
+        Term("low", "pos", None if zero_bias else "pos", 0, -1.0, -1.0),
+        Term("high", "neg", None if zero_bias else "neg", 0, -1.0, -1.0),
+    ]
     return BasicRule("z_box", terms, [Group(float(stabilizer))], low=low, high=high, input_layer_only=True)
 
 
@@ -398,8 +458,12 @@ def flat(stabilizer: float = 1e-6) -> BasicRule:
 def w_square(stabilizer: float = 1e-6, zero_bias: bool = False) -> BasicRule:
     """w^2 rule (Montavon et al. 2017) for an unbounded input layer: R_i = sum_j w_ij^2 / sum_q w_qj^2 R_j
     (Zennit ``WSquare``: the bias, squared, joins the denominator unless ``zero_bias``)."""
-    return BasicRule("w_square", [Term("ones", "square", None if zero_bias else "square")],
-                     [Group(float(stabilizer))], input_layer_only=True)
+    return BasicRule(
+        "w_square",
+        [Term("ones", "square", None if zero_bias else "square")],
+        [Group(float(stabilizer))],
+        input_layer_only=True,
+    )
 
 
 RULES = ("zero", "epsilon", "gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square")

@@ -24,8 +24,9 @@ def filter_images(weights: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     return to_uint8(w).unsqueeze(1)
 
 
-def prototype_images(images: torch.Tensor, contributions: torch.Tensor, reach: torch.Tensor,
-                     right: torch.Tensor) -> torch.Tensor:
+def prototype_images(
+    images: torch.Tensor, contributions: torch.Tensor, reach: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
     """For each node, the image sent most surely left and the one sent most surely right, each overlaid
     with the node's evidence for that side (the negative / positive part of its contribution map):
     nodes x 2 x 3 x H x W. ``images`` in [0, 1]; ``contributions`` B x nodes x h x w."""
@@ -43,8 +44,9 @@ def prototype_images(images: torch.Tensor, contributions: torch.Tensor, reach: t
     return to_uint8(torch.stack(panels))
 
 
-def draw_tree(node_images: torch.Tensor, leaves: torch.Tensor, title: str,
-              class_names: list[str] | None = None) -> bytes:
+def draw_tree(
+    node_images: torch.Tensor, leaves: torch.Tensor, title: str, class_names: list[str] | None = None
+) -> bytes:
     """PNG of the tree: inner nodes show their images (left | right panels), leaves their Q^l."""
     import matplotlib
 
@@ -74,16 +76,20 @@ def draw_tree(node_images: torch.Tensor, leaves: torch.Tensor, title: str,
             canvas.plot([x, cx], [y, cy], color="0.6", lw=0.8, zorder=0)
         img = node_images[node].permute(0, 2, 3, 1).numpy()
         strip = np.concatenate(list(img), axis=1)
-        w = min(0.9, 0.45 * img.shape[0]) * min(1.0, n_leaves / 2**int(np.floor(np.log2(node + 1))) / 1.1)
+        w = min(0.9, 0.45 * img.shape[0]) * min(1.0, n_leaves / 2 ** int(np.floor(np.log2(node + 1))) / 1.1)
         h = 0.7
-        ax = fig.add_axes(((x - w / 2) / n_leaves, (y - h / 2 + 0.2) / (depth + 1.2), w / n_leaves, h / (depth + 1.2)))
+        ax = fig.add_axes(
+            ((x - w / 2) / n_leaves, (y - h / 2 + 0.2) / (depth + 1.2), w / n_leaves, h / (depth + 1.2))
+        )
         ax.imshow(strip, interpolation="nearest", aspect="auto")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"node {node}" + (": left | right" if img.shape[0] == 2 else ""), fontsize=7, pad=1)
     for leaf in range(n_leaves):
         x, y = centre(n_leaves - 1 + leaf)
-        ax = fig.add_axes(((x - 0.4) / n_leaves, (y - 0.3 + 0.2) / (depth + 1.2), 0.8 / n_leaves, 0.6 / (depth + 1.2)))
+        ax = fig.add_axes(
+            ((x - 0.4) / n_leaves, (y - 0.3 + 0.2) / (depth + 1.2), 0.8 / n_leaves, 0.6 / (depth + 1.2))
+        )
         q = leaves[leaf].numpy()
         colors = ["C3" if k == q.argmax() else "C0" for k in range(n_classes)]
         ax.bar(range(n_classes), q, color=colors)

@@ -47,8 +47,17 @@ class SoftDecisionTree(Explainer):
     family = "surrogate"
     space = "map"
     trainable = True
-    params = {"depth": 4, "features": "layer", "layer": None, "fit_epochs": 60, "lr": 0.01, "temperature": 1.0,
-              "penalty": 0.1, "seed": 0, "class_names": None}
+    params = {
+        "depth": 4,
+        "features": "layer",
+        "layer": None,
+        "fit_epochs": 60,
+        "lr": 0.01,
+        "temperature": 1.0,
+        "penalty": 0.1,
+        "seed": 0,
+        "class_names": None,
+    }
     fit_params = ("depth", "features", "layer", "fit_epochs", "lr", "temperature", "penalty", "seed")
 
     tree: SoftTree | None = None
@@ -67,8 +76,13 @@ class SoftDecisionTree(Explainer):
         spatial = feats.spatial(model, train.inputs.to(device))
         vectors = feats.vectors(spatial)
         with torch.no_grad():
-            logits = torch.cat([model(train.inputs[i:i + 256].to(device)) for i in range(0, len(train), 256)])
-        mean, std = vectors.mean(0), vectors.std(0, unbiased=False).clamp_min(1e-6)  # one train row: 0, not NaN
+            logits = torch.cat(
+                [model(train.inputs[i : i + 256].to(device)) for i in range(0, len(train), 256)]
+            )
+        mean, std = (
+            vectors.mean(0),
+            vectors.std(0, unbiased=False).clamp_min(1e-6),
+        )  # one train row: 0, not NaN
         z = (vectors - mean) / std
         targets = (logits.float() / cfg["temperature"]).softmax(1)
         torch.manual_seed(cfg["seed"])
@@ -91,11 +105,22 @@ class SoftDecisionTree(Explainer):
             with torch.no_grad():
                 right = tree.decisions(z)
                 reach, _ = tree.reach(right)
-            images = prototype_images(display(train.inputs.float()), feats.contributions(spatial, weights).cpu(),
-                                      reach.cpu(), right.cpu())
-        return {"tree": {k: v.detach().cpu() for k, v in tree.state_dict().items()}, "mean": mean.cpu(),
-                "std": std.cpu(), "depth": int(cfg["depth"]), "classes": int(logits.shape[1]),
-                "fidelity": fidelity, "held_out": len(held), "node_images": images}
+            images = prototype_images(
+                display(train.inputs.float()),
+                feats.contributions(spatial, weights).cpu(),
+                reach.cpu(),
+                right.cpu(),
+            )
+        return {
+            "tree": {k: v.detach().cpu() for k, v in tree.state_dict().items()},
+            "mean": mean.cpu(),
+            "std": std.cpu(),
+            "depth": int(cfg["depth"]),
+            "classes": int(logits.shape[1]),
+            "fidelity": fidelity,
+            "held_out": len(held),
+            "node_images": images,
+        }
 
     def _install(self, tree: SoftTree, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.tree, self.mean, self.std = tree.eval(), mean, std
@@ -115,7 +140,7 @@ class SoftDecisionTree(Explainer):
         """Fraction of ``inputs`` where the tree's prediction is the model's."""
         _, out = self.decide(model, inputs)
         with torch.no_grad():
-            pred = torch.cat([model(inputs[i:i + 256]).argmax(1) for i in range(0, inputs.shape[0], 256)])
+            pred = torch.cat([model(inputs[i : i + 256]).argmax(1) for i in range(0, inputs.shape[0], 256)])
         return float((out["prediction"].to(pred.device) == pred).float().mean())
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -128,14 +153,20 @@ class SoftDecisionTree(Explainer):
     def global_explanation(self) -> tuple[dict[str, Any], bytes]:
         leaves = self.tree.leaf_distributions().detach().cpu()
         names = self.config["class_names"]
-        summary = {"depth": self.state["depth"], "fidelity": self.state["fidelity"],
-                   "held_out": self.state["held_out"], "features": self.config["features"],
-                   "layer": self.config["layer"] if self.config["features"] == "layer" else None,
-                   "leaf_distributions": tuple(tuple(round(float(v), 4) for v in q) for q in leaves),
-                   "leaf_classes": tuple(int(k) for k in leaves.argmax(1))}
+        summary = {
+            "depth": self.state["depth"],
+            "fidelity": self.state["fidelity"],
+            "held_out": self.state["held_out"],
+            "features": self.config["features"],
+            "layer": self.config["layer"] if self.config["features"] == "layer" else None,
+            "leaf_distributions": tuple(tuple(round(float(v), 4) for v in q) for q in leaves),
+            "leaf_classes": tuple(int(k) for k in leaves.argmax(1)),
+        }
         if self._figure is None:
-            title = (f"soft decision tree (depth {summary['depth']}, {summary['features']} features): "
-                     f"fidelity {100 * summary['fidelity']:.1f} % on {summary['held_out']} held-out images")
+            title = (
+                f"soft decision tree (depth {summary['depth']}, {summary['features']} features): "
+                f"fidelity {100 * summary['fidelity']:.1f} % on {summary['held_out']} held-out images"
+            )
             self._figure = draw_tree(self.state["node_images"], leaves, title, names)
         return summary, self._figure
 
@@ -149,23 +180,36 @@ class SoftDecisionTree(Explainer):
                 steps.append(f"node {node} {'right' if d else 'left'} ({p if d else 1 - p:.2f})")
             cls = int(out["prediction"][b])
             label = names[cls] if names else f"class {cls}"
-            texts.append(" -> ".join(steps) + f" -> leaf {int(out['leaf'][b])}: {label} "
-                         f"(path probability {float(out['path_probability'][b]):.2f})")
+            texts.append(
+                " -> ".join(steps) + f" -> leaf {int(out['leaf'][b])}: {label} "
+                f"(path probability {float(out['path_probability'][b]):.2f})"
+            )
         return texts
 
-    def explain(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def explain(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         if self.tree is None:
             raise XAIError("soft_tree is not fitted: pass fit_data (or fit it first)")
         spatial, out = self.decide(model, inputs)
         parts = self._features().contributions(spatial, self.effective_weights().to(spatial.device))
         sign = (2 * out["directions"] - 1).float().to(parts.device)
         path = out["path"].to(parts.device)
-        evidence = (parts.gather(1, path.view(*path.shape, 1, 1).expand(-1, -1, *parts.shape[2:]))
-                    * sign.view(*sign.shape, 1, 1)).sum(1, keepdim=True)
+        evidence = (
+            parts.gather(1, path.view(*path.shape, 1, 1).expand(-1, -1, *parts.shape[2:]))
+            * sign.view(*sign.shape, 1, 1)
+        ).sum(1, keepdim=True)
         summary, figure = self.global_explanation()
-        extras = {"text": self.describe(out), "path": out["path"].cpu(), "directions": out["directions"].cpu(),
-                  "leaf": out["leaf"].cpu(), "path_probability": out["path_probability"].cpu(),
-                  "prediction": out["prediction"].cpu(), "tree": summary, "figures": {"tree": figure}}
+        extras = {
+            "text": self.describe(out),
+            "path": out["path"].cpu(),
+            "directions": out["directions"].cpu(),
+            "leaf": out["leaf"].cpu(),
+            "path_probability": out["path_probability"].cpu(),
+            "prediction": out["prediction"].cpu(),
+            "tree": summary,
+            "figures": {"tree": figure},
+        }
         return evidence, extras
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ class SoftTree(nn.Module):
         inner = []
         for level in range(self.depth):
             start = 2**level - 1
-            p = right[:, start:start + 2**level]
+            p = right[:, start : start + 2**level]
             inner.append(probs)
             probs = torch.stack([probs * (1 - p), probs * p], dim=2).flatten(1)
         return torch.cat(inner, dim=1), probs
@@ -48,7 +48,9 @@ class SoftTree(nn.Module):
         ce = -(reach_leaves * (soft_targets @ log_q.T)).sum(1).mean()
         alpha = (reach_inner * right).sum(0) / reach_inner.sum(0).clamp_min(1e-12)
         alpha = alpha.clamp(1e-6, 1 - 1e-6)
-        levels = torch.floor(torch.log2(torch.arange(1, right.shape[1] + 1, dtype=right.dtype, device=right.device)))
+        levels = torch.floor(
+            torch.log2(torch.arange(1, right.shape[1] + 1, dtype=right.dtype, device=right.device))
+        )
         balance = -(0.5 * (alpha.log() + (1 - alpha).log()) * 2.0**-levels).sum()
         return ce + penalty * balance
 
@@ -65,6 +67,11 @@ class SoftTree(nn.Module):
             dirs.append((node == 2 * parent + 2).long())
             nodes.append(parent)
             node = parent
-        return {"leaf": leaf, "path": torch.stack(nodes[::-1], 1), "directions": torch.stack(dirs[::-1], 1),
-                "path_probability": prob, "right": right,
-                "prediction": self.leaf_distributions()[leaf].argmax(1)}
+        return {
+            "leaf": leaf,
+            "path": torch.stack(nodes[::-1], 1),
+            "directions": torch.stack(dirs[::-1], 1),
+            "path_probability": prob,
+            "right": right,
+            "prediction": self.leaf_distributions()[leaf].argmax(1),
+        }

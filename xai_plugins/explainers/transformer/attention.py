@@ -24,22 +24,33 @@ from xai_plugins.toolkit import LayerCapture
 
 
 def _timm_attention(module: nn.Module) -> bool:
-    return hasattr(module, "fused_attn") and hasattr(module, "qkv") and isinstance(
-        getattr(module, "attn_drop", None), nn.Module) and "Attention" in type(module).__name__ \
+    return (
+        hasattr(module, "fused_attn")
+        and hasattr(module, "qkv")
+        and isinstance(getattr(module, "attn_drop", None), nn.Module)
+        and "Attention" in type(module).__name__
         and "Window" not in type(module).__name__
+    )
 
 
 def _supported_mha(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.batch_first \
-        and module.bias_k is None and not module.add_zero_attn
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.batch_first
+        and module.bias_k is None
+        and not module.add_zero_attn
+    )
 
 
 def attention_modules(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
     """The global self-attention modules of ``model`` in call order; a one-line refusal without any."""
     found = [(n, m) for n, m in model.named_modules() if _timm_attention(m) or _supported_mha(m)]
     if not found:
-        raise InputError(f"{method} needs global self-attention (timm Attention or batch-first "
-                         f"nn.MultiheadAttention); {type(model).__name__} has none")
+        raise InputError(
+            f"{method} needs global self-attention (timm Attention or batch-first "
+            f"nn.MultiheadAttention); {type(model).__name__} has none"
+        )
     return found
 
 
@@ -56,6 +67,7 @@ def _explicit_mha(maps: list[torch.Tensor]):
         maps.append(attn)
         out = (attn @ v).transpose(1, 2).reshape(b, n, d)
         return module.out_proj(out), None
+
     return hook
 
 
