@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipelines.layout import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("resolve", "explain", "evaluate", "report", "gate")
 KEY = "cnn-v1"
+# the tiny workspace's one gate check (also tests/test_pipeline.py's): pointing game >= 0 for saliency
 GATE = {
     "checks": [
         {

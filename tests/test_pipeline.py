@@ -21,25 +21,15 @@ import pytest
 import torch
 import yaml
 
+from bench.stage_startup import GATE
 from core.errors import InputError
 from pipelines import layout
 from pipelines.api import PipelineError, collect, run_all, run_version
+from pipelines.layout import STAGES
 from pipelines.params import add_version, read_params, version_key, write_versions
 from pipelines.workspace import TEMPLATES, dvc_command, dvc_env, init_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("resolve", "explain", "evaluate", "report", "gate")
-GATE = {
-    "checks": [
-        {
-            "name": "saliency-pointing",
-            "method": "saliency",
-            "metric": "localization.pointing_game",
-            "op": ">=",
-            "threshold": 0.0,
-        }
-    ]
-}
 
 
 def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_registry_loop import LIGHT_PARAMS, MODEL, NEEDED_PLUGINS, Loop, kill_tree
+from test_registry_loop import LIGHT_PARAMS, MODEL, NEEDED_PLUGINS, Loop, kill_tree, save_loaded
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs the ray extra")
 
@@ -64,30 +64,7 @@ class RayLoop(Loop):
     address = ""
 
     def start_worker(self, *extra: str) -> None:
-        self.worker_starts += 1
-        self.worker = self._spawn(
-            [
-                "worker",
-                "-w",
-                str(self.ws),
-                "--backoff",
-                "1",
-                "--backoff-cap",
-                "4",
-                "--lease",
-                "30",
-                "--poll",
-                "0.3",
-                "--backend",
-                "ray",
-                "--ray-address",
-                self.address,
-                "--actors",
-                "2",
-                *extra,
-            ],
-            self.logs / "worker.log",
-        )
+        super().start_worker("--backend", "ray", "--ray-address", self.address, "--actors", "2", *extra)
 
     def actors(self) -> list:
         pid = self.worker.pid
@@ -133,17 +110,7 @@ def rloop(tmp_path_factory, cluster):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, trained_cnn) -> Path:
-    from core.models import save_checkpoint
-
-    lm = trained_cnn
-    return save_checkpoint(
-        tmp_path_factory.mktemp("models") / "clean.pt",
-        lm.model,
-        lm.arch,
-        lm.preprocess,
-        lm.class_names,
-        lm.meta,
-    )
+    return save_loaded(tmp_path_factory.mktemp("models") / "clean.pt", trained_cnn)
 
 
 def _once(loop: Loop, version: str) -> None:

@@ -152,24 +152,11 @@ class Loop:
             )
             time.sleep(0.3)
 
-    def start_worker(self) -> None:
+    def start_worker(self, *extra: str) -> None:
+        """``xai worker`` on this workspace with short back-off, lease and poll, plus ``extra``."""
         self.worker_starts += 1
-        self.worker = self._spawn(
-            [
-                "worker",
-                "-w",
-                str(self.ws),
-                "--backoff",
-                "1",
-                "--backoff-cap",
-                "4",
-                "--lease",
-                "30",
-                "--poll",
-                "0.3",
-            ],
-            self.logs / "worker.log",
-        )
+        short = ["--backoff", "1", "--backoff-cap", "4", "--lease", "30", "--poll", "0.3"]
+        self.worker = self._spawn(["worker", "-w", str(self.ws), *short, *extra], self.logs / "worker.log")
 
     def register(self, checkpoint: Path) -> str:
         from registry.models import register_checkpoint
@@ -232,17 +219,20 @@ class Loop:
         server.stop(self.ws)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, trained_cnn, clever_hans_cnn) -> dict[str, Path]:
+def save_loaded(path: Path, lm: Any) -> Path:
+    """A test model (``core.models.LoadedModel``) saved as the checkpoint a version registers."""
     from core.models import save_checkpoint
 
+    return save_checkpoint(path, lm.model, lm.arch, lm.preprocess, lm.class_names, lm.meta)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, trained_cnn, clever_hans_cnn) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
-    out = {}
-    for label, lm in (("clean", trained_cnn), ("clever_hans", clever_hans_cnn)):
-        out[label] = save_checkpoint(
-            folder / f"{label}.pt", lm.model, lm.arch, lm.preprocess, lm.class_names, lm.meta
-        )
-    return out
+    return {
+        label: save_loaded(folder / f"{label}.pt", lm)
+        for label, lm in (("clean", trained_cnn), ("clever_hans", clever_hans_cnn))
+    }
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_registry_loop import LIGHT_PARAMS, MODEL, Loop
+from test_registry_loop import LIGHT_PARAMS, MODEL, Loop, save_loaded
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.timeout(1800)
@@ -72,17 +72,7 @@ def sanity_loop(tmp_path_factory) -> Loop:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, trained_cnn) -> Path:
-    from core.models import save_checkpoint
-
-    lm = trained_cnn
-    return save_checkpoint(
-        tmp_path_factory.mktemp("models") / "clean.pt",
-        lm.model,
-        lm.arch,
-        lm.preprocess,
-        lm.class_names,
-        lm.meta,
-    )
+    return save_loaded(tmp_path_factory.mktemp("models") / "clean.pt", trained_cnn)
 
 
 def test_a_version_gated_on_an_edge_detector_is_refused_on_the_sanity_check(sanity_loop, checkpoint):
