@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core.errors import ModelError, PluginError, XAIError
-from core.fastpath import tensor_state_key
 from core.hooks import ModelState, preserved_model
 from core.isolation import ISOLATION_MODES, call_isolated, check_tensor, restore_or_fail
 from core.layers import default_layer
@@ -87,18 +85,10 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-_CLASS_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(state, shape): classes}
-
-
 def class_count(model: nn.Module, inputs: torch.Tensor) -> int:
-    """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward, kept per
-    model while its tensors and the input shape stay the same (replacing a head changes them)."""
-    key = (tensor_state_key(model), tuple(inputs.shape[1:]), inputs.device)
-    known = _CLASS_COUNTS.setdefault(model, {})
-    if key not in known:
-        known.clear()
-        known[key] = forward_logits(model, inputs[:1], None).shape[1]
-    return known[key]
+    """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward (cheaper than
+    checking that a remembered answer still holds for the model's current weights and head)."""
+    return forward_logits(model, inputs[:1], None).shape[1]
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
