@@ -33,6 +33,8 @@ SENSITIVE = [
     "tests/test_deconvolve.py::test_trained_cnn_explanation",
     "tests/test_perception.py::test_metrics_on_the_fitted_decoder",
     "tests/test_gradient_methods.py::test_integrated_gradients_completeness",
+    "tests/test_gaze_table1.py::test_table1_fem_beats_centre_bias_and_random_grad_cam_beats_random",
+    "tests/test_registry_sanity_gate.py",
 ]
 
 
