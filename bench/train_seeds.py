@@ -4,6 +4,11 @@ on every seed. Floating-point differences between CPUs act like another seed, so
 every seed converges gives the same model behaviour on any machine.
 
     python -m bench.train_seeds --seeds 0-9 --watermark none shortcut --threads 1
+
+``--shortcut`` also prints each model's Grad-CAM ``shortcut.share`` (and ``share_exact``, ``pointing``) on the watermarked probe of
+tests/test_policy.py (48 images, seed 77), the value the default policy's "not looking at the
+shortcut" check reads, so its threshold can be placed between the clean and Clever Hans models of
+every seed with a margin.
 """
 
 from __future__ import annotations
@@ -23,6 +28,31 @@ def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+def watermark_probe():
+    """The watermarked probe of the shortcut check: 48 `shapes` images of 32 px, seed 77."""
+    from core.datasets import make_shapes
+
+    return make_shapes(48, size=32, seed=77, watermark="agree")
+
+
+def shortcut_run(model, preprocess, probe, metrics=("shortcut",), reporters=(), out_dir=None):
+    """Grad-CAM on ``probe`` with its object and watermark masks: the run the shortcut check reads."""
+    from core.workflow import run
+
+    return run(
+        model,
+        preprocess.normalize(probe.images),
+        ["grad_cam"],
+        images=probe.images,
+        masks=probe.masks,
+        spurious_masks=probe.spurious,
+        metrics=list(metrics),
+        reporters=list(reporters),
+        out_dir=out_dir,
+        progress=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 1,2,4")
@@ -37,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--warmup", type=float, default=None)
     p.add_argument("--threshold", type=float, default=0.97)
+    p.add_argument("--shortcut", action="store_true", help="also print Grad-CAM's shortcut metrics per model")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     budget = {
@@ -59,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                 "deconvolve_cnn", None, size=a.size, seed=seed, watermark=wm, progress=False, **budget
             )
             curve = " ".join(f"{h['accuracy']:.2f}" for h in r.history)
+            share = ""
+            if a.shortcut:
+                m = shortcut_run(r.model, r.preprocess, watermark_probe()).metrics["grad_cam"]
+                share = ", shortcut " + " ".join(
+                    f"{k} {m['shortcut.' + k]:.3f}" for k in ("share", "share_exact", "pointing")
+                )
             print(
-                f"{wm:9s} seed {seed}: {r.accuracy:.1%} ({time.perf_counter() - t0:.0f} s) [{curve}]",
+                f"{wm:9s} seed {seed}: {r.accuracy:.1%}{share} ({time.perf_counter() - t0:.0f} s) [{curve}]",
                 flush=True,
             )
             worst = min(worst, r.accuracy)

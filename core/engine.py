@@ -23,7 +23,7 @@ from core.layers import default_layer
 from core.passes import run_gradient_pass
 from core.plugin_api import Explainer
 from core.plugins import PluginHost, get_host
-from core.tensors import as_target_tensor, batch_slices, normalize_maps, upsample
+from core.tensors import as_target_tensor, batch_slices, normalize_maps, spatial_size, upsample
 from core.types import Explanation, Failure
 
 
@@ -427,7 +427,7 @@ class Engine:
                 raise PluginError(
                     label, "shape", f"map attributions have shape {tuple(attr.shape)}, expected B x 1 x h x w"
                 )
-            attr = upsample(attr, (int(xb.shape[-2]), int(xb.shape[-1])))
+            attr = upsample(attr, spatial_size(xb))
         return attr.detach().float().cpu(), dict(extras or {})
 
     @staticmethod
@@ -439,7 +439,7 @@ class Engine:
         maps = e.to_map(attrs)
         if maps.dim() == 4:
             maps = maps.squeeze(1)
-        maps = normalize_maps(upsample(maps, (int(x.shape[-2]), int(x.shape[-1]))))
+        maps = normalize_maps(upsample(maps, spatial_size(x)))
         check_tensor(label, maps, x.shape[0], "maps")
         return Explanation(
             method=e.name,

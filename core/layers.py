@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core.errors import XAIError
+from core.tensors import spatial_size
 
 _POOLS = (
     nn.AdaptiveAvgPool2d,
@@ -142,7 +143,7 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     cached = _default_cache.get(model)
     if cached and key in cached:
         return cached[key]
-    size = (int(example.shape[-2]), int(example.shape[-1]))
+    size = spatial_size(example)
     order: list[tuple[str, torch.Tensor]] = []
     blocks: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = []

@@ -17,7 +17,7 @@ from torch import nn
 from core.fastpath import uses_channels_last
 from core.hooks import ReLURule, capture_layers, switchable_relu
 from core.layers import resolve_layer, spatial_view
-from core.tensors import select_targets
+from core.tensors import select_targets, spatial_size
 
 
 @dataclass
@@ -95,7 +95,7 @@ def run_gradient_pass(
         g0 = grads[0] if grads else None
         result.input_grad = g0 if g0 is not None else torch.zeros_like(x)
         offset = 1
-    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    size = spatial_size(inputs)
     for i, (name, out) in enumerate(outputs.items()):
         # B x C x h x w whatever the layer's layout (channels last, tokens): activations and
         # gradients go through the same re-indexing

@@ -22,6 +22,11 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return out.clamp_(0, 1).reshape(maps.shape)
 
 
+def spatial_size(t: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of a ... x H x W tensor, as the ``size`` that ``upsample`` takes."""
+    return int(t.shape[-2]), int(t.shape[-1])
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """Resize B x h x w or B x 1 x h x w maps to ``size`` (bilinear, align_corners=False)."""
     squeeze = maps.dim() == 3

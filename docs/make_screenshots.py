@@ -1,4 +1,4 @@
-"""The explorer's screenshots in docs/img/ (headless Chromium over DevTools, ``tests/registry_browser``).
+"""The explorer's screenshots in docs/img/ (headless Chromium with Playwright, ``tests/registry_browser``).
 
     xai ui                # prints http://127.0.0.1:PORT/?token=T
     python docs/make_screenshots.py http://127.0.0.1:PORT/?token=T --model shapes-cnn --a 1 --b 2

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.datasets import make_shapes
+from bench.train_seeds import shortcut_run
+from bench.train_seeds import watermark_probe as bench_watermark_probe
 from core.policy import PolicyError, evaluate, format_table, gate_main, load_policy
 from core.workflow import run
 from xai_plugins.metrics.drift import explanation_drift, load_maps
@@ -219,22 +220,12 @@ def test_gate_main_exit_codes_and_verdict_file(tmp_path, capsys):
 # -- the Clever Hans model fails the shortcut check, the clean model passes --------------------------
 @pytest.fixture(scope="module")
 def watermark_probe():
-    return make_shapes(48, size=32, seed=77, watermark="agree")
+    return bench_watermark_probe()
 
 
 def shortcut_verdict(loaded, probe, out: Path) -> tuple[dict, dict]:
-    results = run(
-        loaded.model,
-        loaded.preprocess.normalize(probe.images),
-        ["grad_cam"],
-        images=probe.images,
-        masks=probe.masks,
-        spurious_masks=probe.spurious,
-        metrics=["shortcut", "localization", "cost"],
-        reporters=["json"],
-        out_dir=out,
-        progress=False,
-    )
+    metrics = ["shortcut", "localization", "cost"]
+    results = shortcut_run(loaded.model, loaded.preprocess, probe, metrics, ["json"], out)
     policy = load_policy(DEFAULT)
     policy.checks[:] = [c for c in policy.checks if c.metric.startswith("shortcut.")]
     return evaluate(policy, out / "results.json"), results.metrics["grad_cam"]

@@ -206,6 +206,56 @@ def test_mobilenet_v3_in_place_hardswish_runs():
     assert torch.isfinite(exp.attributions).all() and exp.attributions.abs().sum() > 0
 
 
+class _OffsetAfterNorm(nn.Module):
+    """conv -> batch norm -> ``+ offset`` (in place or not) -> ReLU -> pool -> linear."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(6, 3)
+        self.register_buffer("offset", torch.linspace(-0.2, 0.2, 6).view(1, 6, 1, 1))
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if self.in_place:
+            h += self.offset
+        else:
+            h = h + self.offset
+        return self.fc(torch.relu(h).mean((2, 3)))
+
+
+def test_in_place_write_to_a_batch_norm_output_without_canonizing():
+    """``canonize=False``: a batch norm's output written in place (as torchvision's ResNet does with
+    ``out += identity``) gives the same relevance as the out-of-place model, not autograd's in-place
+    error (the rule recomputes the norm's output instead of saving it)."""
+    torch.manual_seed(0)
+    in_place = _OffsetAfterNorm(True).eval()
+    out_of_place = _OffsetAfterNorm(False).eval()
+    out_of_place.load_state_dict(in_place.state_dict())
+    a = explain(in_place, _x(), None, method="lrp", canonize=False, progress=False).attributions
+    b = explain(out_of_place, _x(), None, method="lrp", canonize=False, progress=False).attributions
+    assert torch.isfinite(a).all() and a.abs().sum() > 0
+    torch.testing.assert_close(a, b)
+
+
+def test_resnet_residual_without_canonizing_is_refused_in_one_line():
+    """Without the canonizer a residual addition's gradient hands the whole relevance to both branches
+    (a random ResNet-18's input relevance came out 260x the logit): refused, naming the block."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    with pytest.raises(InputError) as info:
+        explain(model, _x(), None, method="lrp", canonize=False, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "layer1.0 (BasicBlock)" in message and "canonize=True" in message
+    canonized = explain(model, _x(), None, method="lrp", progress=False).attributions
+    assert torch.isfinite(canonized).all()
+
+
 def test_refusal_is_one_line_naming_the_module():
     class GroupNormNet(nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The explorer (`xai ui`) in real headless Chromium (Debian's package, over the DevTools protocol as
+"""The explorer (`xai ui`) in real headless Chromium (Debian's package, driven by Playwright as
 the report test does) against a real local MLflow server with two registered versions, each with a
 run logged the way the worker logs it (``registry.runlog``)."""
 

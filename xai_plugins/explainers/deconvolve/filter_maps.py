@@ -22,6 +22,7 @@ to at most ``max_side`` pixels to keep the artifact small.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,19 @@ from torch import nn
 
 from xai_plugins.explainers.deconvolve.scoring import layer_calls
 from xai_plugins.toolkit import batch_slices, resolve_layer
+
+
+@dataclass(frozen=True)
+class Ascent:
+    """The schedule of a gradient ascent: Adam steps and rate, the RMS of the projection, the noise
+    seed, the batch size, and a blur every ``blur_every`` steps (0: never)."""
+
+    steps: int = 50
+    lr: float = 0.05
+    rms: float = 1.0
+    seed: int = 0
+    batch_size: int = 128
+    blur_every: int = 4
 
 
 class _StopForward(Exception):
@@ -68,27 +82,19 @@ class _UpTo:
 
 
 def _ascend(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    n: int,
-    objective: Any,
-    steps: int,
-    lr: float,
-    rms: float,
-    seed: int,
-    batch_size: int,
-    blur_every: int,
+    model: nn.Module, input_shape: tuple[int, ...], n: int, objective: Any, schedule: Ascent
 ) -> torch.Tensor:
     """Projected Adam ascent of ``objective(x, batch slice) -> per-sample values`` from seeded noise,
     ``n`` inputs in batches, with the RMS projection and periodic blur of the module docstring.
     Each sample's best iterate is returned (never worse than its start)."""
+    steps, lr, rms = schedule.steps, schedule.lr, schedule.rms
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(schedule.seed))
     out = []
     with torch.enable_grad():
-        for sl in batch_slices(n, batch_size):
+        for sl in batch_slices(n, schedule.batch_size):
             count = sl.stop - sl.start
             x = _project(
                 torch.randn(count, *input_shape, generator=gen).to(device, dtype), rms
@@ -108,7 +114,8 @@ def _ascend(
                 x.grad = grad
                 opt.step()
                 with torch.no_grad():
-                    y = _blur(x) if blur_every and (step + 1) % blur_every == 0 else x
+                    every = schedule.blur_every
+                    y = _blur(x) if every and (step + 1) % every == 0 else x
                     x.copy_(_project(y, rms))
             out.append(best)
     return torch.cat(out) if out else torch.zeros(0, *input_shape)
@@ -126,14 +133,10 @@ def ascend_filters(
     layer: str,
     input_shape: tuple[int, ...],
     filters: list[int],
-    steps: int = 50,
-    lr: float = 0.05,
-    rms: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 128,
-    blur_every: int = 4,
+    **schedule: Any,
 ) -> torch.Tensor:
-    """The input (F x C x H x W, model input space) that maximizes each filter's mean activation."""
+    """The input (F x C x H x W, model input space) that maximizes each filter's mean activation.
+    ``schedule``: the fields of ``Ascent`` (steps, lr, rms, seed, batch_size, blur_every)."""
     module = resolve_layer(model, layer)[1]
     with _UpTo(module, _layer_call_count(model, layer, input_shape)) as upto:
 
@@ -141,9 +144,7 @@ def ascend_filters(
             idx = torch.tensor(filters[sl], device=x.device)
             return upto(model, x)[torch.arange(len(idx), device=x.device), idx].mean(dim=(1, 2))
 
-        return _ascend(
-            model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every
-        )
+        return _ascend(model, input_shape, len(filters), objective, Ascent(**schedule))
 
 
 class _OnlyChannel:
@@ -175,12 +176,7 @@ def ascend_class(
     input_shape: tuple[int, ...],
     filters: list[int],
     classes: list[int],
-    steps: int = 50,
-    lr: float = 0.05,
-    rms: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 128,
-    blur_every: int = 4,
+    **schedule: Any,
 ) -> torch.Tensor:
     """The input (F x C x H x W) that maximizes the logit of ``classes[i]`` when ``layer`` passes on
     only filter ``filters[i]`` (section 3.3: the class activation as the objective)."""
@@ -194,9 +190,7 @@ def ascend_class(
                 torch.arange(x.shape[0], device=x.device), torch.tensor(classes[sl], device=x.device)
             ]
 
-        return _ascend(
-            model, input_shape, len(filters), objective, steps, lr, rms, seed, batch_size, blur_every
-        )
+        return _ascend(model, input_shape, len(filters), objective, Ascent(**schedule))
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:

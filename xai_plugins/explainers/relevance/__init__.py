@@ -48,7 +48,9 @@ class LRP(_SignedExplainer):
     (conservation, Eq. 11, then holds layer by layer: see ``extras["layer_relevance"]``; it is
     checked, and a model where it fails by more than 5 % is refused in one line).
     ``canonize``: fold BatchNorm into the preceding layer and split residual additions (as Zennit's
-    ResNet canonizer); without it batch norms pass relevance and additions use the gradient.
+    ResNet canonizer); without it batch norms pass relevance proportionally, and a residual
+    addition is refused in one line (its gradient hands the whole relevance to both branches: on a
+    random ResNet-18 the input relevance came out 260x the logit).
 
     The output relevance is the target logit S_c (Eq. 11). Definitions are Zennit's: with the same
     rules, composite and canonizer, results agree with Zennit to float precision (tested: VGG-11

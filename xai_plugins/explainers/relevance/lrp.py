@@ -295,10 +295,13 @@ class _RelevanceMode(TorchFunctionMode):
             if func in _GATES:
                 s.gates[id(out)] = out
             return s.mark_nonneg(out) if relu else out
-        if s.canonize:
-            operands = add_operands(func, args, kwargs)
-            if operands is not None and _active(operands[0]) and _active(operands[1]):
-                return canon.SumFn.apply(operands[0], operands[1], s.stabilizer)
+        operands = add_operands(func, args, kwargs)
+        if operands is not None and _active(operands[0]) and _active(operands[1]):
+            if not s.canonize:  # the gradient of a + b hands R to both: it doubles at every block
+                self.refuse(
+                    "a residual addition needs canonize=True (the gradient would pass its relevance to both branches, doubling it at every block)"
+                )
+            return canon.SumFn.apply(operands[0], operands[1], s.stabilizer)
         handled = self._modern(func, args, kwargs)
         if handled is not NotImplemented:
             return handled

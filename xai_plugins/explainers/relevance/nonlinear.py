@@ -31,19 +31,22 @@ from .rules import stabilize
 
 
 class LinearizedFn(torch.autograd.Function):
-    """``y = forward(x)``; backward R_x = x * lin.vjp(R / stab(den)), den = y or lin.z(x) (no bias)."""
+    """``y = forward(x)``; backward R_x = x * lin.vjp(R / stab(den)), den = y or lin.z(x) (no bias).
+
+    ``y`` is recomputed in the backward rather than saved: models add to a normalization's output
+    in place (torchvision's ResNet ``out += identity`` after ``bn2``), which would make a saved
+    output stale (an autograd in-place error when the residual sum is not canonized)."""
 
     @staticmethod
     def forward(ctx, x, forward, lin, eps, keep_bias):
-        y = forward(x)
-        ctx.save_for_backward(x, y)
-        ctx.lin, ctx.eps, ctx.keep_bias = lin, eps, keep_bias
-        return y
+        ctx.save_for_backward(x)
+        ctx.forward, ctx.lin, ctx.eps, ctx.keep_bias = forward, lin, eps, keep_bias
+        return forward(x)
 
     @staticmethod
     def backward(ctx, relevance):
-        x, y = ctx.saved_tensors
-        den = y if ctx.keep_bias else ctx.lin.z(x)
+        (x,) = ctx.saved_tensors
+        den = ctx.forward(x) if ctx.keep_bias else ctx.lin.z(x)
         return x * ctx.lin.vjp(relevance / stabilize(den, ctx.eps)), None, None, None, None
 
 
