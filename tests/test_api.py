@@ -169,3 +169,20 @@ def test_weights_written_through_data_are_seen(residual_net, images32, method, p
     again = explain(model, images32, method=method, **params).attributions
     fresh = explain(copy.deepcopy(model), images32, method=method, **params).attributions
     assert torch.allclose(again, fresh, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "entry, bad",
+    [({"method": "grad_cam", "layer": "conv2"}, "layer"), ({"params": {}}, "no method")],
+)
+def test_a_method_entry_with_a_stray_key_is_refused_not_ignored(entry, bad):
+    """``{"method": "grad_cam", "layer": ...}`` used to run Grad-CAM at its default layer, silently."""
+    from core.engine import parse_requests
+    from core.errors import XAIError
+
+    with pytest.raises(XAIError) as info:
+        parse_requests([entry])
+    message = str(info.value)
+    assert bad in message and "params" in message and "\n" not in message
+    (request,) = parse_requests([{"method": "grad_cam", "params": {"layer": "conv2"}}])
+    assert request.method == "grad_cam" and request.params == {"layer": "conv2"}
