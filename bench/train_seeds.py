@@ -5,10 +5,13 @@ every seed converges gives the same model behaviour on any machine.
 
     python -m bench.train_seeds --seeds 0-9 --watermark none shortcut --threads 1
 
-``--shortcut`` also prints each model's Grad-CAM ``shortcut.share`` (and ``share_exact``, ``pointing``) on the watermarked probe of
-tests/test_policy.py (48 images, seed 77), the value the default policy's "not looking at the
-shortcut" check reads, so its threshold can be placed between the clean and Clever Hans models of
-every seed with a margin.
+``--shortcut [METHOD ...]`` also prints each model's ``shortcut.share``, ``share_exact`` and
+``pointing`` for those methods (default Grad-CAM) on the watermarked probe of tests/test_policy.py
+(48 images, seed 77). The default policy's "not looking at the shortcut" check reads Grad-CAM's
+share. The output shows whether a threshold fits between the clean and Clever Hans models of every
+seed with a margin:
+
+    python -m bench.train_seeds --seeds 0-9 --watermark shortcut none --shortcut grad_cam lrp
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ def watermark_probe():
     return make_shapes(48, size=32, seed=77, watermark="agree")
 
 
-def shortcut_run(model, preprocess, probe, metrics=("shortcut",), reporters=(), out_dir=None):
-    """Grad-CAM on ``probe`` with its object and watermark masks: the run the shortcut check reads."""
+def shortcut_run(
+    model, preprocess, probe, metrics=("shortcut",), reporters=(), out_dir=None, methods=("grad_cam",)
+):
+    """Grad-CAM (or ``methods``) on ``probe`` with its object and watermark masks: the run the
+    shortcut check reads."""
     from core.workflow import run
 
     return run(
         model,
         preprocess.normalize(probe.images),
-        ["grad_cam"],
+        list(methods),
         images=probe.images,
         masks=probe.masks,
         spurious_masks=probe.spurious,
@@ -67,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--warmup", type=float, default=None)
     p.add_argument("--threshold", type=float, default=0.97)
-    p.add_argument("--shortcut", action="store_true", help="also print Grad-CAM's shortcut metrics per model")
+    p.add_argument(
+        "--shortcut",
+        nargs="*",
+        metavar="METHOD",
+        help="also print the shortcut metrics of these methods per model (default grad_cam)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     budget = {
@@ -91,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             curve = " ".join(f"{h['accuracy']:.2f}" for h in r.history)
             share = ""
-            if a.shortcut:
-                m = shortcut_run(r.model, r.preprocess, watermark_probe()).metrics["grad_cam"]
-                share = ", shortcut " + " ".join(
-                    f"{k} {m['shortcut.' + k]:.3f}" for k in ("share", "share_exact", "pointing")
+            if a.shortcut is not None:
+                methods = a.shortcut or ["grad_cam"]
+                ms = shortcut_run(r.model, r.preprocess, watermark_probe(), methods=methods).metrics
+                share = "".join(
+                    f", {name} "
+                    + " ".join(f"{k} {m['shortcut.' + k]:.3f}" for k in ("share", "share_exact", "pointing"))
+                    for name, m in ms.items()
                 )
             print(
                 f"{wm:9s} seed {seed}: {r.accuracy:.1%}{share} ({time.perf_counter() - t0:.0f} s) [{curve}]",
