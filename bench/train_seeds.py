@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"budget {budget or 'train_reference defaults'}, threads {a.threads}, size {a.size}")
     worst = 1.0
+    probe = watermark_probe() if a.shortcut is not None else None
     for wm in a.watermark:
         for seed in _seeds(a.seeds):
             t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             share = ""
             if a.shortcut is not None:
                 methods = a.shortcut or ["grad_cam"]
-                ms = shortcut_run(r.model, r.preprocess, watermark_probe(), methods=methods).metrics
+                ms = shortcut_run(r.model, r.preprocess, probe, methods=methods).metrics
                 share = "".join(
                     f", {name} "
                     + " ".join(f"{k} {m['shortcut.' + k]:.3f}" for k in ("share", "share_exact", "pointing"))
