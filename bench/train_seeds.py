@@ -7,8 +7,8 @@ every seed converges gives the same model behaviour on any machine.
 
 ``--shortcut [METHOD ...]`` also prints each model's ``shortcut.share``, ``share_exact`` and
 ``pointing`` for those methods (default Grad-CAM) on the watermarked probe of tests/test_policy.py
-(48 images, seed 77). The default policy's "not looking at the shortcut" check reads Grad-CAM's
-share. The output shows whether a threshold fits between the clean and Clever Hans models of every
+(48 images, seed 77). The default policy's "not looking at the shortcut" check reads LRP's share
+(Grad-CAM's left no margin on every seed). The output shows whether a threshold fits between the clean and Clever Hans models of every
 seed with a margin:
 
     python -m bench.train_seeds --seeds 0-9 --watermark shortcut none --shortcut grad_cam lrp

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -32,8 +33,18 @@ from pipelines.workspace import TEMPLATES, dvc_command, dvc_env, init_workspace
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(dvc_command(*args), cwd=ws, env=dvc_env(), capture_output=True, text=True)
+def dvc(
+    ws: Path, *args: str, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Runs dvc with its output in files, not pipes: `dvc queue start` leaves celery workers behind
+    that may inherit the pipes, and reading a pipe to its end then waits for them (a CI run hung
+    600 s in `queue start`)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        done = subprocess.run(
+            dvc_command(*args), cwd=ws, env=dvc_env(), stdout=out, stderr=err, timeout=timeout
+        )
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(done.args, done.returncode, out.read(), err.read())
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -133,7 +144,7 @@ def test_repro_runs_every_stage_of_both_versions(base):
             assert (out / name).is_file(), f"{out / name} missing"
         results = json.loads((out / layout.RESULTS).read_text())
         assert results["meta"]["model"]["name"] == "cnn" and results["meta"]["model"]["version"] == version
-        assert set(results["methods"]) == {"saliency", "grad_cam"} and len(results["images"]) == 8
+        assert set(results["methods"]) == {"saliency", "grad_cam", "lrp"} and len(results["images"]) == 8
         fingerprints.add(json.loads((out / layout.MODEL_INFO).read_text())["fingerprint"])
         assert json.loads((out / layout.GATE).read_text())["passed"] is True
     assert len(fingerprints) == 2
@@ -212,15 +223,15 @@ def test_queued_experiments_run_versions_in_parallel(ws, models):
         add_version(ws, "cnn", version, uri=str(model))
         dvc(ws, "exp", "run", "--queue", f"gate@cnn-v{version}")
     try:
-        dvc(ws, "queue", "start", "-j", "2")
+        dvc(ws, "queue", "start", "-j", "2", timeout=120)
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
-            status = dvc(ws, "queue", "status").stdout
+            status = dvc(ws, "queue", "status", timeout=120).stdout
             if "Queued" not in status and "Running" not in status:
                 break
             time.sleep(2)
     finally:
-        dvc(ws, "queue", "stop", check=False)
+        dvc(ws, "queue", "stop", check=False, timeout=120)
     assert status.count("Success") == 2, status
     output = dvc(ws, "repro").stdout
     assert ran(output) == set(), output  # every stage comes from the run cache
