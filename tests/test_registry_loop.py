@@ -56,9 +56,9 @@ MAX_ATTEMPTS = 2
 pytestmark = pytest.mark.timeout(1800)
 
 
-def light_env() -> dict[str, str]:
+def light_env(needed: set[str] = NEEDED_PLUGINS) -> dict[str, str]:
     """The environment of the listener, worker and CLI: the embedded MLflow of the workspace, only
-    the plugins the light configuration uses (each DVC stage starts faster)."""
+    the plugins the configuration uses (``needed``: each DVC stage starts faster)."""
     from importlib import metadata
 
     from core.plugins import BUILTIN_PLUGINS
@@ -66,7 +66,7 @@ def light_env() -> dict[str, str]:
     names = {m.rsplit(".", 1)[-1] for m in BUILTIN_PLUGINS}
     names |= {ep.name for ep in metadata.entry_points(group="xai")}
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["XAI_DISABLED_PLUGINS"] = ",".join(sorted(names - NEEDED_PLUGINS))
+    env["XAI_DISABLED_PLUGINS"] = ",".join(sorted(names - needed))
     env["XAI_NO_PROGRESS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
@@ -89,14 +89,15 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 class Loop:
-    """One workspace with MLflow, a listener and a worker, and helpers to drive them."""
+    """One workspace with MLflow, a listener and a worker, and helpers to drive them (versions of
+    the registered model ``model``)."""
 
-    def __init__(self, ws: Path, logs: Path):
+    def __init__(self, ws: Path, logs: Path, model: str = MODEL, plugins: set[str] = NEEDED_PLUGINS):
         from registry import server
         from registry.models import client_for
 
-        self.ws, self.logs = ws, logs
-        self.env = light_env()
+        self.ws, self.logs, self.model = ws, logs, model
+        self.env = light_env(plugins)
         info = server.start(ws)
         self.uri = info["uri"]
         self.client = client_for(self.uri)
@@ -161,10 +162,10 @@ class Loop:
     def register(self, checkpoint: Path) -> str:
         from registry.models import register_checkpoint
 
-        return str(register_checkpoint(self.client, MODEL, checkpoint).version)
+        return str(register_checkpoint(self.client, self.model, checkpoint).version)
 
     def tags(self, version: str) -> dict[str, str]:
-        return dict(self.client.get_model_version(MODEL, version).tags or {})
+        return dict(self.client.get_model_version(self.model, version).tags or {})
 
     def wait(self, versions: list[str], timeout: float, until: Any = None) -> dict[str, dict[str, str]]:
         """Wait until every version is done (or ``until(tags)`` holds); fail fast on a final failure."""
@@ -206,7 +207,7 @@ class Loop:
         view = ViewType.ACTIVE_ONLY if active_only else ViewType.ALL
         return self.client.search_runs(
             [exp.experiment_id],
-            f"tags.`xai.model` = '{MODEL}' and tags.`xai.version` = '{version}'",
+            f"tags.`xai.model` = '{self.model}' and tags.`xai.version` = '{version}'",
             run_view_type=view,
         )
 
