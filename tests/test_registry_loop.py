@@ -7,12 +7,14 @@ Set XAI_BURST_VERSIONS to change the size of the quick burst (the full 50-versio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,24 +238,37 @@ def checkpoints(tmp_path_factory, trained_cnn, clever_hans_cnn) -> dict[str, Pat
     }
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory) -> Loop:
+@contextlib.contextmanager
+def running_loop(
+    base: Path,
+    params: dict[str, Any],
+    model: str = MODEL,
+    plugins: set[str] = NEEDED_PLUGINS,
+    python_path: tuple[Path, ...] = (),
+) -> Iterator[Loop]:
+    """A workspace under ``base`` with ``params``, its MLflow, a listener and a worker (``python_path``
+    put first on their PYTHONPATH); everything is stopped on exit."""
     from pipelines.params import write_params
     from pipelines.workspace import init_workspace
 
-    base = tmp_path_factory.mktemp("registry-loop")
     ws = base / "ws"
     init_workspace(ws, commit=False)
-    write_params(ws, {**LIGHT_PARAMS, "versions": {}})
-    logs = base / "logs"
-    logs.mkdir()
-    lp = Loop(ws, logs)
+    write_params(ws, {**params, "versions": {}})
+    (base / "logs").mkdir()
+    lp = Loop(ws, base / "logs", model, plugins)
+    lp.env["PYTHONPATH"] = os.pathsep.join([*map(str, python_path), lp.env["PYTHONPATH"]])
     try:
         lp.start_listener()
         lp.start_worker()
         yield lp
     finally:
         lp.close()
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory) -> Iterator[Loop]:
+    with running_loop(tmp_path_factory.mktemp("registry-loop"), LIGHT_PARAMS) as lp:
+        yield lp
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ DVC pipeline (tests/test_registry_loop.py's ``Loop``); the edge detector comes i
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_registry_loop import LIGHT_PARAMS, MODEL, Loop, save_loaded
+from test_registry_loop import LIGHT_PARAMS, MODEL, NEEDED_PLUGINS, Loop, running_loop, save_loaded
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.timeout(1800)
@@ -43,31 +43,16 @@ PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def sanity_loop(tmp_path_factory) -> Loop:
-    from pipelines.params import write_params
-    from pipelines.workspace import init_workspace
-
+def sanity_loop(tmp_path_factory) -> Iterator[Loop]:
     base = tmp_path_factory.mktemp("sanity-gate")
     site = base / "site"
     info = site / "edge_detector_plugin-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edge-detector-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[xai]\nedge = edge_detector_plugin\n")
-    ws = base / "ws"
-    init_workspace(ws, commit=False)
-    write_params(ws, {**PARAMS, "versions": {}})
-    logs = base / "logs"
-    logs.mkdir()
-    lp = Loop(ws, logs)
-    lp.env["PYTHONPATH"] = os.pathsep.join([str(site), str(HERE), lp.env["PYTHONPATH"]])
-    disabled = set(lp.env["XAI_DISABLED_PLUGINS"].split(",")) - {"sanity"}
-    lp.env["XAI_DISABLED_PLUGINS"] = ",".join(sorted(disabled))
-    try:
-        lp.start_listener()
-        lp.start_worker()
+    plugins = NEEDED_PLUGINS | {"sanity"}
+    with running_loop(base, PARAMS, plugins=plugins, python_path=(site, HERE)) as lp:
         yield lp
-    finally:
-        lp.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ check and logs maps, metrics and verdict to one run. Real MLflow server, listene
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from test_registry_loop import LIGHT_PARAMS, Loop
+from test_registry_loop import LIGHT_PARAMS, Loop, running_loop
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.timeout(1200)
@@ -59,22 +60,10 @@ def vit_checkpoint(path: Path) -> tuple[Path, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def vit_loop(tmp_path_factory):
-    from pipelines.params import write_params
-    from pipelines.workspace import init_workspace
-
+def vit_loop(tmp_path_factory) -> Iterator[Loop]:
     base = tmp_path_factory.mktemp("registry-vit")
-    ws = base / "ws"
-    init_workspace(ws, commit=False)
-    write_params(ws, {**VIT_PARAMS, "versions": {}})
-    (base / "logs").mkdir()
-    lp = Loop(ws, base / "logs", model="shapes-vit", plugins=PLUGINS | {"registry", "pipelines"})
-    try:
-        lp.start_listener()
-        lp.start_worker()
+    with running_loop(base, VIT_PARAMS, "shapes-vit", PLUGINS | {"registry", "pipelines"}) as lp:
         yield lp
-    finally:
-        lp.close()
 
 
 def test_a_timm_vit_version_is_explained_gated_and_logged(vit_loop, tmp_path):
