@@ -102,7 +102,7 @@ class SoftmaxFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         x, s = ctx.saved_tensors
-        x = torch.where(torch.isfinite(x), x, 0.0)
+        x = x.nan_to_num(0.0, 0.0, 0.0)  # masked (-inf) scores take no relevance
         r = relevance.to(s.dtype)
         out = (x * (r - s * r.sum(ctx.dim, keepdim=True))).to(x.dtype)
         if ctx.record is not None:  # the relevance the rule's bias term absorbs

