@@ -243,9 +243,12 @@ def test_clever_hans_fails_the_shortcut_check_and_the_clean_model_passes(
     hans, hans_lrp, hans_m = shortcut_verdict(clever_hans_cnn, watermark_probe, tmp_path / "hans")
     assert clean["passed"], format_table(clean)
     assert not hans["passed"] and hans["checks"][0]["value"] >= 0.2, format_table(hans)
-    for key in ("shortcut.share", "shortcut.share_exact"):  # both methods see the watermark more
+    # LRP, the method the check reads, puts more relevance on the watermark by a wide margin.
+    # Grad-CAM only on its smoothed share: at pixel level (share_exact) its 8 x 8 map overlaps
+    # between the two models across training seeds (python -m bench.train_seeds --shortcut).
+    for key in ("shortcut.share", "shortcut.share_exact"):
         assert hans_lrp[key] > 1.5 * clean_lrp[key], key
-        assert hans_m[key] > clean_m[key], key
+    assert hans_m["shortcut.share"] > clean_m["shortcut.share"]
     # the clean model finds the object better than the Clever Hans model (review Table 1 measures)
     assert clean_m["localization.pcc"] > hans_m["localization.pcc"]
     assert clean_m["localization.auc"] > 0.5 and clean_m["localization.sim"] > hans_m["localization.sim"]
