@@ -8,8 +8,8 @@ every seed converges gives the same model behaviour on any machine.
 ``--shortcut [METHOD ...]`` also prints each model's ``shortcut.share``, ``share_exact`` and
 ``pointing`` for those methods (default Grad-CAM) on the watermarked probe of tests/test_policy.py
 (48 images, seed 77). The default policy's "not looking at the shortcut" check reads LRP's share
-(Grad-CAM's left no margin on every seed). The output shows whether a threshold fits between the clean and Clever Hans models of every
-seed with a margin:
+(Grad-CAM's left no margin on every seed). The output shows whether a threshold fits between the
+clean and Clever Hans models of every seed with a margin:
 
     python -m bench.train_seeds --seeds 0-9 --watermark shortcut none --shortcut grad_cam lrp
 """
@@ -38,8 +38,11 @@ def watermark_probe():
     return make_shapes(48, size=32, seed=77, watermark="agree")
 
 
+SHORTCUT_METHODS = ("grad_cam",)  # what --shortcut measures when it names no method
+
+
 def shortcut_run(
-    model, preprocess, probe, metrics=("shortcut",), reporters=(), out_dir=None, methods=("grad_cam",)
+    model, preprocess, probe, metrics=("shortcut",), reporters=(), out_dir=None, methods=SHORTCUT_METHODS
 ):
     """Grad-CAM (or ``methods``) on ``probe`` with its object and watermark masks: the run the
     shortcut check reads."""
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             curve = " ".join(f"{h['accuracy']:.2f}" for h in r.history)
             share = ""
             if a.shortcut is not None:
-                methods = a.shortcut or ["grad_cam"]
+                methods = a.shortcut or SHORTCUT_METHODS
                 ms = shortcut_run(r.model, r.preprocess, probe, methods=methods).metrics
                 share = "".join(
                     f", {name} "

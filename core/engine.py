@@ -54,9 +54,10 @@ def parse_requests(methods: Any) -> list[MethodRequest]:
         elif isinstance(item, dict):
             unknown = sorted(set(item) - {"method", "params", "label"})
             if "method" not in item or unknown:  # a stray key ("layer": ...) would be ignored silently
+                reason = f"unknown key {', '.join(unknown)}" if unknown else "no method key"
                 raise XAIError(
-                    f"a method entry takes the keys method, params and label, not {', '.join(unknown) or 'no method'}"
-                    f" (method parameters go under params: {{'method': 'grad_cam', 'params': {{'layer': ...}}}})"
+                    f"a method entry takes the keys method, params and label ({reason}); method"
+                    " parameters go under params: {'method': 'grad_cam', 'params': {'layer': ...}}"
                 )
             params = dict(item.get("params") or {})
             out.append(MethodRequest(item["method"], params, item.get("label", "")))

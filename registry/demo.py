@@ -25,14 +25,14 @@ import yaml
 MODEL_NAME = "shapes-cnn"
 # The demo's gate (written over the template's): first the template's sanity checks (policies/
 # default.yaml: cascading, independent and label randomization, Adebayo et al.) for the three methods
-# the gate reads (guided backprop, also in the report, is known to fail cascading randomization; it is not
-# gated), flagged `sanity` so a method failing one cannot carry its other checks; then relevance must
+# the gate reads (guided backprop, also in the report, is known to fail cascading randomization; it
+# is not gated), flagged `sanity` so a method failing one cannot carry its other checks; then relevance must
 # fall on the object, not on the planted watermark. Measured on the demo's 32 'agree' probe images
 # (2026-12-03, training seeds 0-4 and the demo's own models): on the object, saliency 0.22-0.27 (clean)
 # against 0.11-0.13 (Clever Hans), so its bar is 0.17, halfway (0.25 refused the clean CNN of seeds
 # 1 and 3); Grad-CAM 0.38-0.46 against 0.13-0.14, bar 0.25. On the watermark, over training seeds
-# 0-9, LRP puts 0.07-0.11 (clean) and 0.31-0.42 (Clever Hans), so the shortcut check reads LRP (Grad-CAM's coarse map
-# gives 0.05-0.17 and 0.20-0.22: no threshold separates every seed). The template's AOPC check is
+# 0-9, LRP puts 0.07-0.11 (clean) and 0.31-0.42 (Clever Hans), so the shortcut check reads LRP
+# (Grad-CAM's coarse map gives 0.05-0.17 and 0.20-0.22: no threshold separates every seed). The template's AOPC check is
 # still computed and shown in the report.
 GATED = ["saliency", "grad_cam", "lrp"]
 DEMO_GATE = {

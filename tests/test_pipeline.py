@@ -43,7 +43,8 @@ def dvc(
         done = subprocess.run(
             dvc_command(*args), cwd=ws, env=dvc_env(), stdout=out, stderr=err, timeout=timeout
         )
-        out.seek(0), err.seek(0)
+        out.seek(0)
+        err.seek(0)
         proc = subprocess.CompletedProcess(done.args, done.returncode, out.read(), err.read())
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr

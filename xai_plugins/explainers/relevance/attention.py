@@ -108,20 +108,20 @@ def multi_head_attention(call: Call, args: tuple, kwargs: dict) -> tuple[torch.T
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     n_heads, w, b = int(a["num_heads"]), a["in_proj_weight"], a.get("in_proj_bias")
     length, batch, embed = query.shape
-    # batch first and contiguous for the projections and products: a linear layer on the L x N x E
-    # view (nn.MultiheadAttention's batch_first transposes) runs as L small matrix products, and
-    # q k^T on permuted views at half speed (ViT-B/16: most of AttnLRP's cost over the limit)
-    same = query is key and key is value
-    query, key, value = (t.transpose(0, 1).contiguous() for t in (query, key, value))
-    if same:
+    # the projections batch first and contiguous: a linear layer on the L x N x E view
+    # (nn.MultiheadAttention's batch_first transposes) runs as L small matrix products (ViT-B/16: most
+    # of AttnLRP's cost over the limit, with q k^T on permuted views, which sdpa makes contiguous)
+    if query is key and key is value:
+        query = query.transpose(0, 1).contiguous()
         q, k, v = call(F.linear, query, w, b).chunk(3, dim=-1)
     else:
         ws = w.chunk(3)
         bs = b.chunk(3) if b is not None else (None, None, None)
-        q, k, v = (call(F.linear, t, wi, bi) for t, wi, bi in zip((query, key, value), ws, bs))
+        inputs = (t.transpose(0, 1).contiguous() for t in (query, key, value))
+        q, k, v = (call(F.linear, t, wi, bi) for t, wi, bi in zip(inputs, ws, bs))
 
-    def heads(t: torch.Tensor) -> torch.Tensor:  # N x L x E -> N x heads x L x E/heads
-        return t.reshape(batch, t.shape[1], n_heads, embed // n_heads).transpose(1, 2).contiguous()
+    def heads(t: torch.Tensor) -> torch.Tensor:  # N x L x E -> N x heads x L x E/heads (sdpa copies)
+        return t.reshape(batch, t.shape[1], n_heads, embed // n_heads).transpose(1, 2)
 
     mask = a.get("attn_mask")
     if mask is not None and mask.dim() == 3:
