@@ -93,7 +93,12 @@ def _draw_watermark(img: np.ndarray, label: int, size: int) -> None:
 
 
 def make_shapes(
-    n: int, size: int = 32, seed: int = 0, watermark: str = "none", agreement: float = 0.55
+    n: int,
+    size: int = 32,
+    seed: int = 0,
+    watermark: str = "none",
+    agreement: float = 0.55,
+    placement: str = "clear",
 ) -> ShapesData:
     """Generate ``n`` images of ``size`` px, classes balanced, fully determined by ``seed``.
 
@@ -103,9 +108,23 @@ def make_shapes(
       "shortcut" Clever Hans training data: the watermark always gives the label away, while the
                  shape matches the label only with probability ``agreement`` (else a random shape),
                  so a model fits the labels only by looking at the watermark.
+
+    placement:
+      "clear"    the object stays clear of the four watermark corners (every training and probe
+                 set): its centre falls in the middle third of the image, so a centre-bias map
+                 is almost the object prior.
+      "anywhere" the object may reach a border of a tenth of the side (clean images only): the
+                 gaze comparison of the review's Table 1 (``bench.table1``) uses it, so that
+                 a map must find the object rather than the centre to beat centre bias.
+    The random stream does not depend on ``placement``: the same seed gives the same shapes,
+    colours and backgrounds, only the object positions differ.
     """
     if watermark not in ("none", "agree", "shortcut"):
         raise ValueError(f"watermark must be none, agree or shortcut, not {watermark!r}")
+    if placement not in ("clear", "anywhere"):
+        raise ValueError(f"placement must be clear or anywhere, not {placement!r}")
+    if placement == "anywhere" and watermark != "none":
+        raise ValueError("placement='anywhere' needs watermark='none' (objects would cover the watermarks)")
     if size < 16:
         raise ValueError("shapes images need at least 16 px")
     rng = np.random.default_rng(seed)
@@ -115,7 +134,7 @@ def make_shapes(
     images = np.empty((n, 3, size, size), dtype=np.float32)
     masks = np.zeros((n, size, size), dtype=bool)
     spurious = np.zeros((n, size, size), dtype=bool)
-    margin_box = max(3, int(round(size * WATERMARK_FRACTION)))
+    margin_box = max(3, int(round(size * (WATERMARK_FRACTION if placement == "clear" else 0.1))))
     for i, label in enumerate(labels):
         img = _background(rng, size)
         kind = int(label)

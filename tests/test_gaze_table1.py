@@ -1,4 +1,4 @@
-"""Synthetic gaze for shapes and the review's Table 1: FEM beats centre bias on SIM; both methods beat a random map."""
+"""Synthetic gaze for shapes and the review's Table 1: Grad-CAM and FEM beat centre bias and a random map on SIM and PCC."""
 
 from __future__ import annotations
 
@@ -19,22 +19,35 @@ def test_gaze_is_seeded_mostly_on_the_object_and_leaves_the_data_alone():
     assert (on_object > 2 * area).all() and (on_object < 0.95).all()  # mostly object, some clutter
 
 
-def test_table1_fem_beats_centre_bias_and_random_grad_cam_beats_random(trained_cnn, shapes_probe):
-    """FEM beats both baselines on SIM; on PCC it beats the random map by far and stands level with
-    centre bias (on `shapes` the objects sit away from the watermark corners, so centre bias is
-    strong: PCC ~0.64). Measured on two CPUs' reference CNNs: FEM SIM 0.58 / 0.61 against centre
-    bias 0.52, PCC 0.65 / 0.70 against 0.64. Grad-CAM beats the random map (README, Table 1)."""
+def test_anywhere_placement_spreads_the_objects_and_keeps_the_rest():
+    clear, anywhere = make_shapes(64, 32, seed=4242), make_shapes(64, 32, seed=4242, placement="anywhere")
+    assert torch.equal(clear.labels, anywhere.labels)
+
+    def centres(d):
+        yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        m = d.masks.float()
+        return torch.stack([(m * yy).sum((1, 2)), (m * xx).sum((1, 2))], 1) / m.sum((1, 2)).unsqueeze(1)
+
+    spread_clear = (centres(clear) - 16).abs().max()
+    assert spread_clear < 6 and (centres(anywhere) - 16).abs().max() > spread_clear + 2
+
+
+def test_table1_grad_cam_and_fem_beat_centre_bias_and_random(trained_cnn):
+    """The review's Table 1 must-show: Grad-CAM and FEM above a centre-bias map and a random map on
+    SIM and PCC, on the gaze set of `bench.table1` (objects anywhere but a thin border). Measured
+    over the reference CNNs of training seeds 0-4: centre bias SIM 0.459 / PCC 0.450, Grad-CAM
+    SIM 0.528-0.591 / PCC 0.532-0.686, FEM 0.600-0.622 / 0.678-0.721, random 0.338 / 0.00."""
     from bench.table1 import table
 
-    gaze = shapes_gaze(shapes_probe, seed=0)
+    probe = make_shapes(64, 32, seed=4242, placement="anywhere")
+    gaze = shapes_gaze(probe, seed=0)
     rows = table(
         trained_cnn.model,
-        trained_cnn.preprocess.normalize(shapes_probe.images),
+        trained_cnn.preprocess.normalize(probe.images),
         gaze.density,
         ["grad_cam", "fem"],
     )
-    fem, centre, chance = rows["fem"], rows["centre_bias"], rows["random"]
-    assert fem["sim"] > max(centre["sim"], chance["sim"]) + 0.02, rows
-    assert fem["pcc"] > chance["pcc"] + 0.4 and fem["pcc"] > centre["pcc"] - 0.05, rows
-    for key in ("sim", "pcc"):
-        assert rows["grad_cam"][key] > chance[key] + 0.1, (key, rows)
+    centre, chance = rows["centre_bias"], rows["random"]
+    for method, margin in (("grad_cam", 0.03), ("fem", 0.1)):
+        for key in ("sim", "pcc"):
+            assert rows[method][key] > max(centre[key], chance[key]) + margin, (method, key, rows)
