@@ -92,10 +92,37 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+META_FORWARD_PARAMETERS = 20_000_000
+"""From this many parameters up, ``class_count`` first infers the output shape on the meta device.
+One thread, 224 px, meta / real: ViT-B/16 0.15 / 0.55 s, Swin-T 0.11 / 0.17, ResNet-50 0.05 /
+0.11, ViT-S 0.10 / 0.14; below, the real forward is the cheaper (EfficientNet-B0, 5 M parameters:
+0.07 / 0.03)."""
+
+
 def class_count(model: nn.Module, inputs: torch.Tensor) -> int:
     """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward (cheaper than
-    checking that a remembered answer still holds for the model's current weights and head)."""
+    checking that a remembered answer still holds for the model's current weights and head). On a
+    large model the shapes are inferred on the meta device (no arithmetic, the same answer); a
+    forward that cannot run there (data-dependent control flow, an op without a meta kernel) or
+    returns anything but one row of logits falls back to the real forward and its checks."""
+    if sum(p.numel() for p in model.parameters()) >= META_FORWARD_PARAMETERS:
+        count = _meta_class_count(model, inputs)
+        if count is not None:
+            return count
     return forward_logits(model, inputs[:1], None).shape[1]
+
+
+def _meta_class_count(model: nn.Module, inputs: torch.Tensor) -> int | None:
+    tensors = {name: torch.empty_like(t, device="meta") for name, t in model.named_parameters()}
+    tensors.update({name: torch.empty_like(t, device="meta") for name, t in model.named_buffers()})
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, tensors, (inputs[:1].to("meta"),), strict=False)
+    except Exception:  # noqa: BLE001 - the real forward then runs and reports
+        return None
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1:
+        return int(out.shape[1])
+    return None
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:

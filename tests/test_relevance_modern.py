@@ -185,6 +185,38 @@ def test_attn_lrp_matches_lxt(make):
         assert _corr(exp.attributions[i], ref[i]) > 0.99
 
 
+@pytest.mark.parametrize(
+    "make",
+    [tv_vit, lambda: timm_vit(True), lambda: timm_vit(False), swin, convnext],
+    ids=["torchvision_vit", "timm_fused", "timm_unfused", "swin", "convnext"],
+)
+def test_attn_lrp_gradient_domain_equals_the_relevance_domain(make):
+    """``attn_lrp`` with its defaults runs as modified gradients (``gradient_domain.py``, fused
+    attention included); carrying relevance explicitly through every operation gives the same maps
+    (the domains differ only where a layer output is within ~1e-5 of zero: epsilon's 1e-6) and the
+    same softmax bias term, in float64 so that rounding does not blur the comparison."""
+    from xai_plugins.explainers.relevance.lrp import gradient_domain_applies, lrp
+
+    composite = make_composite(None, "attn_lrp", {})
+    assert gradient_domain_applies(composite, True, 1e-6, False)
+    assert not gradient_domain_applies(composite, True, 1e-6, True)  # zero_bias: explicit
+    assert not gradient_domain_applies(make_composite(None, "attn_lrp", {"epsilon": 0.25}), True, 1e-6, False)
+    assert not gradient_domain_applies(make_composite(None, "epsilon_gamma_box", {}), True, 1e-6, False)
+    model, x = make().double(), _x().double()
+    logits = model(x).detach()
+    targets = logits.argmax(1)
+    scale = logits.max(1).values.abs()  # sums compared against the explained logit
+    fast, fast_extras = lrp(model, x, targets, composite)
+    slow, slow_extras = lrp(model, x, targets, composite, gradient=False)
+    for i in range(x.shape[0]):
+        assert _corr(fast[i], slow[i]) > 0.995
+    gap = (fast.flatten(1).sum(1) - slow.flatten(1).sum(1)).abs() / scale
+    assert torch.all(gap < 5e-3), gap
+    for kind, value in slow_extras["absorbed_relevance"].items():
+        gap = (fast_extras["absorbed_relevance"][kind] - value).abs() / scale
+        assert torch.all(gap < 5e-3), (kind, gap)
+
+
 # -- modern CNNs: the default composite -----------------------------------------------------------
 @pytest.mark.parametrize(
     "make",

@@ -63,6 +63,30 @@ def sdpa(call: Call, args: tuple, kwargs: dict) -> torch.Tensor:
     return call(torch.matmul, attn, v)
 
 
+def fused_sdpa(args: tuple, kwargs: dict, absorb: Callable[[torch.Tensor], None]) -> torch.Tensor | None:
+    """The fused kernel in the gradient domain (``gradient_domain.py``): AttnLRP's uniform rule on
+    q k^T and on attention x values is 1/4 of the gradient to q and k and 1/2 to v (as LXT runs it),
+    the softmax rule is the softmax's gradient, and its bias term, sum(R_attention) - sum(R_scores),
+    is 1/2 R_out - R_q - R_k (both products conserve). None where that does not hold or the kernel
+    cannot run it: an additive (float) mask, which takes a share like a bias, or dropout."""
+    from .gradient_domain import ScaleGradFn
+
+    a = _bind(_SDPA, args, kwargs)
+    mask = a.get("attn_mask")
+    if a.get("dropout_p", 0.0) or (mask is not None and mask.dtype != torch.bool):
+        return None
+
+    def taken(sign: float) -> Callable[[torch.Tensor], None]:
+        return lambda r: absorb(r * sign)
+
+    q = ScaleGradFn.apply(a["query"], 0.25, taken(-1.0))
+    k = ScaleGradFn.apply(a["key"], 0.25, taken(-1.0))
+    v = ScaleGradFn.apply(a["value"], 0.5, None)
+    rest = {name: a[name] for name in ("attn_mask", "is_causal", "scale", "enable_gqa") if name in a}
+    out = F.scaled_dot_product_attention(q, k, v, **rest)
+    return ScaleGradFn.apply(out, 1.0, taken(0.5))
+
+
 _MHA = (
     "query",
     "key",
@@ -142,7 +166,8 @@ def multi_head_attention(call: Call, args: tuple, kwargs: dict) -> tuple[torch.T
             weights = weights.mean(1) if a.get("average_attn_weights", True) else weights
             if not batched:
                 weights = weights.squeeze(0)
-    out = sdpa(call, (heads(q), heads(k), heads(v)), sdpa_kwargs)  # N x heads x L x E/heads
+    # through the mode: the explicit decomposition (``sdpa``), or the fused kernel in the gradient domain
+    out = call(F.scaled_dot_product_attention, heads(q), heads(k), heads(v), **sdpa_kwargs)
     out = out.transpose(1, 2).reshape(batch, length, embed)
     out = call(F.linear, out, a["out_proj_weight"], a.get("out_proj_bias")).transpose(0, 1)
     return (out if batched else out.squeeze(1)), weights

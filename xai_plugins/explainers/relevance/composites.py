@@ -26,7 +26,10 @@ attn_lrp                    epsilon      epsilon         epsilon            LXT'
 Every composite takes the same rules for the non-linear operations of transformers and modern CNNs
 (``nonlinear.py``: AttnLRP's identity rule for normalizations and activations, its softmax rule, the
 uniform rule for products of activations, squeeze-excitation gates as constants); ``attn_lrp`` is
-AttnLRP as the paper and LXT run it on ViTs: epsilon on every linear layer (gradient x input).
+AttnLRP as the paper and LXT run it on ViTs: epsilon on every linear layer; with epsilon and the
+stabilizer at most 1e-6 and the biases kept (the defaults) it runs as LXT does, gradient x input
+with AttnLRP's modified gradients (``gradient_domain.py``): epsilon's limit, LRP-0 with the bias,
+on the linear layers; otherwise (``zero_bias``, a larger epsilon) relevance is carried explicitly.
 
 ``*_flat`` apply flat to the first layer of either kind, the others to the first convolution.
 """
@@ -59,9 +62,17 @@ class Composite:
 
     name = ""
     needs_depth = False
+    # run as gradient x input with modified gradients where every rule allows it (``lrp.py``'s
+    # ``gradient_domain_applies``): epsilon <= 1e-6 then means its limit, LRP-0 with the bias
+    gradient_domain = False
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         raise NotImplementedError
+
+    def rules(self) -> list[Rule]:
+        """Every rule this composite can assign (``lrp`` runs in the gradient domain when all of them
+        are gradient x input); empty, as here, when unknown."""
+        return []
 
 
 class LayerMapComposite(Composite):
@@ -76,9 +87,13 @@ class LayerMapComposite(Composite):
         first_kinds: tuple[str, ...] = ("conv",),
         names: dict[str, Rule] | None = None,
         name: str = "",
+        gradient_domain: bool = False,
     ):
         self.conv, self.linear, self.first, self.first_kinds = conv, linear, first, first_kinds
-        self.names, self.name = dict(names or {}), name
+        self.names, self.name, self.gradient_domain = dict(names or {}), name, gradient_domain
+
+    def rules(self) -> list[Rule]:
+        return [r for r in (self.conv, self.linear, self.first, *self.names.values()) if r is not None]
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         if layer.name in self.names:
@@ -102,6 +117,9 @@ class DepthComposite(Composite):
 
     def __init__(self, bands: list[tuple[float, Rule]], first: Rule | None = None, name: str = ""):
         self.bands, self.first, self.name = bands, first, name
+
+    def rules(self) -> list[Rule]:
+        return [r for _, r in self.bands] + ([self.first] if self.first is not None else [])
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         if self.first is not None and layer.index == 0:
@@ -160,7 +178,7 @@ COMPOSITES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "deep_taylor": lambda c: LayerMapComposite(
         _plus(c), _plus(c), _box(c), ("conv", "linear"), name="deep_taylor"
     ),
-    "attn_lrp": lambda c: LayerMapComposite(_eps(c), _eps(c), name="attn_lrp"),
+    "attn_lrp": lambda c: LayerMapComposite(_eps(c), _eps(c), name="attn_lrp", gradient_domain=True),
     "gamma_epsilon_zero": lambda c: DepthComposite(
         [(1 / 3, _gamma(c)), (2 / 3, _eps(c)), (float("inf"), zero(_cfg(c)[0]))],
         _box(c),
@@ -175,6 +193,9 @@ class UniformComposite(Composite):
 
     def __init__(self, rule: Rule, rest: Rule):
         self.rule, self.rest, self.name = rule, rest, rule.name
+
+    def rules(self) -> list[Rule]:
+        return [self.rule, self.rest]
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         if self.rule.input_layer_only:

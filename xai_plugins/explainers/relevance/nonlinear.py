@@ -54,9 +54,20 @@ class NormLinear:
     """The linear part of a normalization with the std held constant: z = w * (x - mean) / std over
     the last ``dims`` dimensions (``center=False``: RMSNorm, z = w * x / rms)."""
 
-    def __init__(self, x: torch.Tensor, dims: int, weight: torch.Tensor | None, eps: float, center: bool):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        dims: int,
+        weight: torch.Tensor | None,
+        eps: float,
+        center: bool,
+        inv_std: torch.Tensor | None = None,
+    ):
         self.axes = tuple(range(-dims, 0))
         self.center, self.weight = center, weight
+        if inv_std is not None:  # from the normalization's own kernel
+            self.inv_std = inv_std.detach()
+            return
         with torch.no_grad():
             xd = x.detach()
             if center:

@@ -121,6 +121,7 @@ class Rule:
 
     name: str = ""
     input_layer_only: bool = False
+    is_gradient = False  # the rule is gradient x input (``gradient_domain.py``)
 
     def key(self) -> tuple:
         raise NotImplementedError
@@ -167,6 +168,16 @@ class BasicRule(Rule):
 
     def key(self) -> tuple:
         return (self.name, self.terms, self.groups, self.gamma)
+
+    @property
+    def is_gradient(self) -> bool:
+        """LRP-0 / epsilon with eps <= 1e-6 and the bias in the denominator: R_x = x * W^T (R / z),
+        which is gradient x input (``gradient_domain.py``) up to the vanishing stabilizer."""
+        return (
+            self.name in ("zero", "epsilon")
+            and all(t == Term("x", "id", "id") for t in self.terms)
+            and all(g.mask is None and (g.stabilizer is None or g.stabilizer <= 1e-6) for g in self.groups)
+        )
 
     # -- parameters ------------------------------------------------------------------------------
     def _is_identity(self, term: Term, bias: torch.Tensor | None) -> bool:
