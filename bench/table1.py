@@ -6,8 +6,9 @@
 Gaze comes from ``core.gaze.shapes_gaze`` (an observer who looks mostly at the object, some at
 salient clutter) on held-out clean images whose objects may sit anywhere but a thin border
 (``make_shapes(placement="anywhere")``): with the training sets' placement, clear of the
-watermark corners, every object covers the centre and a centre-bias map is the object prior. Two reference rows make the numbers readable: ``centre_bias`` (an isotropic
-Gaussian at the image centre, the classic saliency baseline) and ``random`` (uniform noise, seeded).
+watermark corners, every object covers the centre and a centre-bias map is the object prior. Two
+reference rows make the numbers readable: ``centre_bias`` (an isotropic Gaussian at the image
+centre, the classic saliency baseline) and ``random`` (uniform noise, seeded).
 The peer-library bridges (captum_*, gradcam_*) are not built-in methods and are left out.
 Methods that need long training (``adversarial_generators``: ~200 s on 16 images here,
 ``activation_maximization``) run only when named with --methods; a method that fails prints its

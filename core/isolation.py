@@ -3,8 +3,9 @@ recorded against the plugin instead of stopping the run.
 
 Two ways to stop a plugin at its time limit (``ISOLATION_MODES``): ``"thread"`` (the default) raises
 ``PluginTimeout`` in the calling thread, where the plugin runs (again while it goes on), which a
-plugin can catch and which waits while it blocks in C; ``"process"`` runs the call in a forked child that is killed (SIGKILL) at the limit, so the
-plugin stops whatever it does, and nothing it does to the model reaches the caller.
+plugin can catch and which waits while it blocks in C; ``"process"`` runs the call in a forked child
+that is killed (SIGKILL) at the limit, so the plugin stops whatever it does, and nothing it does to
+the model reaches the caller.
 """
 
 from __future__ import annotations

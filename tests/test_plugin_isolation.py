@@ -366,8 +366,8 @@ def test_thread_isolation_runs_in_the_callers_thread_and_leaves_nothing_pending(
 
     assert call_with_timeout(threading.get_ident, 5.0) == threading.get_ident()
     for _ in range(20):
-        call_with_timeout(lambda: time.sleep(0.02), 0.03)
-    time.sleep(0.6)  # past every deadline and a retry: nothing is raised here
+        call_with_timeout(lambda: time.sleep(0.01), 0.2)
+    time.sleep(0.8)  # past every deadline and a retry: nothing is raised here
 
 
 def test_thread_isolation_sends_the_timeout_again_to_a_plugin_that_swallowed_it():

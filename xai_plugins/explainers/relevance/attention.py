@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .gradient_domain import ScaleGradFn
+
 Call = Callable[..., Any]
 
 
@@ -69,8 +71,6 @@ def fused_sdpa(args: tuple, kwargs: dict, absorb: Callable[[torch.Tensor], None]
     the softmax rule is the softmax's gradient, and its bias term, sum(R_attention) - sum(R_scores),
     is 1/2 R_out - R_q - R_k (both products conserve). None where that does not hold or the kernel
     cannot run it: an additive (float) mask, which takes a share like a bias, or dropout."""
-    from .gradient_domain import ScaleGradFn
-
     a = _bind(_SDPA, args, kwargs)
     mask = a.get("attn_mask")
     if a.get("dropout_p", 0.0) or (mask is not None and mask.dtype != torch.bool):

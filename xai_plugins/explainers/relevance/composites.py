@@ -70,8 +70,8 @@ class Composite:
         raise NotImplementedError
 
     def rules(self) -> list[Rule]:
-        """Every rule this composite can assign (``lrp`` runs in the gradient domain when all of them
-        are gradient x input); empty, as here, when unknown."""
+        """Every rule this composite can assign, read where it sets ``gradient_domain`` (``lrp`` runs
+        in the gradient domain when all of them are gradient x input); empty, as here, when unknown."""
         return []
 
 
@@ -117,9 +117,6 @@ class DepthComposite(Composite):
 
     def __init__(self, bands: list[tuple[float, Rule]], first: Rule | None = None, name: str = ""):
         self.bands, self.first, self.name = bands, first, name
-
-    def rules(self) -> list[Rule]:
-        return [r for _, r in self.bands] + ([self.first] if self.first is not None else [])
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         if self.first is not None and layer.index == 0:
@@ -193,9 +190,6 @@ class UniformComposite(Composite):
 
     def __init__(self, rule: Rule, rest: Rule):
         self.rule, self.rest, self.name = rule, rest, rule.name
-
-    def rules(self) -> list[Rule]:
-        return [self.rule, self.rest]
 
     def rule_for(self, layer: LayerInfo) -> Rule | None:
         if self.rule.input_layer_only:

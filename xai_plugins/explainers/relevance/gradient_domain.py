@@ -1,8 +1,8 @@
 """LRP in the gradient domain: the same rules as ``lrp.py`` where each is a modified gradient.
 
 Where every linear layer takes LRP-epsilon with a vanishing epsilon and its bias in the denominator
-(AttnLRP as Achtibat et al., ICML 2024, run it on transformers: the ``attn_lrp`` composite, also
-``rule="epsilon"`` / ``"zero"``), relevance at any tensor t is R_t = t * g_t for a gradient-like g,
+(AttnLRP as Achtibat et al., ICML 2024, run it on transformers: the ``attn_lrp`` composite, which
+asks for this domain), relevance at any tensor t is R_t = t * g_t for a gradient-like g,
 and each rule becomes a rule for g (LXT's "efficient" implementation computes exactly this):
 
 - linear layers, residual and constant additions, average pooling, token means, max pooling,
@@ -30,22 +30,6 @@ import torch
 from .nonlinear import NormLinear, SoftmaxFn
 
 
-class RecordFn(torch.autograd.Function):
-    """Identity forward; backward records the relevance x * g arriving at a layer's input."""
-
-    @staticmethod
-    def forward(ctx, x, record):
-        ctx.save_for_backward(x)
-        ctx.record = record
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        ctx.record(x * grad)
-        return grad, None
-
-
 class IdentityRuleFn(torch.autograd.Function):
     """``fn(x)`` (element-wise) forward; backward g_x = g * y / x: R_x = x g_x = R_y (Eq. 9)."""
 
@@ -65,7 +49,7 @@ class IdentityRuleFn(torch.autograd.Function):
 
 class ScaleGradFn(torch.autograd.Function):
     """Identity forward; backward the gradient times ``factor`` (1/2: one factor of a product under
-    the uniform rule), recording the relevance x * g' when ``record`` is given."""
+    the uniform rule; 1: a layer's input), recording the relevance x * g' when ``record`` is given."""
 
     @staticmethod
     def forward(ctx, x, factor, record):
@@ -89,32 +73,29 @@ def half(x: torch.Tensor) -> torch.Tensor:
 
 
 class NormGradFn(torch.autograd.Function):
-    """A normalization ``forward(x)``; backward the gradient of its linear part with the std held
-    constant (``lin.vjp``, ``nonlinear.NormLinear`` / ``ScaleLinear``)."""
+    """A normalization: ``forward(x)`` gives its output and its linear part with the std held
+    constant (``nonlinear.NormLinear``); backward that part's gradient (``lin.vjp``), the identity
+    rule of Sec. 3.3.2."""
 
     @staticmethod
-    def forward(ctx, x, forward, lin):
-        ctx.lin = lin
-        return forward(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.lin.vjp(grad), None, None
-
-
-class LayerNormGradFn(torch.autograd.Function):
-    """``F.layer_norm`` forward (its own kernel, which also returns 1 / std); backward the gradient
-    with the std held constant (``nonlinear.NormLinear.vjp``), the identity rule of Sec. 3.3.2."""
-
-    @staticmethod
-    def forward(ctx, x, shape, weight, bias, eps):
-        y, _, inv_std = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.lin = NormLinear(x, len(shape), weight, eps, True, inv_std=inv_std)
+    def forward(ctx, x, forward):
+        y, ctx.lin = forward(x)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.lin.vjp(grad), None, None, None, None
+        return ctx.lin.vjp(grad), None
+
+
+def layer_norm(x: torch.Tensor, shape: list[int], weight, bias, eps: float) -> torch.Tensor:
+    """``F.layer_norm`` under the identity rule, its 1 / std taken from the kernel's own output
+    (``native_layer_norm``) rather than from a second pass over ``x``."""
+
+    def forward(t: torch.Tensor):
+        y, _, inv_std = torch.native_layer_norm(t, shape, weight, bias, eps)
+        return y, NormLinear(t, len(shape), weight, eps, True, inv_std=inv_std)
+
+    return NormGradFn.apply(x, forward)
 
 
 class SoftmaxGradFn(SoftmaxFn):

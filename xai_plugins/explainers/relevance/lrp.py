@@ -279,7 +279,7 @@ class _RelevanceMode(TorchFunctionMode):
             x = first_arg(args, kwargs)
             s.sums[info.name] = None  # keeps the forward order
             if s.gradient:  # epsilon with the bias: the gradient (the sum is recorded on the way)
-                return op(gd.RecordFn.apply(x, s.recorder(info.name)), op.weight, op.bias)
+                return op(gd.ScaleGradFn.apply(x, 1.0, s.recorder(info.name)), op.weight, op.bias)
             node = _Node(op, rule, info, s, True if s.is_nonneg(x) else None)
             y = _LayerFn.apply(x, node)
             s.outputs[id(y)] = (y, node)
@@ -424,14 +424,13 @@ class _RelevanceMode(TorchFunctionMode):
                 else (1e-5 if func is F.layer_norm else torch.finfo(x.dtype).eps)
             )
             if s.gradient and func is F.layer_norm:
-                shape = list(a["normalized_shape"])
-                return gd.LayerNormGradFn.apply(x, shape, a.get("weight"), a.get("bias"), eps)
+                return gd.layer_norm(x, list(a["normalized_shape"]), a.get("weight"), a.get("bias"), eps)
             lin = nl.NormLinear(
                 x, len(tuple(a["normalized_shape"])), a.get("weight"), eps, func is F.layer_norm
             )
             rest = {k: v for k, v in a.items() if k != "input"}
             if s.gradient:
-                return gd.NormGradFn.apply(x, lambda t: func(t, **rest), lin)
+                return gd.NormGradFn.apply(x, lambda t: (func(t, **rest), lin))
             keep = s.keep_bias or a.get("bias") is None
             return nl.LinearizedFn.apply(x, lambda t: func(t, **rest), lin, s.stabilizer, keep)
         if func in _MATMUL or func in _MUL or func in _DIV or func in _ADD_SUB:
@@ -520,9 +519,9 @@ def lrp(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Input relevance (B x C x H x W) for each sample's target logit, and per-layer relevance sums.
 
-    ``gradient``: run the rules as modified gradients (``gradient_domain.py``); None, the default,
-    does so where that gives the same relevance (``gradient_domain_applies``), False carries the
-    relevance explicitly through every operation.
+    ``gradient``: None (the default) runs the rules as modified gradients (``gradient_domain.py``)
+    where that gives the same relevance (``gradient_domain_applies``); False carries the relevance
+    explicitly through every operation.
 
     ``extras["layer_relevance"]``: ``{"output": R at the logit (= S_c), <layer>: sum of the relevance
     at that layer's input, ...}`` in forward order, each a B tensor; with LRP-0/epsilon and no bias
@@ -533,8 +532,9 @@ def lrp(
         n_layers = count_layers(model, x) if composite.needs_depth else None
         session = _Session(model, composite, canonize, stabilizer, n_layers, zero_bias)
         session.batch = x.shape[0]
-        applies = gradient_domain_applies(composite, canonize, stabilizer, zero_bias)
-        session.gradient = applies if gradient is None else bool(gradient) and applies
+        session.gradient = gradient is not False and gradient_domain_applies(
+            composite, canonize, stabilizer, zero_bias
+        )
         with torch.enable_grad():
             with session.tracker, _RelevanceMode(session):
                 logits = model(x)
