@@ -4,6 +4,8 @@ dvc records the pid of every ``dvc repro`` holding an output and refuses a secon
 while that pid exists. A killed ``dvc repro`` whose parent died is re-parented to the machine's
 init; where init does not reap (PID 1 of many containers), it stays a zombie, its pid still exists,
 and every later run is refused. dvc skips pids that do not exist; this also skips zombies.
+A dvc killed while it rewrote the file leaves it empty or cut off, and dvc then refuses every run
+("JSON structure is corrupted"); such a file holds no live entry and is removed (dvc starts a new one).
 Callers hold the workspace lock (:mod:`pipelines.lock`), so no live dvc writes the file meanwhile.
 """
 
@@ -35,14 +37,20 @@ def _live(entry: Any) -> bool:
 
 
 def drop_dead_holders(workspace: Path) -> list[int]:
-    """Remove rwlock entries of dead or zombie processes; returns their pids (none: file untouched)."""
+    """Remove rwlock entries of dead or zombie processes; returns their pids (none: file untouched).
+    A file that is not a JSON object (cut off by a kill mid-write) is removed; returns ``[-1]``."""
     path = Path(workspace) / ".dvc" / "tmp" / "rwlock"
     try:
-        lock = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         return []
+    try:
+        lock = json.loads(text)
+    except ValueError:
+        lock = None
     if not isinstance(lock, dict):
-        return []
+        path.unlink(missing_ok=True)
+        return [-1]
     dropped: list[int] = []
     writes = lock.get("write") or {}
     for out, entry in list(writes.items()):

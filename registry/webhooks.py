@@ -311,6 +311,12 @@ class ListenerServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/webhook"
 
+    @property
+    def reading(self) -> int:
+        """Connections accepted and reading a request now (each with its deadline running)."""
+        with self._deadlines_lock:
+            return len(self._deadlines)
+
     def track(self, conn: socket.socket) -> None:
         """Start the deadline of the next request on ``conn``."""
         with self._deadlines_lock:

@@ -108,12 +108,18 @@ def test_200_concurrent_valid_deliveries_are_all_accepted(served):
     assert len(Queue(db).jobs()) == 200
 
 
-@pytest.mark.parametrize("served", [{"read_timeout": 1.0, "request_timeout": 2.0}], indirect=True)
+@pytest.mark.parametrize("served", [{"read_timeout": 3.0, "request_timeout": 4.0}], indirect=True)
 def test_300_slow_connections_do_not_starve_deliveries_and_are_closed(served):
     server, db = served
     address = server.server_address[:2]
     socks = _slow(address, 300)
     try:
+        # the deliveries start once all 300 are accepted and reading: what is timed is a delivery
+        # beside them, not the accept loop working off a backlog of 300 (1.2 s on a busy CI machine)
+        deadline = time.monotonic() + 30
+        while server.reading < 300:
+            assert time.monotonic() < deadline, f"{server.reading}/300 slow connections accepted"
+            time.sleep(0.01)
         answers = [_post(address, i + 1) for i in range(10)]
         print(
             f"with 300 slow connections: {sum(a[0] == 202 for a in answers)}/10 deliveries accepted, "
@@ -122,7 +128,7 @@ def test_300_slow_connections_do_not_starve_deliveries_and_are_closed(served):
         assert all(a[0] == 202 for a in answers), answers
         assert max(a[1] for a in answers) < 1.0
         started = time.monotonic()
-        closed = sum(_closed_within(s, max(0.05, 4.0 - (time.monotonic() - started))) for s in socks)
+        closed = sum(_closed_within(s, max(0.05, 6.0 - (time.monotonic() - started))) for s in socks)
         print(f"slow connections closed by the server: {closed}/300 within {time.monotonic() - started:.2f}s")
         assert closed == 300
     finally:
