@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.api import session
+
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
 
@@ -301,7 +303,10 @@ def run_model(
                 f"  {model_name} / {suite_name} / {case.method}"
                 + (f" vs {case.peer_name}" if case.peer_name else "")
             )
-            ours, peer, lim, err, perr = time_case(case, limit, settings.repeats, settings.long_s, sync)
+            # one session per case: repeated calls of ours keep what they derive from the model (the
+            # folded and frozen copies, LRP's rules), as a user's loop under ``session(model)`` does
+            with session(model):
+                ours, peer, lim, err, perr = time_case(case, limit, settings.repeats, settings.long_s, sync)
             rows.append(
                 Row(
                     model_name,

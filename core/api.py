@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from core.engine import Engine, MethodRequest
+from core.session import session
 from core.types import Explanation
 
-__all__ = ["explain", "Explanation"]
+__all__ = ["explain", "session", "Explanation"]
 
 
 def explain(
@@ -35,6 +36,10 @@ def explain(
     adversarial generators, soft tree, DeConvolve filter maps) once per model; by default they fit
     on ``inputs``, or reuse what is stored for this model. The model runs in eval mode and is left
     exactly as found (training flag, hooks, parameters, requires_grad), even on error.
+
+    Each call derives what it needs from the model afresh (a BatchNorm-folded copy, the default
+    layer, LRP's prepared rules); in a loop over batches, ``with session(model):`` keeps those for
+    every call inside it, the caller promising not to change the model's weights there.
     """
     if "batch_size" in params:
         batch_size = params["batch_size"]

@@ -3,6 +3,8 @@
 It owns everything the explainers share: device placement, target selection (the predicted class
 by default), batching, one shared forward/backward for the methods that can use it, upsampling and
 normalization of maps, per-method wall time, and restoring the model afterwards, even on error.
+Each run holds a session of the model (``core.session``): what the methods derive from it lasts
+for the run, or for the caller's ``with session(model):`` block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from core.layers import default_layer
 from core.passes import run_gradient_pass
 from core.plugin_api import Explainer
 from core.plugins import PluginHost, get_host
+from core.session import session, structural
 from core.tensors import as_target_tensor, batch_slices, normalize_maps, spatial_size, upsample
 from core.types import Explanation, Failure
 
@@ -100,11 +103,16 @@ One thread, 224 px, meta / real: ViT-B/16 0.15 / 0.55 s, Swin-T 0.11 / 0.17, Res
 
 
 def class_count(model: nn.Module, inputs: torch.Tensor) -> int:
-    """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward (cheaper than
-    checking that a remembered answer still holds for the model's current weights and head). On a
-    large model the shapes are inferred on the meta device (no arithmetic, the same answer); a
-    forward that cannot run there (data-dependent control flow, an op without a meta kernel) or
-    returns anything but one row of logits falls back to the real forward and its checks."""
+    """How many classes ``model`` outputs for inputs like ``inputs``: one row's forward, once per
+    input shape in a session of the model (``core.session``). On a large model the shapes are
+    inferred on the meta device (no arithmetic, the same answer); a forward that cannot run there
+    (data-dependent control flow, an op without a meta kernel) or returns anything but one row of
+    logits falls back to the real forward and its checks."""
+    key = ("class_count", tuple(inputs.shape[1:]), inputs.dtype)
+    return structural(model, key, lambda: _class_count(model, inputs))
+
+
+def _class_count(model: nn.Module, inputs: torch.Tensor) -> int:
     if sum(p.numel() for p in model.parameters()) >= META_FORWARD_PARAMETERS:
         count = _meta_class_count(model, inputs)
         if count is not None:
@@ -219,35 +227,38 @@ class Engine:
         try:
             if moved:
                 model.to(device)
-            self._state = ModelState(model)
-            with preserved_model(model, state=self._state):
-                x = inputs.detach().to(device=device, dtype=torch.float32)
-                # With shared-pass methods, their one forward/backward per batch also yields the
-                # logits and the predicted classes: no separate forward just for the logits.
-                fused = any(e.shared_pass for e in explainers.values())
-                out_logits: torch.Tensor | None = None
-                t: torch.Tensor | None
-                if fused:
-                    t = None if targets is None else as_target_tensor(targets, x.shape[0])
-                else:
-                    if want_logits:
-                        out_logits = forward_logits(model, x, self.batch_size)
-                        t = (
-                            out_logits.argmax(1).cpu()
-                            if targets is None
-                            else as_target_tensor(targets, x.shape[0], out_logits.shape[1])
-                        )
+            with session(model) as run_session:
+                if moved:  # copies derived on another device are not this run's
+                    run_session.weights_changed()
+                self._state = ModelState(model)
+                with preserved_model(model, state=self._state):
+                    x = inputs.detach().to(device=device, dtype=torch.float32)
+                    # With shared-pass methods, their one forward/backward per batch also yields the
+                    # logits and the predicted classes: no separate forward just for the logits.
+                    fused = any(e.shared_pass for e in explainers.values())
+                    out_logits: torch.Tensor | None = None
+                    t: torch.Tensor | None
+                    if fused:
+                        t = None if targets is None else as_target_tensor(targets, x.shape[0])
                     else:
-                        t = as_target_tensor(targets, x.shape[0], class_count(model, x))
-                td = t.to(device) if t is not None else None
-                self._set_default_layers(model, x, explainers, failures, isolate, requests)
-                self._fit_trainable(model, x, explainers, failures, isolate, requests)
-                record: dict[str, torch.Tensor] = {}
-                explanations = self._run_batches(
-                    model, x, td, requests, explainers, failures, isolate, record
-                )
-                if fused:
-                    out_logits, t = record["logits"], record["targets"].cpu()
+                        if want_logits:
+                            out_logits = forward_logits(model, x, self.batch_size)
+                            t = (
+                                out_logits.argmax(1).cpu()
+                                if targets is None
+                                else as_target_tensor(targets, x.shape[0], out_logits.shape[1])
+                            )
+                        else:
+                            t = as_target_tensor(targets, x.shape[0], class_count(model, x))
+                    td = t.to(device) if t is not None else None
+                    self._set_default_layers(model, x, explainers, failures, isolate, requests)
+                    self._fit_trainable(model, x, explainers, failures, isolate, requests)
+                    record: dict[str, torch.Tensor] = {}
+                    explanations = self._run_batches(
+                        model, x, td, requests, explainers, failures, isolate, record
+                    )
+                    if fused:
+                        out_logits, t = record["logits"], record["targets"].cpu()
         finally:
             if moved:
                 model.to(original_device)

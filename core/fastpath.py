@@ -15,63 +15,31 @@ gradients, SmoothGrad, Score-CAM): same function, same gradients with respect to
   the contiguous layout, whose rounding is the reference.
 
 Any failure of the fast path (a model that cannot be traced, a ``view`` that rejects
-channels-last tensors, ...) falls back to the model itself, for good: results never depend on it,
-up to float rounding.
+channels-last tensors, ...) falls back to the model itself for the rest of the session: results
+never depend on it, up to float rounding. The copies live in the model's session
+(``core.session``), never in a module-level cache.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import weakref
 
 import torch
 from torch import nn
 
+from core.session import derived
+
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_NO_FAST_PATH: weakref.WeakSet = weakref.WeakSet()  # models on which the fast path failed once
-
-
-_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, folded copy)
-
-
-def content_checksum(tensors: list[torch.Tensor | None]) -> tuple[float, ...]:
-    """The sum and the L2 norm of each tensor, read in one host transfer: catches writes the
-    version counter misses (``weight.data.normal_()`` changes values without bumping it)."""
-    ts = [t.detach() for t in tensors if t is not None and t.numel()]
-    if not ts:
-        return ()
-    parts = [t.sum().double().reshape(1) for t in ts]
-    floats = [t for t in ts if t.is_floating_point()]
-    if floats:
-        parts += [n.double().reshape(1) for n in torch._foreach_norm(floats, 2)]
-    if len({p.device for p in parts}) > 1:
-        parts = [p.cpu() for p in parts]
-    return tuple(torch.cat(parts).tolist())
-
-
-def tensor_state_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``model`` is replaced, resized or written to (also
-    through ``.data``, by the content checksum)."""
-    tensors = list(model.state_dict(keep_vars=True).values())
-    return (
-        model.training,
-        *((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors),
-        content_checksum(tensors),
-    )
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BN) for m in model.modules())
 
 
-def _fold_batchnorm(model: nn.Module, key: tuple) -> nn.Module:
-    """A copy with eval-mode BatchNorm folded into the preceding convolutions, kept (one copy per
-    model) until a parameter or buffer of the model changes (``key``: its ``tensor_state_key``); the
-    model itself when it cannot be copied and traced."""
-    hit = _FOLDED.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy with eval-mode BatchNorm folded into the preceding convolutions; the model itself
+    when it cannot be copied and traced. Kept in the model's session (``core.session``)."""
     from torch.fx.experimental.optimization import fuse
 
     try:
@@ -80,30 +48,20 @@ def _fold_batchnorm(model: nn.Module, key: tuple) -> nn.Module:
         return model
     for p in folded.parameters():
         p.requires_grad_(False)
-    _FOLDED[model] = (key, folded)
     return folded
 
 
 # XAI_NO_FREEZE=1 turns the TorchScript inference path off (e.g. for a model whose forward has
 # Python side effects, which a trace does not replay).
 FREEZE_FOR_INFERENCE = os.environ.get("XAI_NO_FREEZE") != "1"
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (state key, frozen or None)
 
 
-def _frozen_inference(
-    model: nn.Module, folded: nn.Module, x: torch.Tensor, state: tuple
-) -> torch.jit.ScriptModule | None:
-    """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference, kept per model
-    until a parameter or buffer changes (``state``: the model's ``tensor_state_key``) or the image
-    size changes; None when that fails, the trace
-    warns, or its outputs differ from ``folded``'s on batches of other sizes and rows."""
+def _frozen_inference(folded: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | None:
+    """``folded`` traced on two rows of ``x``, frozen and optimized for CPU inference (for one image
+    size and dtype, kept in the model's session); None when that fails, the trace warns, or its
+    outputs differ from ``folded``'s on batches of other sizes and rows."""
     import warnings
 
-    key = (state, tuple(x.shape[1:]), x.dtype)  # traced for one image size and dtype
-    hit = _FROZEN.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    frozen = None
     try:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
@@ -111,11 +69,10 @@ def _frozen_inference(
             candidate = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
             agrees = all(_close(candidate(v), folded(v)) for v in (x[:2], x[:1], x[-3:]))
         if agrees and not any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
-            frozen = candidate
+            return candidate
     except Exception:  # noqa: BLE001 - not traceable or not freezable: the folded copy it is
-        frozen = None
-    _FROZEN[model] = (key, frozen)
-    return frozen
+        pass
+    return None
 
 
 def _close(a: object, b: object) -> bool:
@@ -131,33 +88,31 @@ def uses_channels_last(x: torch.Tensor, needs_grad: bool) -> bool:
     return not needs_grad and x.device.type == "cpu" and x.dim() == 4
 
 
+class _FastPath:
+    """The session's stand-ins for one model: the folded copy (None once it failed), frozen copies."""
+
+    def __init__(self, model: nn.Module):
+        self.folded: nn.Module | None = _fold_batchnorm(model) if _has_batchnorm(model) else model
+        self.checked = False
+        self.frozen: dict[tuple, torch.jit.ScriptModule | None] = {}
+
+
 class FastForward(nn.Module):
     """Call like the model: ``fast = FastForward(model); logits = fast(x)``.
 
     Only for forward passes on inputs (and gradients with respect to them): hooks or layer
-    captures must go on the original model, whose modules the folded copy does not share.
+    captures must go on the original model, whose modules the folded copy does not share. The
+    copies are made once per session of the model (``core.session``; without one, once per
+    stand-in).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.original = model
         # a model in training mode uses batch statistics: folding eval-mode BatchNorm would change it
-        usable = model not in _NO_FAST_PATH and not model.training
-        # the model's state read at most once per stand-in (one method call: the model does not
-        # change while it runs, and the key reads every weight); the frozen copy once per image size
-        self._state: tuple | None = None
-        if not usable:
-            self.folded = None
-        else:
-            self.folded = _fold_batchnorm(model, self.state) if _has_batchnorm(model) else model
-        self.checked = False
-        self.frozen: dict[tuple, torch.jit.ScriptModule | None] = {}
-
-    @property
-    def state(self) -> tuple:
-        if self._state is None:
-            self._state = tensor_state_key(self.original)
-        return self._state
+        self.path: _FastPath | None = (
+            None if model.training else derived(model, "fastpath", lambda: _FastPath(model))
+        )
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if uses_channels_last(x, torch.is_grad_enabled()):
@@ -165,28 +120,24 @@ class FastForward(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folded is None:
+        path = self.path
+        if path is None or path.folded is None or self.original.training:
             return self.original(x)
-        if (
-            FREEZE_FOR_INFERENCE
-            and uses_channels_last(x, torch.is_grad_enabled())
-            and not self.original.training
-        ):
+        if FREEZE_FOR_INFERENCE and uses_channels_last(x, torch.is_grad_enabled()):
             size = (tuple(x.shape[1:]), x.dtype)
-            if size not in self.frozen:
-                self.frozen[size] = _frozen_inference(self.original, self.folded, x, self.state)
-            frozen = self.frozen[size]
+            if size not in path.frozen:
+                path.frozen[size] = _frozen_inference(path.folded, x)
+            frozen = path.frozen[size]
             if frozen is not None:
                 return frozen(x)
-        if self.checked:
-            return self.folded(self._layout(x))
+        if path.checked:
+            return path.folded(self._layout(x))
         try:
-            out = self.folded(self._layout(x))
-        except Exception:  # noqa: BLE001 - fall back to the model as it is
-            _NO_FAST_PATH.add(self.original)
-            self.folded = None
+            out = path.folded(self._layout(x))
+        except Exception:  # noqa: BLE001 - fall back to the model as it is, for the session
+            path.folded = None
             return self.original(x)
-        self.checked = True
+        path.checked = True
         return out
 
 

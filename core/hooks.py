@@ -8,8 +8,6 @@ model exactly as it found it).
 from __future__ import annotations
 
 import contextlib
-import functools
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from core.session import Session, current_session
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -38,9 +38,6 @@ _GLOBAL_HOOKS = (
 )
 
 
-_SNAPSHOTS: dict[int, tuple[Any, tuple, torch.Tensor]] = {}  # id(tensor) -> (weakref, key, copy)
-
-
 def same_values(t: torch.Tensor, copy: torch.Tensor) -> bool:
     """Whether ``t`` holds exactly the values of the CPU ``copy`` (NaNs equal to NaNs). Reads the
     contents, so it sees writes through ``.data`` that ``tensor._version`` does not count."""
@@ -56,22 +53,18 @@ def same_values(t: torch.Tensor, copy: torch.Tensor) -> bool:
     )
 
 
-def _forget_snapshot(key: int, _ref: Any) -> None:
-    _SNAPSHOTS.pop(key, None)
-
-
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``t``'s values, reused while ``t`` is unchanged (same storage, version, shape,
-    dtype, and the same contents: a write through ``.data`` keeps the version): cloning every
-    parameter on every call cost as much as a forward pass on large models (VGG), comparing costs
-    a read. Costs one CPU copy of the model's tensors while the model lives."""
-    key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
-    hit = _SNAPSHOTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == key and same_values(t, hit[2]):
-        return hit[2]
+def _snapshot(t: torch.Tensor, s: Session | None) -> torch.Tensor:
+    """A CPU copy of ``t``'s values; in a session of the model (``s``, see ``core.session``) the
+    copy of an earlier call, after its contents were compared with ``t``'s (a write through ``.data``
+    keeps the version counter, not the values): cloning every parameter on every call cost as much
+    as a forward pass on large models (VGG), comparing costs a read."""
+    if s is not None:
+        hit = s.snapshots.get(id(t))
+        if hit is not None and hit[0] is t and same_values(t, hit[1]):
+            return hit[1]
     copy = t.detach().to("cpu", copy=True)
-    ref = weakref.ref(t, functools.partial(_forget_snapshot, id(t)))
-    _SNAPSHOTS[id(t)] = (ref, key, copy)
+    if s is not None:
+        s.snapshots[id(t)] = (t, copy)
     return copy
 
 
@@ -91,7 +84,8 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self.model = model
         self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
-        self.values = {name: _snapshot(t) for name, t in self.tensors.items()}
+        s = current_session(model)
+        self.values = {name: _snapshot(t, s) for name, t in self.tensors.items()}
 
     def changed(self) -> list[str]:
         """Names of the parameters and buffers whose tensor or values differ from the snapshot."""

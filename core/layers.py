@@ -10,12 +10,12 @@ activations and their gradients are reshaped the same way.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
 from core.errors import XAIError
+from core.session import structural
 from core.tensors import spatial_size
 
 _POOLS = (
@@ -28,7 +28,6 @@ _POOLS = (
     nn.Identity,
 )
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens before the patch tokens
-_default_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
@@ -137,12 +136,15 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
       returns that very tensor (``layer4`` for a ResNet, ``features`` for a VGG or torchvision
       Swin, ``layers`` for a timm Swin: the last stage's output).
 
-    Runs one sample through the model. Cached per model and input shape.
+    Runs one sample through the model, once per input shape in a session of the model
+    (``core.session``).
     """
-    key = (tuple(example.shape[1:]),)
-    cached = _default_cache.get(model)
-    if cached and key in cached:
-        return cached[key]
+    return structural(
+        model, ("default_layer", tuple(example.shape[1:])), lambda: _find_default_layer(model, example)
+    )
+
+
+def _find_default_layer(model: nn.Module, example: torch.Tensor) -> str:
     size = spatial_size(example)
     order: list[tuple[str, torch.Tensor]] = []
     blocks: list[tuple[str, nn.Module, torch.Tensor]] = []
@@ -187,18 +189,9 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
         best = min(names, key=lambda n: (n.count("."), len(n)))
     if best is None:
         raise XAIError("could not find a convolutional or token layer with a spatial output; pass layer=")
-    _default_cache.setdefault(model, {})[key] = best
     return best
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All Conv2d layers in registration order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def share_default_layer(model: nn.Module, copy: nn.Module) -> None:
-    """A structural copy of ``model`` has the same default layers: let it reuse those already found
-    (so that explaining the copy needs no probing forward of its own)."""
-    cached = _default_cache.get(model)
-    if cached:
-        _default_cache.setdefault(copy, {}).update(cached)

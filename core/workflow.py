@@ -22,6 +22,7 @@ from core.hooks import ModelState
 from core.isolation import call_isolated, restore_or_fail
 from core.plugin_api import MetricContext
 from core.plugins import PluginHost, broadcast, get_host
+from core.session import session
 from core.types import Failure, RunResults
 
 DEFAULT_METRICS = ("localization",)
@@ -61,7 +62,11 @@ def compute_metrics(
     data: Any = None,
 ) -> None:
     """Fill ``results.metrics`` (per method) and ``results.global_metrics``, isolating failures."""
-    metric_params = metric_params or {}
+    with session(model):  # every metric's re-explanations share what they derive from the model
+        _compute_metrics(results, model, engine, metric_names, requests, host, metric_params or {}, data)
+
+
+def _compute_metrics(results, model, engine, metric_names, requests, host, metric_params, data) -> None:
     device = next(iter(model.parameters()), torch.zeros(0)).device
     inputs = results.inputs.to(device)
     by_label = {r.label: r for r in requests}
@@ -235,34 +240,35 @@ def run(
     engine = Engine(
         host=host, device=device, batch_size=batch_size, timeout=timeout, progress=progress, fit_data=fit_data
     )
-    out = engine.run(model, inputs, requests, targets=targets, isolate=True)
-    if out.logits is None:  # asked for (logits=True, the default): the engine's promise
-        raise RuntimeError("the engine returned no logits")
-    probs = torch.softmax(out.logits, dim=1)
-    results = RunResults(
-        inputs=inputs.detach().cpu(),
-        images=(images if images is not None else inputs).detach().cpu(),
-        targets=out.targets,
-        predictions=out.logits.argmax(1),
-        probabilities=probs,
-        labels=labels,
-        image_names=list(image_names or [f"image_{i}" for i in range(inputs.shape[0])]),
-        class_names=class_names,
-        masks=masks,
-        spurious_masks=spurious_masks,
-        explanations=out.explanations,
-        failures=list(out.failures),
-        skipped_inputs=list(skipped_inputs or []),
-        meta=dict(meta or {}),
-    )
-    results.meta["methods_requested"] = [r.label for r in requests]
-    results.failures.extend(nonfinite_outputs(out.logits))
-    for label, exp in out.explanations.items():
-        results.timings[label] = exp.seconds
-    if engine.fit_info:
-        results.meta["fitted"] = engine.fit_info
-    with torch.enable_grad():
-        compute_metrics(results, model, engine, metrics, requests, host, metric_params, data)
-    if out_dir is not None:
-        results.meta["reports"] = write_reports(results, Path(out_dir), reporters, host, reporter_params)
-    return results
+    with session(model):  # the explanations and the metrics' re-explanations share what they derive
+        out = engine.run(model, inputs, requests, targets=targets, isolate=True)
+        if out.logits is None:  # asked for (logits=True, the default): the engine's promise
+            raise RuntimeError("the engine returned no logits")
+        probs = torch.softmax(out.logits, dim=1)
+        results = RunResults(
+            inputs=inputs.detach().cpu(),
+            images=(images if images is not None else inputs).detach().cpu(),
+            targets=out.targets,
+            predictions=out.logits.argmax(1),
+            probabilities=probs,
+            labels=labels,
+            image_names=list(image_names or [f"image_{i}" for i in range(inputs.shape[0])]),
+            class_names=class_names,
+            masks=masks,
+            spurious_masks=spurious_masks,
+            explanations=out.explanations,
+            failures=list(out.failures),
+            skipped_inputs=list(skipped_inputs or []),
+            meta=dict(meta or {}),
+        )
+        results.meta["methods_requested"] = [r.label for r in requests]
+        results.failures.extend(nonfinite_outputs(out.logits))
+        for label, exp in out.explanations.items():
+            results.timings[label] = exp.seconds
+        if engine.fit_info:
+            results.meta["fitted"] = engine.fit_info
+        with torch.enable_grad():
+            compute_metrics(results, model, engine, metrics, requests, host, metric_params, data)
+        if out_dir is not None:
+            results.meta["reports"] = write_reports(results, Path(out_dir), reporters, host, reporter_params)
+        return results

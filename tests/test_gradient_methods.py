@@ -343,7 +343,7 @@ def test_fast_forward_gives_true_input_gradients(resnet18, images64):
 
     reference = copy.deepcopy(resnet18).double()
     fast = fast_forward(resnet18)
-    assert fast.folded is not resnet18  # BatchNorm folded into a copy
+    assert fast.path.folded is not resnet18  # BatchNorm folded into a copy
     agree = 0
     for seed in range(2, 6):
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
@@ -404,13 +404,16 @@ def test_fast_forward_freezes_for_inference_only_what_it_can_trust(resnet18, fun
     """Without gradients on CPU, the folded copy is traced, frozen and optimized for inference:
     same logits as the model. A model with value-dependent control flow is never frozen (the trace
     warns), and still gets the right logits on both branches."""
-    from core.fastpath import _FROZEN
     from xai_plugins.toolkit import fast_forward
+
+    def frozen_copies(fast) -> list:
+        return list(fast.path.frozen.values())
 
     for model in (resnet18, functional_relu_cnn):
         with torch.no_grad():
-            assert torch.allclose(fast_forward(model)(images64), model(images64), atol=1e-4)
-            assert _FROZEN[model][1] is not None
+            fast = fast_forward(model)
+            assert torch.allclose(fast(images64), model(images64), atol=1e-4)
+            assert [f is not None for f in frozen_copies(fast)] == [True]
     torch.manual_seed(0)
     branching = _ValueBranching().eval()
     fast = fast_forward(branching)
@@ -418,4 +421,4 @@ def test_fast_forward_freezes_for_inference_only_what_it_can_trust(resnet18, fun
         for scale in (0.01, 10.0):  # both sides of the branch
             x = images64 * scale
             assert torch.allclose(fast(x), branching(x), atol=1e-5)
-    assert _FROZEN[branching][1] is None
+    assert frozen_copies(fast) == [None]

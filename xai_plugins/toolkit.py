@@ -1,6 +1,8 @@
 """Helpers for plugin authors: hooks that clean up, layer lookup, the shared gradient pass,
 map normalization and upsampling, drawing maps as the reporters do, fitting trained explainers,
-the plugin host, a faster stand-in for models run many times (``fast_forward``).
+the plugin host, a faster stand-in for models run many times (``fast_forward``), and the run's
+session (``derived``/``structural``: what a plugin derives from a model, kept for the run or a
+``with session(model)`` block, never in a module-level cache).
 
 Built-in plugins use exactly these: an import-linter contract in ``make test`` forbids the built-in
 explainers, metrics, reporters and describers to import ``core`` themselves, so this module and
@@ -10,7 +12,7 @@ from core.api import explain
 from core.baselines import resolve_baseline
 from core.datasets import make_shapes
 from core.explainability_loss import cam_weighted_maps
-from core.fastpath import content_checksum, fast_forward
+from core.fastpath import fast_forward
 from core.fitting import FitData, ensure_fitted
 from core.hooks import (
     LayerCapture,
@@ -27,7 +29,6 @@ from core.layers import (
     default_layer,
     require_channels_first,
     resolve_layer,
-    share_default_layer,
     spatial_view,
     token_grid,
 )
@@ -35,6 +36,7 @@ from core.passes import GradientPass, run_gradient_pass
 from core.plugins import explainer_flag, get_host, signed_relevance
 from core.preprocess import Preprocess
 from core.render import colorize, data_uri, display_scale, overlay, png_bytes, signed_overlay, to_numpy_image
+from core.session import derived, session, structural
 from core.tensors import batch_slices, normalize_maps, select_targets, upsample
 from core.train import train_model
 
@@ -51,7 +53,6 @@ __all__ = [
     "default_layer",
     "resolve_layer",
     "require_channels_first",
-    "share_default_layer",
     "spatial_view",
     "token_grid",
     "GradientPass",
@@ -61,7 +62,9 @@ __all__ = [
     "select_targets",
     "upsample",
     "fast_forward",
-    "content_checksum",
+    "session",
+    "derived",
+    "structural",
     "colorize",
     "overlay",
     "signed_overlay",

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import itertools
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from xai_plugins.metrics.plots import line_plot, map_grid
 from xai_plugins.metrics.prefix_cache import PrefixCache
 from xai_plugins.metrics.step_batch import StepBatch, nested
 from xai_plugins.similarity import SIMILARITIES, SpearmanReference
-from xai_plugins.toolkit import explainer_flag, share_default_layer
+from xai_plugins.toolkit import default_layer, explainer_flag, session, structural
 
 _RESETS_EVERY_PARAMETER = (
     nn.modules.conv._ConvNd,
@@ -201,38 +200,43 @@ def parameter_randomization(
 
     if stack_rows // inputs.shape[0] >= 2 and len(names) >= 2:
         shell = structural_copy(model)
-        share_default_layer(model, shell)
         shell_modules = dict(shell.named_modules())
-        for exp in _stacked_steps(
-            explain,
-            shell,
-            [shell_modules[n] for n in names],
-            order,
-            inputs,
-            targets,
-            seed,
-            stack_rows // inputs.shape[0],
-        ):
-            record(exp)
+        with session(shell, like=model):  # the shell's weights never change: one session
+            # found now: once wrapped, the shell cannot run the one-row forward that finds it (a
+            # model without one: the explainer that needs it reports that itself)
+            with contextlib.suppress(Exception):
+                default_layer(shell, inputs[:1])
+            for exp in _stacked_steps(
+                explain,
+                shell,
+                [shell_modules[n] for n in names],
+                order,
+                inputs,
+                targets,
+                seed,
+                stack_rows // inputs.shape[0],
+            ):
+                record(exp)
         curve.stacked_steps = len(curve.maps)
     done = len(curve.maps)
     if done < len(names):
         net = private_copy(model)
-        share_default_layer(model, net)
         net_modules = dict(net.named_modules())
-        _steps_one_by_one(
-            explain,
-            net,
-            [net_modules[n] for n in names],
-            order,
-            inputs,
-            targets,
-            seed,
-            cache,
-            done,
-            record,
-            curve,
-        )
+        with session(net, like=model) as net_session:
+            _steps_one_by_one(
+                explain,
+                net,
+                [net_modules[n] for n in names],
+                order,
+                inputs,
+                targets,
+                seed,
+                cache,
+                done,
+                record,
+                curve,
+                net_session.weights_changed,
+            )
     curve.seconds = time.perf_counter() - start
     return curve
 
@@ -289,8 +293,10 @@ def _steps_one_by_one(
     first: int,
     record: Callable[[Explanation], None],
     curve: RandomizationCurve,
+    weights_changed: Callable[[], None],
 ) -> None:
-    """Steps ``first`` onwards, each randomizing ``net`` in place (restored for ``independent``)."""
+    """Steps ``first`` onwards, each randomizing ``net`` in place (restored for ``independent``);
+    ``weights_changed`` tells ``net``'s session after each change (``core.session``)."""
     prefix = PrefixCache(net, inputs) if cache else None
     changed: list[nn.Module] = []
     try:
@@ -298,12 +304,15 @@ def _steps_one_by_one(
             with restored([module]) if order == "independent" else contextlib.nullcontext():
                 if order == "cascading" or step >= first:
                     reinitialize(module, seed)
+                    weights_changed()
                 changed = changed + [module] if order == "cascading" else [module]
                 if step < first:
                     continue
                 if prefix is not None:
                     prefix.set_changed(changed)
                 record(explain(net, inputs, targets))
+            if order == "independent":
+                weights_changed()  # restored
     finally:
         if prefix is not None:
             curve.reused_calls = prefix.stats["served"]
@@ -323,9 +332,6 @@ def _rows_of(exp: Explanation, start: int, stop: int) -> Explanation:
 
 
 # -- the data (label) randomization test -----------------------------------------------------------
-_RETRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def train_on_permuted_labels(
     model: nn.Module,
     train_inputs: torch.Tensor,
@@ -338,8 +344,8 @@ def train_on_permuted_labels(
     """A frozen copy of ``model``'s architecture re-initialized and trained (core.train.train_model)
     on ``train_inputs`` (model-ready) with randomly permuted labels, and the accuracy it reached on
     those labels. The result depends on the architecture, data and settings only, not on the
-    model's weights: it is kept per model object, so every method of a run shares one training."""
-    from xai_plugins.toolkit import Preprocess, train_model
+    model's weights: it is kept in the model's session (``core.session``, structural), so every
+    method of a run shares one training."""
 
     key = (
         tuple(train_inputs.shape),
@@ -351,9 +357,24 @@ def train_on_permuted_labels(
         batch_size,
         seed,
     )
-    cached = _RETRAINED.setdefault(model, {})
-    if key in cached:
-        return cached[key]
+    return structural(
+        model,
+        ("sanity.retrained", key),
+        lambda: _retrained(model, train_inputs, train_labels, epochs, lr, batch_size, seed),
+    )
+
+
+def _retrained(
+    model: nn.Module,
+    train_inputs: torch.Tensor,
+    train_labels: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> tuple[nn.Module, float]:
+    from xai_plugins.toolkit import Preprocess, train_model
+
     net = copy.deepcopy(model)
     device = next(iter(net.parameters())).device
     g = torch.Generator().manual_seed(seed)
@@ -380,7 +401,6 @@ def train_on_permuted_labels(
         p.requires_grad_(False)
     with torch.no_grad():
         accuracy = float((net(data[0]).argmax(1) == data[1]).float().mean())
-    cached[key] = (net, accuracy)
     return net, accuracy
 
 

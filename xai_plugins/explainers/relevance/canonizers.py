@@ -11,8 +11,9 @@ they happen:
   W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta, and the batch
   norm passes relevance through unchanged (Zennit ``SequentialMergeBatchNorm`` + ``Pass``). The pairing
   is found from the data flow (the batch norm's input *is* the layer's output tensor), not from
-  the order modules were registered in. Folded parameters are cached per model and recomputed
-  when a parameter or statistic changes (tracked by tensor version counters).
+  the order modules were registered in. Folded parameters are kept in the model's session
+  (``xai_plugins.toolkit.derived``: for one run, or a ``with session(model)`` block), never in a
+  module-level cache.
 - Residual additions ``a + b`` / ``out += identity`` of two activations get their own relevance
   split in proportion to the contributions, R_a = a / (a + b) R (Zennit ``Norm`` on its ``Sum``
   layer; the review's Eq. 12 applied to an addition).
@@ -25,49 +26,38 @@ Max pooling keeps its gradient (relevance goes to the maximum, as in Zennit).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from xai_plugins.toolkit import content_checksum
+from xai_plugins.toolkit import derived
 
-from .ops import version_key
 from .rules import stabilize
-
-_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_cache(model: torch.nn.Module) -> dict:
-    """A per-model cache that goes away with the model (folded parameters, prepared rules)."""
-    cache = _CACHES.get(model)
-    if cache is None:
-        cache = {}
-        _CACHES[model] = cache
-    return cache
+    """LRP's objects derived from ``model``'s weights (folded parameters, prepared rules), kept in
+    the model's session; without one, a fresh dict (the objects last one call)."""
+    return derived(model, "lrp", dict)
 
 
-def checked_model_cache(model: torch.nn.Module) -> dict:
-    """``model_cache``, emptied first when the model's values changed since it was filled: one
-    content checksum per explanation catches writes through ``.data``, which bump no version
-    counter and so slip past ``version_key``."""
-    cache = model_cache(model)
-    contents = content_checksum(list(model.state_dict(keep_vars=True).values()))
-    if cache.get("contents") != contents:
-        cache.clear()
-        cache["contents"] = contents
-    return cache
-
-
-def cached(cache: dict, key: Any, versions: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()`` cached under ``key``, recomputed when ``versions`` (see ``version_key``) change."""
+def cached(cache: dict, key: Any, anchors: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` kept under ``key`` while it is asked for with the same ``anchors`` (the very
+    tensors it is computed from, compared by identity and held by the entry, so that their ids are
+    not reused meanwhile; other hashable settings compared by equality)."""
     hit = cache.get(key)
-    if hit is not None and hit[0] == versions:
+    if hit is not None and len(hit[0]) == len(anchors) and all(_same(a, b) for a, b in zip(hit[0], anchors)):
         return hit[1]
     value = compute()
-    cache[key] = (versions, value)
+    cache[key] = (anchors, value)
     return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
 
 
 def batch_norm_args(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -111,7 +101,7 @@ def folded_parameters(
     return cached(
         cache,
         ("fold", id(weight), id(bn["running_var"])),
-        version_key(*tensors) + (bn["eps"],),
+        (*tensors, bn["eps"]),
         lambda: fold_batch_norm(weight, bias, bn),
     )
 

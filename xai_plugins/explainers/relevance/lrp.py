@@ -13,7 +13,8 @@ logit (Eq. 11: the output neuron's relevance is its pre-softmax activation) and 
 Compared with Zennit: no module hooks, no parameter swapping, no re-running each layer inside its
 backward hook, and nothing to undo: the model is never modified (reused and in-place ReLU modules,
 ``F.relu`` in ``forward`` and ``out += identity`` need no special handling). Modified parameters
-(folded batch norms, W^+ stacks, ...) are cached per model and refreshed when the weights change.
+(folded batch norms, W^+ stacks, ...) are kept in the model's session (one run, or a
+``with session(model)`` block; ``xai_plugins.toolkit.derived``).
 
 Where every rule of a run is a modified gradient (the ``attn_lrp`` composite with its defaults,
 ``gradient_domain_applies``), the same mode runs in the gradient domain instead
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from xai_plugins.toolkit import structural
+
 from . import attention
 from . import canonizers as canon
 from . import gradient_domain as gd
@@ -49,7 +52,6 @@ from .ops import (
     add_operands,
     first_arg,
     is_relu_call,
-    version_key,
 )
 from .rules import RULES, Rule
 
@@ -144,17 +146,15 @@ class _Node:
         op, cache = self.op, self.session.cache
         if self.fold is not None:
             weight, bias, bn = self.fold
-            versions = version_key(
-                op.weight, op.bias, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"]
-            )
+            anchors = (op.weight, op.bias, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"])
             y = self.y_ref
         else:
             weight, bias = op.weight, op.bias
-            versions = version_key(op.weight, op.bias)
+            anchors = (op.weight, op.bias)
         # one entry per layer (the latest rule's): modified copies of large layers do not pile up
         key = ("rule", id(op.weight), self.fold is not None, op.groups)
         prepared = canon.cached(
-            cache, key, versions + (self.rule.key(),), lambda: self.rule.prepare(op, weight, bias)
+            cache, key, (*anchors, self.rule.key()), lambda: self.rule.prepare(op, weight, bias)
         )
         result = self.rule.relevance(op, x, y, prepared, relevance, self.nonneg)
         self.session.record(self.info.name, result)
@@ -197,7 +197,7 @@ class _Session:
         self.constants: list[torch.Tensor] = []
         self.absorbed: dict[str, torch.Tensor] = {}
         self.gates: dict[int, torch.Tensor] = {}
-        self.cache = canon.checked_model_cache(model)
+        self.cache = canon.model_cache(model)
         self.modules: dict[int, tuple[str, nn.Module]] = {}
         for name, module in model.named_modules():
             w = getattr(module, "weight", None)
@@ -497,14 +497,16 @@ class _CountMode(TorchFunctionMode):
 
 
 def count_layers(model: nn.Module, example: torch.Tensor) -> int:
-    """Number of linear-layer calls in one forward (for depth-based composites); cached."""
-    cache = canon.model_cache(model)
-    key = ("n_layers", tuple(example.shape[1:]), tuple(id(p) for p in model.parameters()))
-    if key not in cache:
+    """Number of linear-layer calls in one forward (for depth-based composites); once per input
+    shape and set of parameters in a session of the model."""
+
+    def count() -> int:
         with torch.no_grad(), _CountMode() as mode:
             model(example[:1])
-        cache[key] = mode.count
-    return cache[key]
+        return mode.count
+
+    key = ("lrp.n_layers", tuple(example.shape[1:]), tuple(id(p) for p in model.parameters()))
+    return structural(model, key, count)
 
 
 def lrp(

@@ -227,14 +227,6 @@ class LinearOp:
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=self.channel_dim)
 
 
-def version_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identity + in-place version + storage of tensors: changes whenever their values may have,
-    except through ``.data`` (no version bump): ``checked_model_cache`` covers that, once a call."""
-    return tuple(
-        (id(t), t._version, t.data_ptr(), str(t.device), t.dtype) if t is not None else None for t in tensors
-    )
-
-
 class ModuleTracker:
     """The dotted name of the innermost module of ``model`` running now (for one-line refusals that
     name the module): global forward pre/post hooks for the ``with`` block only, nothing on the model."""
