@@ -22,7 +22,7 @@ from core.errors import ModelError, PluginError, XAIError
 from core.hooks import ModelState, preserved_model
 from core.isolation import ISOLATION_MODES, call_isolated, check_tensor, restore_or_fail
 from core.layers import default_layer
-from core.passes import run_gradient_pass
+from core.passes import merge_requests
 from core.plugin_api import Explainer
 from core.plugins import PluginHost, get_host
 from core.session import session, structural
@@ -235,7 +235,7 @@ class Engine:
                     x = inputs.detach().to(device=device, dtype=torch.float32)
                     # With shared-pass methods, their one forward/backward per batch also yields the
                     # logits and the predicted classes: no separate forward just for the logits.
-                    fused = any(e.shared_pass for e in explainers.values())
+                    fused = any(e.pass_request is not None for e in explainers.values())
                     out_logits: torch.Tensor | None = None
                     t: torch.Tensor | None
                     if fused:
@@ -362,13 +362,15 @@ class Engine:
             failures.append(Failure(plugin, label, kind, msg))
             failed.add(label)
 
-        fused = targets is None or any(e.shared_pass for e in explainers.values())
+        fused = targets is None or any(e.pass_request is not None for e in explainers.values())
         slice_logits: list[torch.Tensor] = []
         slice_targets: list[torch.Tensor] = []
         try:
             for sl in slices:
                 xb, tb = x[sl], (targets[sl] if targets is not None else None)
-                shared = [lab for lab in parts if explainers[lab].shared_pass and lab not in failed]
+                shared = [
+                    lab for lab in parts if explainers[lab].pass_request is not None and lab not in failed
+                ]
                 if fused:
                     logits_b, tb = self._run_shared(
                         model, xb, tb, shared, explainers, parts, seconds, fail, bar
@@ -376,7 +378,7 @@ class Engine:
                     slice_logits.append(logits_b.float())
                 slice_targets.append(tb)
                 for lab in parts:
-                    if lab in failed or explainers[lab].shared_pass:
+                    if lab in failed or explainers[lab].pass_request is not None:
                         continue
                     e = explainers[lab]
                     start = time.perf_counter()
@@ -406,19 +408,16 @@ class Engine:
     def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar):
         """One forward/backward for every shared method of the slice (one extra backward per ReLU
         rule); returns the slice's logits and targets (``tb`` None: the predicted classes)."""
-        layers = sorted({explainers[lab].config["layer"] for lab in labels if explainers[lab].needs_layer})
-        input_grad = any(explainers[lab].needs_input_grad for lab in labels)
-        rules = dict(explainers[lab].relu_rule for lab in labels if explainers[lab].relu_rule)
-        layer_grads = any(explainers[lab].needs_layer and explainers[lab].needs_layer_grad for lab in labels)
+        plan = merge_requests(
+            [(explainers[lab].pass_request, explainers[lab].config.get("layer")) for lab in labels]
+        )
         start = time.perf_counter()
         try:
             if not labels:
                 raise LookupError("no shared method left")
             gp = self._call(
                 "gradient-pass",
-                lambda: run_gradient_pass(
-                    model, xb, tb, layers, input_grad, relu_rules=rules, layer_grads=layer_grads
-                ),
+                lambda: plan.run(model, xb, tb),
                 "thread",
             )
         except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,57 @@ from core.fastpath import uses_channels_last
 from core.hooks import ReLURule, capture_layers, switchable_relu
 from core.layers import resolve_layer, spatial_view
 from core.tensors import select_targets, spatial_size
+
+
+@dataclass(frozen=True)
+class PassRequest:
+    """What one explainer needs from the engine's shared forward/backward; the engine merges the
+    requests of every method of a batch into one pass (``merge_requests``).
+
+    ``layer``: capture the activations of the explainer's ``config["layer"]``; ``layer_grad``: and
+    their gradients (False: FEM, CAM, Score-CAM read activations only); ``input_grad``: the gradient
+    of the target logits with respect to the inputs; ``relu_rule``: ``(name, rule)`` with
+    ``rule(grad_output, relu_output) -> grad_input``, one more backward with that ReLU backward
+    (guided backpropagation, deconvnet), read from ``GradientPass.rule_grads[name]``.
+    """
+
+    layer: bool = False
+    layer_grad: bool = True
+    input_grad: bool = False
+    relu_rule: tuple[str, ReLURule] | None = None
+
+
+@dataclass(frozen=True)
+class MergedPass:
+    """The arguments of ``run_gradient_pass`` that serve a set of requests at once."""
+
+    layers: tuple[str, ...]
+    input_grad: bool
+    relu_rules: dict[str, ReLURule]
+    layer_grads: bool
+
+    def run(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> GradientPass:
+        """The one forward/backward on ``x`` that serves every merged request."""
+        return run_gradient_pass(
+            model,
+            x,
+            targets,
+            self.layers,
+            self.input_grad,
+            relu_rules=self.relu_rules,
+            layer_grads=self.layer_grads,
+        )
+
+
+def merge_requests(requests: list[tuple[PassRequest, Any]]) -> MergedPass:
+    """One pass for several ``(request, layer)`` pairs (``layer``: the method's configured layer)."""
+    layers = tuple(sorted({layer for r, layer in requests if r.layer and layer is not None}))
+    return MergedPass(
+        layers=layers,
+        input_grad=any(r.input_grad for r, _ in requests),
+        relu_rules=dict(r.relu_rule for r, _ in requests if r.relu_rule is not None),
+        layer_grads=any(r.layer and r.layer_grad for r, _ in requests),
+    )
 
 
 @dataclass

@@ -12,10 +12,35 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from core.errors import UnknownNameError
+from core.passes import PassRequest
 
 if TYPE_CHECKING:
     from core.passes import GradientPass
     from core.types import RunResults
+
+# pass flags of earlier versions, mapped to ``Explainer.pass_request`` (name -> PassRequest field)
+_LEGACY_PASS_FLAGS = {
+    "needs_layer": "layer",
+    "needs_layer_grad": "layer_grad",
+    "needs_input_grad": "input_grad",
+    "relu_rule": "relu_rule",
+    "shared_pass": None,
+}
+
+
+def _request_from_flags(cls: type) -> PassRequest | None:
+    """The ``pass_request`` a subclass declaring the old flags meant: its own flags over what its
+    bases requested (None when it says ``shared_pass = False``, or never shared a pass)."""
+    base: PassRequest | None = getattr(cls, "pass_request", None)
+    shared = cls.__dict__.get("shared_pass", base is not None)
+    if not shared:
+        return None
+    fields = {
+        field: getattr(cls, flag, getattr(base or PassRequest(), field))
+        for flag, field in _LEGACY_PASS_FLAGS.items()
+        if field is not None
+    }
+    return PassRequest(**fields)
 
 
 class Configurable:
@@ -57,44 +82,52 @@ class Explainer(Configurable):
     the explainer must remove every hook or patch it adds, even when it raises (use the helpers in
     ``xai_plugins.toolkit``). ``inputs`` never requires grad on entry: clone it when you need grads.
 
-    Methods that can share one forward/backward set ``shared_pass = True`` and implement
-    ``from_pass(gradient_pass)``; the engine then serves all of them from one ``GradientPass``.
-    A shared method that only changes the ReLU backward (guided backpropagation, deconvnet) sets
-    ``relu_rule = (name, rule)`` with ``rule(grad_output, relu_output) -> grad_input``: the same
-    forward then also yields ``gradient_pass.rule_grads[name]``, one extra backward per rule.
+    Methods that can share one forward/backward declare what they need from it as
+    ``pass_request = PassRequest(...)`` (layer activations and gradients, the input gradient, a
+    modified ReLU backward; ``core.passes.PassRequest``) and implement ``from_pass(gradient_pass)``:
+    the engine merges the requests of all methods of a run into one ``GradientPass`` per batch.
+    The flags of earlier versions (``shared_pass``, ``needs_layer``, ``needs_input_grad``,
+    ``relu_rule``, ``needs_layer_grad``) still work on a subclass: they are turned into its
+    ``pass_request`` when the class is defined.
     """
 
     kind_label = "explainer"
     space: ClassVar[str] = "input"  # "input": B x C x H x W attributions; "map": B x 1 x H x W
-    shared_pass: ClassVar[bool] = False
-    needs_layer: ClassVar[bool] = False  # the pass must capture the activations of config["layer"]
-    needs_input_grad: ClassVar[bool] = False
-    relu_rule: ClassVar[tuple[str, Any] | None] = None  # (name, rule) for a modified ReLU backward
-    needs_layer_grad: ClassVar[bool] = True  # False: reads the layer's activations only (FEM, CAM)
     trainable: ClassVar[bool] = False
-    # Each row is explained from calls of the model on exactly the rows given (no batches of its own,
-    # no changed parameters): lets the sanity check explain several randomized models in one batch.
-    rowwise: ClassVar[bool] = False
     # The map keeps the sign of the evidence (relevance for and against the class): reports draw
     # the attributions with a diverging colormap, zero relevance leaving the image untinted.
     signed: ClassVar[bool] = False
+    # -- how the method runs: the engine and the sanity check read these three --------------------
+    # None: the method explains by itself (``explain``); a request: from the shared pass.
+    pass_request: ClassVar[PassRequest | None] = None
+    # Each row is explained from calls of the model on exactly the rows given (no batches of its own,
+    # no changed parameters): lets the sanity check explain several randomized models in one batch.
+    rowwise: ClassVar[bool] = False
     # The method intercepts the model's Python modules or operations (per-layer rules, a changed
     # activation backward): a TorchScript model runs its own compiled graph, which such a method
     # cannot see into, so it is refused rather than silently answered with plain gradients. Methods
-    # with a ``layer`` parameter or a ``relu_rule`` count as such without setting it.
+    # with a ``layer`` parameter or a ReLU rule count as such without setting it.
     python_modules: ClassVar[bool] = False
-    # optional: a describer of what the method needs, for `xai plugins`
-    family: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "pass_request" not in cls.__dict__ and any(f in cls.__dict__ for f in _LEGACY_PASS_FLAGS):
+            cls.pass_request = _request_from_flags(cls)
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         raise NotImplementedError
 
     def needs_python_modules(self) -> bool:
         """Whether this configured method needs the model as Python modules (see ``python_modules``)."""
-        return self.python_modules or self.relu_rule is not None or "layer" in self.config
+        request = self.pass_request
+        return (
+            self.python_modules
+            or (request is not None and request.relu_rule is not None)
+            or "layer" in self.config
+        )
 
     def from_pass(self, gradient_pass: GradientPass) -> Any:
-        """Compute the attributions from a shared forward/backward (only if ``shared_pass``)."""
+        """Compute the attributions from a shared forward/backward (only with a ``pass_request``)."""
         raise NotImplementedError
 
     def to_map(self, attributions: torch.Tensor) -> torch.Tensor:

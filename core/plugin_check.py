@@ -91,13 +91,11 @@ def check_explainer(name: str, params: dict[str, Any] | None = None, seed: int =
             explainer.load_state(
                 explainer.fit(model, FitData(torch.randn(8, 3, 16, 16), torch.arange(8) % 3))
             )
-        if explainer.shared_pass:
-            from core.passes import run_gradient_pass
+        if explainer.pass_request is not None:
+            from core.passes import merge_requests
 
-            layers = [explainer.config["layer"]] if explainer.needs_layer else []
-            raw = explainer.from_pass(
-                run_gradient_pass(model, x, targets, layers, explainer.needs_input_grad)
-            )
+            plan = merge_requests([(explainer.pass_request, explainer.config.get("layer"))])
+            raw = explainer.from_pass(plan.run(model, x, targets))
         else:
             raw = explainer.explain(model, x, targets)
         record("runs", True, f"{time.perf_counter() - start:.2f} s on a 2 x 3 x 16 x 16 batch")

@@ -20,6 +20,7 @@ layers, passes and tensors are in ``xai_plugins.toolkit``.
 
 from core.errors import InputError, PluginError, XAIError
 from core.hookspecs import hookimpl, provides
+from core.passes import PassRequest
 from core.plugin_api import Describer, Explainer, Metric, MetricContext, Reporter
 from core.redact import redact, redact_text
 from core.types import Explanation, Failure, RunResults
@@ -28,6 +29,7 @@ __all__ = [
     "hookimpl",
     "provides",
     "Explainer",
+    "PassRequest",
     "Metric",
     "MetricContext",
     "Reporter",

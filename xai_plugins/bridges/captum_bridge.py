@@ -61,7 +61,6 @@ COMMON = (
 class CaptumExplainer(Explainer):
     """Base of the generated bridge classes; ``captum_class`` is set per subclass."""
 
-    family = "captum"
     space = "input"
     captum_class: Any = None
 

@@ -31,7 +31,6 @@ COMMON = ("EigenCAM", "LayerCAM", "XGradCAM", "HiResCAM", "AblationCAM", "EigenG
 class GradCamLibExplainer(Explainer):
     """Base of the generated bridge classes; ``cam_class`` is set per subclass."""
 
-    family = "pytorch-grad-cam"
     space = "map"
     cam_class: Any = None
     params = {"layer": None, "aug_smooth": False, "eigen_smooth": False, "batch_size": 32}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xai_plugins import Explainer, InputError, hookimpl
+from xai_plugins import Explainer, InputError, PassRequest, hookimpl
 from xai_plugins.toolkit import (
     GradientPass,
     fast_forward,
@@ -43,10 +43,8 @@ class CAMExplainer(Explainer):
     ``cam_image``; ``relu`` False keeps the signed map."""
 
     space = "map"
-    family = "cam"
-    shared_pass = True
+    pass_request = PassRequest(layer=True)
     rowwise = True
-    needs_layer = True
     params = {"layer": None, "relu": True}
 
     def weights(
@@ -118,7 +116,7 @@ class CAM(CAMExplainer):
 
     name = "cam"
     rowwise = False  # reads the linear layer's weights itself, not through the model's calls
-    needs_layer_grad = False
+    pass_request = PassRequest(layer=True, layer_grad=False)
     params = {"layer": None, "fc": None, "relu": False}
 
     def weights(self, activations, gradients, gradient_pass):
@@ -175,7 +173,7 @@ class FEM(CAMExplainer):
     """
 
     name = "fem"
-    needs_layer_grad = False
+    pass_request = PassRequest(layer=True, layer_grad=False)
     params = {"layer": None, "k": 1.0, "weighting": "channel_mean", "relu": True}
 
     def cam_image(self, activations, gradients, gradient_pass):
@@ -203,7 +201,7 @@ class GuidedGradCAM(GradCAM):
 
     name = "guided_grad_cam"
     space = "input"
-    relu_rule = ("guided", guided_relu_rule)
+    pass_request = PassRequest(layer=True, relu_rule=("guided", guided_relu_rule))
     params = {"layer": None, "relu": True, "interpolation": "bilinear"}
 
     def from_pass(self, gradient_pass: GradientPass) -> torch.Tensor:
@@ -227,7 +225,7 @@ class ScoreCAM(CAMExplainer):
 
     name = "score_cam"
     rowwise = False  # batches of masked images of its own
-    needs_layer_grad = False
+    pass_request = PassRequest(layer=True, layer_grad=False)
     params = {"layer": None, "relu": True, "batch_size": None}
 
     def weights(self, activations, gradients, gradient_pass):

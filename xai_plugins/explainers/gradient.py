@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from xai_plugins import Explainer, InputError, hookimpl
+from xai_plugins import Explainer, InputError, PassRequest, hookimpl
 from xai_plugins.toolkit import (
     GradientPass,
     batch_slices,
@@ -42,24 +42,30 @@ class InputGradientExplainer(Explainer):
     (None: the true gradient). Shared pass inside the engine; ``explain`` runs one pass itself
     (used when wrapped by ``smoothgrad``)."""
 
-    family = "gradient"
     space = "input"
-    shared_pass = True
+    pass_request = PassRequest()
     rowwise = True
     params = {"abs": False}
 
+    def request(self) -> PassRequest:
+        """What the gradient needs: the class's ``pass_request``, or (a subclass that turned the
+        shared pass off) the nearest base's."""
+        return next(r for c in type(self).__mro__ if (r := c.__dict__.get("pass_request")) is not None)
+
     def gradient(self, gradient_pass: GradientPass) -> torch.Tensor:
-        if self.relu_rule is None:
+        rule = self.request().relu_rule
+        if rule is None:
             return gradient_pass.input_grad
-        return gradient_pass.rule_grads[self.relu_rule[0]]
+        return gradient_pass.rule_grads[rule[0]]
 
     def from_pass(self, gradient_pass: GradientPass) -> torch.Tensor:
         g = self.gradient(gradient_pass)
         return g.abs() if self.config["abs"] else g
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rules = dict([self.relu_rule]) if self.relu_rule else None
-        gp = run_gradient_pass(model, inputs, targets, input_grad=self.needs_input_grad, relu_rules=rules)
+        request = self.request()
+        rules = dict([request.relu_rule]) if request.relu_rule else None
+        gp = run_gradient_pass(model, inputs, targets, input_grad=request.input_grad, relu_rules=rules)
         return self.from_pass(gp)
 
 
@@ -72,7 +78,7 @@ class Saliency(InputGradientExplainer):
     """
 
     name = "saliency"
-    needs_input_grad = True
+    pass_request = PassRequest(input_grad=True)
 
 
 class Deconvnet(InputGradientExplainer):
@@ -87,7 +93,7 @@ class Deconvnet(InputGradientExplainer):
     """
 
     name = "deconvnet"
-    relu_rule = ("deconvnet", deconvnet_relu_rule)
+    pass_request = PassRequest(relu_rule=("deconvnet", deconvnet_relu_rule))
 
 
 class GuidedBackprop(InputGradientExplainer):
@@ -99,7 +105,7 @@ class GuidedBackprop(InputGradientExplainer):
     """
 
     name = "guided_backprop"
-    relu_rule = ("guided", guided_relu_rule)
+    pass_request = PassRequest(relu_rule=("guided", guided_relu_rule))
 
 
 # -- Integrated gradients --------------------------------------------------------------------------
@@ -144,7 +150,6 @@ class IntegratedGradients(Explainer):
     """
 
     name = "integrated_gradients"
-    family = "gradient"
     space = "input"
     params = {"baseline": "zeros", "steps": 50, "quadrature": "gausslegendre", "batch_size": None}
 
@@ -191,7 +196,6 @@ class SmoothGrad(Explainer):
     """
 
     name = "smoothgrad"
-    family = "gradient"
     space = "input"
     params = {
         "inner": "saliency",
@@ -267,7 +271,6 @@ class ActivationMaximization(Explainer):
     """
 
     name = "activation_maximization"
-    family = "gradient"
     space = "input"
     params = {
         "steps": 100,

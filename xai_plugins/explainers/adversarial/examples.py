@@ -51,7 +51,6 @@ class AdversarialExplainer(Explainer):
     """
 
     name = "adversarial"
-    family = "adversarial"
     space = "input"
     params = {
         "attack": "deepfool",

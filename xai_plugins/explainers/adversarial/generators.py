@@ -122,7 +122,6 @@ class AdversarialGenerators(Explainer):
     """
 
     name = "adversarial_generators"
-    family = "adversarial"
     space = "input"
     trainable = True
     params = {

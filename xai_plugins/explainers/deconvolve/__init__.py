@@ -58,7 +58,6 @@ class DeConvolve(Explainer):
     and their textual explanation (see the module docstring)."""
 
     name = "deconvolve"
-    family = "deconvolve"
     space = "map"
     trainable = True
     fit_params = ("layer", "steps", "score_layers", "ascent", "ascent_steps", "ascent_lr", "seed")

@@ -65,7 +65,6 @@ class PerceptionVisualization(Explainer):
 
     name = "perception_visualization"
     space = "map"
-    family = "reconstruction"
     trainable = True
     params = {
         "layer": None,

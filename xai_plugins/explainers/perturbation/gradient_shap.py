@@ -38,7 +38,6 @@ class GradientShap(Explainer):
     """
 
     name = "gradient_shap"
-    family = "gradient"
     space = "input"
     params = {"baseline": "zeros", "samples": 32, "noise": 0.0, "seed": 0, "batch_size": 64}
 

@@ -51,7 +51,6 @@ class MeaningfulPerturbation(Explainer):
     """
 
     name = "meaningful_perturbation"
-    family = "perturbation"
     space = "map"
     params = {
         "steps": 150,

@@ -39,7 +39,6 @@ class Occlusion(Explainer):
     """
 
     name = "occlusion"
-    family = "perturbation"
     params = {"window": None, "stride": None, "baseline": "zeros", "output": "logit", "batch_size": 64}
 
     def geometry(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -68,7 +68,6 @@ class RISE(Explainer):
     """
 
     name = "rise"
-    family = "perturbation"
     space = "map"
     params = {
         "samples": 2000,

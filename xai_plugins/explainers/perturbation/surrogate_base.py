@@ -19,7 +19,6 @@ from .segments import given_segments, paint, slic_segments
 class SuperpixelSurrogate(Explainer):
     """Base class: ``coalitions`` and ``solve`` define the method; ``explain`` does the rest."""
 
-    family = "perturbation"
     space = "map"
     params: dict[str, Any] = {
         "segments": 50,

@@ -25,7 +25,6 @@ from .rules import RULES, Rule, make_rule
 
 
 class _SignedExplainer(Explainer):
-    family = "relevance"
     space = "input"
     signed = True
     python_modules = True  # per-layer rules on the model's own modules and functions

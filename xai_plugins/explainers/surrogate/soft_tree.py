@@ -44,7 +44,6 @@ class SoftDecisionTree(Explainer):
     """
 
     name = "soft_tree"
-    family = "surrogate"
     space = "map"
     trainable = True
     params = {

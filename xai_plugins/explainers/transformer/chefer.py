@@ -24,7 +24,6 @@ class TransformerAttribution(Explainer):
     """Chefer et al. (2021): gradient-weighted attention relevance rolled out over the blocks."""
 
     name = "transformer_attribution"
-    family = "transformer"
     space = "map"
     rowwise = True
     python_modules = True

@@ -48,7 +48,6 @@ class AttentionRollout(Explainer):
     attention maps of all blocks; the class token's row as the map."""
 
     name = "attention_rollout"
-    family = "transformer"
     space = "map"
     rowwise = True
     python_modules = True
