@@ -3,6 +3,8 @@ cache, the gate on them, and the user's model left bit-identical."""
 
 from __future__ import annotations
 
+import copy
+
 import edge_detector_plugin
 import numpy as np
 import pytest
@@ -168,6 +170,43 @@ def test_stacking_falls_back_for_an_explainer_with_batches_of_its_own(residual_n
     for a, b in zip(tried.maps, plain.maps):
         assert torch.allclose(a, b, atol=1e-5)
     assert_unchanged(residual_net, snap)
+
+
+def batch_centered_fn(model, x, t):
+    """Saliency minus the batch's mean attribution: each row depends on the other rows."""
+    exp = saliency_fn(model, x, t)
+    attr = exp.attributions - exp.attributions.mean(0, keepdim=True)
+    return Explanation("centered", attr, attr.abs().amax(1), exp.targets, {}, {}, 0.0)
+
+
+def own_copy_fn(model, x, t):
+    """Saliency of a copy rebuilt from the model's modules (as a folding explainer makes), not of
+    the model it was given."""
+    net = copy.deepcopy(model)
+    for m in net.modules():
+        m.__dict__.pop("forward", None)
+    return saliency_fn(net, x, t)
+
+
+@pytest.mark.parametrize("fn", [batch_centered_fn, own_copy_fn], ids=["mixes-rows", "own-copy"])
+def test_stacking_checks_the_explainer_instead_of_trusting_it(fn, residual_net, images32):
+    """An explainer that calls the model on exactly the rows given (so no StackMismatch), yet mixes
+    rows or explains a model of its own: stacking finds that by itself (a control block of the
+    original model, every re-initialized layer seen running) and goes one step at a time, giving
+    the one-by-one curve; without the checks these curves would be wrong."""
+    x, t = images32[:2], torch.tensor([1, 0])
+    original = fn(residual_net, x, t)
+    for order in ("cascading", "independent"):
+        tried = parameter_randomization(
+            fn, residual_net, x, t, original, order, similarities=("spearman",), stack_rows=8
+        )
+        plain = parameter_randomization(fn, residual_net, x, t, original, order, similarities=("spearman",))
+        assert tried.stacked_steps == 0 and tried.stack_mismatch, (order, tried.stack_mismatch)
+        assert len(tried.maps) == len(plain.maps) == len(tried.layers)
+        for a, b in zip(tried.maps, plain.maps):
+            assert torch.allclose(a, b, atol=1e-5)
+    expected = "never called" if fn is own_copy_fn else "did not give the original explanation"
+    assert expected in tried.stack_mismatch
 
 
 def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_cnn, shapes_probe):

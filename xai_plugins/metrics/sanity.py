@@ -122,6 +122,7 @@ class RandomizationCurve:
     seconds: float = 0.0
     reused_calls: int = 0  # module calls served by the prefix cache
     stacked_steps: int = 0  # steps explained in stacked batches
+    stack_mismatch: str | None = None  # why stacking stopped early (None: it did not, or was not tried)
 
     def mean(self, name: str) -> list[float]:
         return [float(s.mean()) for s in self.scores[name]]
@@ -171,9 +172,10 @@ def parameter_randomization(
     context's ``explain``). ``layers``: dotted module names listed from input to output (default
     every randomizable module); they are randomized top down, the reverse of that list. ``model``
     never changes: stacked steps run on a ``structural_copy`` beside re-initialized copies of the
-    layers, one-by-one steps on a ``private_copy``. ``stack_rows`` > 0 (for ``Explainer.rowwise`` methods only): explain
-    several steps in one batch of at most that many rows (``StepBatch``); otherwise, or when the
-    explainer turns out not to follow the stacked rows, one step at a time, where ``cache`` serves
+    layers, one-by-one steps on a ``private_copy``. ``stack_rows`` > 0: explain several steps in one batch of at most
+    that many rows (``StepBatch``; the metric asks for it for ``Explainer.rowwise`` methods); the
+    explainer is checked to follow the stacked rows (``_stacked_steps``), and where it does not, or
+    with ``stack_rows`` 0, steps are explained one at a time, where ``cache`` serves
     the unchanged leading layers from a recorded forward (``PrefixCache``).
     """
     if order not in ORDERS:
@@ -215,6 +217,8 @@ def parameter_randomization(
                 targets,
                 seed,
                 stack_rows // inputs.shape[0],
+                original,
+                curve,
             ):
                 record(exp)
         curve.stacked_steps = len(curve.maps)
@@ -250,35 +254,61 @@ def _stacked_steps(
     targets: torch.Tensor | None,
     seed: int,
     per_batch: int,
+    original: Explanation,
+    curve: RandomizationCurve,
 ) -> Iterator[Explanation]:
-    """Each step's explanation, ``per_batch`` steps per explanation of a stacked batch; stops early
-    (the caller goes on one step at a time) when the explainer does not follow the stacked rows."""
+    """Each step's explanation, ``per_batch`` blocks of rows per explanation of a stacked batch;
+    stops early (the caller goes on one step at a time; ``curve.stack_mismatch`` says why) when the
+    explainer does not follow the stacked rows. The first batch starts with a control block, the
+    original model, that must give ``original`` back: a check of the explainer, not of its flag."""
     if nested(modules):  # checked before drawing any re-initialized copy
+        curve.stack_mismatch = "a randomized layer contains another one"
         return
     stack = StepBatch(net, {m: reinitialized_copy(m, seed) for m in modules}, inputs.shape[0])
-    b = inputs.shape[0]
+    b, done, control = inputs.shape[0], 0, True
     try:
-        for first in range(0, len(modules), per_batch):
-            steps = range(first, min(len(modules), first + per_batch))
+        while done < len(modules):
+            steps = list(range(done, min(len(modules), done + per_batch - int(control))))
+            blocks: list[int | None] = [None] * int(control) + steps  # None: the control block
             # step s re-initializes modules[:s + 1] (cascading) or modules[s] alone (independent)
             stack.plan(
                 {
-                    m: [(r <= s) if order == "cascading" else (r == s) for s in steps]
+                    m: [s is not None and ((r <= s) if order == "cascading" else (r == s)) for s in blocks]
                     for r, m in enumerate(modules)
                 }
             )
-            xs = inputs.repeat(len(steps), *([1] * (inputs.dim() - 1)))
-            ts = None if targets is None else targets.repeat(len(steps))
+            xs = inputs.repeat(len(blocks), *([1] * (inputs.dim() - 1)))
+            ts = None if targets is None else targets.repeat(len(blocks))
             try:
                 exp = explain(net, xs, ts)
             except Exception:
                 if stack.mismatch is None:
                     raise
+                curve.stack_mismatch = stack.mismatch
                 return
-            for k in range(len(steps)):
-                yield _rows_of(exp, k * b, (k + 1) * b)
+            curve.stack_mismatch = stack.unfollowed() or (
+                _mixes_rows(_rows_of(exp, 0, b), original) if control else None
+            )
+            if curve.stack_mismatch:
+                return
+            for k, step in enumerate(blocks):
+                if step is not None:
+                    yield _rows_of(exp, k * b, (k + 1) * b)
+            done, control = done + len(steps), False
     finally:
         stack.remove()
+
+
+def _mixes_rows(control: Explanation, original: Explanation) -> str | None:
+    """Why the control block's maps are not the original explanation's (None: they are, up to float
+    rounding of kernels run on another number of rows)."""
+    got, want = control.maps.float(), original.maps.float().to(control.maps.device)
+    if got.shape != want.shape:
+        return f"the stacked batch gave maps of shape {tuple(got.shape)}, not {tuple(want.shape)}"
+    tolerance = 1e-3 * float(want.abs().amax()) + 1e-12
+    if float((got - want).abs().amax()) > tolerance:
+        return "the original model's rows in the stacked batch did not give the original explanation"
+    return None
 
 
 def _steps_one_by_one(
@@ -589,6 +619,8 @@ def _curve_values(curve: RandomizationCurve) -> dict[str, Any]:
         f"{o}.reused_calls": curve.reused_calls,
         f"{o}.stacked_steps": curve.stacked_steps,
     }
+    if curve.stack_mismatch:
+        out[f"{o}.stack_mismatch"] = curve.stack_mismatch
     for s in curve.scores:
         values = curve.mean(s)
         out[f"{o}.{s}"] = values

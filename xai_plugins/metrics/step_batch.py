@@ -11,12 +11,17 @@ than at 2). Steps that have not yet randomized anything below a layer feed it id
 convolution or dense layer then runs once on one block and is repeated (``_SharedLinear``), each
 row still getting its own input gradient.
 
-Only for explainers that explain each row from calls of the model on exactly the rows given
-(``Explainer.rowwise``: gradient and Grad-CAM-family methods; not IG or Score-CAM, which build batches of
-their own). A call of the model on another number of rows, or a randomized layer that receives
-something other than the stacked rows, raises ``StackMismatch``; the caller then explains one step
-at a time instead. Nothing of the model changes: the re-initialized copies live beside it and
-``remove()`` unwraps every patched ``forward``.
+It is tried for explainers that say they explain each row from calls of the model on exactly the
+rows given (``Explainer.rowwise``: gradient and Grad-CAM-family methods; not IG or Score-CAM, which
+build batches of their own), and checked rather than trusted: a call of the model on another number
+of rows, or a randomized layer that receives something other than the stacked rows, raises
+``StackMismatch``; an explanation during which the model was never called, or a re-initialized layer
+never ran (the explainer worked on a copy of its own), is reported by ``unfollowed()``; and the
+caller's first stacked batch holds a control block, the original model, whose rows must give the
+original explanation back (an explainer that mixes rows: batch-wide normalization, noise drawn per
+batch). On any of these the caller explains one step at a time instead. Nothing of the model
+changes: the re-initialized copies live beside it and ``remove()`` unwraps every patched
+``forward``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class StepBatch:
         self.flags: dict[nn.Module, list[bool]] = {}
         self.steps = 0
         self.mismatch: str | None = None
+        self._calls = 0  # stacked forwards of the model during this plan
+        self._ran: set[nn.Module] = set()  # randomized modules that ran on the stacked rows
         self._active = False
         self._patched: list[nn.Module] = []
         self._patch(model, self._root_forward)
@@ -61,6 +68,17 @@ class StepBatch:
         if len(lengths) != 1:
             raise ValueError("every module needs one flag per step")
         self.flags, self.steps, self.mismatch = flags, lengths.pop(), None
+        self._calls, self._ran = 0, set()
+
+    def unfollowed(self) -> str | None:
+        """Why the explanation since ``plan`` cannot be the stacked steps' (None: it can): the
+        model was never called, or a layer some step re-initializes never ran."""
+        if self._calls == 0:
+            return "the explainer never called the model it was given"
+        idle = [m for m, f in self.flags.items() if any(f) and m not in self._ran]
+        if idle:
+            return f"a re-initialized {type(idle[0]).__name__} never ran on the stacked rows"
+        return None
 
     def remove(self) -> None:
         for module in self._patched:
@@ -82,6 +100,7 @@ class StepBatch:
                 self.mismatch = f"the model was called on {n} rows, not {self.steps} steps x {self.rows}"
                 raise StackMismatch(self.mismatch)
             self._active = True
+            self._calls += 1
             try:
                 return original(*args, **kwargs)
             finally:
@@ -100,6 +119,7 @@ class StepBatch:
             if n != self.steps * self.rows:
                 self.mismatch = f"layer received {n} rows, not {self.steps * self.rows}"
                 raise StackMismatch(self.mismatch)
+            self._ran.add(module)
             outputs = []
             for start, stop, randomized in _runs(flags):
                 sl = slice(start * self.rows, stop * self.rows)
