@@ -5,7 +5,7 @@ re-initialization seed, same similarity (Spearman); both explain the original ba
 twice: its ``a_batch`` and its "original" entry). Quantus re-explains the batch with Captum's
 ``Saliency`` on a deep copy per randomized module and compares in NumPy; ours explains up to
 ``STACK_ROWS // images`` randomization steps in one batch of the engine's saliency
-(``xai_plugins.metrics.step_batch``): same maps, larger and so more efficient kernels.
+(``xai_plugins.metrics.sanity.stacking``): same maps, larger and so more efficient kernels.
 """
 
 from __future__ import annotations
