@@ -411,23 +411,15 @@ class Engine:
         plan = merge_requests(
             [(explainers[lab].pass_request, explainers[lab].config.get("layer")) for lab in labels]
         )
+        if not labels:  # every shared method failed earlier: the logits alone
+            return self._plain_logits(model, xb, tb)
         start = time.perf_counter()
         try:
-            if not labels:
-                raise LookupError("no shared method left")
-            gp = self._call(
-                "gradient-pass",
-                lambda: plan.run(model, xb, tb),
-                "thread",
-            )
+            gp = self._call("gradient-pass", lambda: plan.run(model, xb, tb), "thread")
         except Exception as exc:
             # Tell a broken model or bad targets (raised, as without shared methods) from a
             # failed pass (recorded against the methods that needed it).
-            logits = forward_logits(model, xb, None)
-            if tb is None:
-                tb = logits.argmax(1)
-            else:
-                as_target_tensor(tb.cpu(), xb.shape[0], logits.shape[1])
+            logits, tb = self._plain_logits(model, xb, tb)
             for lab in labels:
                 fail(lab, exc)
             return logits, tb
@@ -443,6 +435,16 @@ class Engine:
             seconds[lab] += share + time.perf_counter() - t0
             bar.update(1)
         return gp.logits, gp.targets
+
+    @staticmethod
+    def _plain_logits(model, xb, tb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slice's logits and targets from one forward (``tb`` None: the predicted classes;
+        targets that do not fit the logits raise, as without shared methods)."""
+        logits = forward_logits(model, xb, None)
+        if tb is None:
+            return logits, logits.argmax(1)
+        as_target_tensor(tb.cpu(), xb.shape[0], logits.shape[1])
+        return logits, tb
 
     def _call(self, label: str, fn: Any, mode: str | None = None) -> Any:
         """One plugin call: isolated (thread or process, under the time limit), then the model
