@@ -408,11 +408,11 @@ class Engine:
     def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar):
         """One forward/backward for every shared method of the slice (one extra backward per ReLU
         rule); returns the slice's logits and targets (``tb`` None: the predicted classes)."""
+        if not labels:  # every shared method failed earlier: the logits alone
+            return self._plain_logits(model, xb, tb)
         plan = merge_requests(
             [(explainers[lab].pass_request, explainers[lab].config.get("layer")) for lab in labels]
         )
-        if not labels:  # every shared method failed earlier: the logits alone
-            return self._plain_logits(model, xb, tb)
         start = time.perf_counter()
         try:
             gp = self._call("gradient-pass", lambda: plan.run(model, xb, tb), "thread")

@@ -32,7 +32,7 @@ from core.layers import (
     spatial_view,
     token_grid,
 )
-from core.passes import GradientPass, run_gradient_pass
+from core.passes import GradientPass, merge_requests, run_gradient_pass
 from core.plugins import explainer_flag, get_host, signed_relevance
 from core.preprocess import Preprocess
 from core.render import colorize, data_uri, display_scale, overlay, png_bytes, signed_overlay, to_numpy_image
@@ -57,6 +57,7 @@ __all__ = [
     "token_grid",
     "GradientPass",
     "run_gradient_pass",
+    "merge_requests",
     "batch_slices",
     "normalize_maps",
     "select_targets",

@@ -29,6 +29,7 @@ from xai_plugins.toolkit import (
     deconvnet_relu_rule,
     fast_forward,
     guided_relu_rule,
+    merge_requests,
     resolve_baseline,
     run_gradient_pass,
     select_targets,
@@ -63,10 +64,7 @@ class InputGradientExplainer(Explainer):
         return g.abs() if self.config["abs"] else g
 
     def explain(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        request = self.request()
-        rules = dict([request.relu_rule]) if request.relu_rule else None
-        gp = run_gradient_pass(model, inputs, targets, input_grad=request.input_grad, relu_rules=rules)
-        return self.from_pass(gp)
+        return self.from_pass(merge_requests([(self.request(), None)]).run(model, inputs, targets))
 
 
 class Saliency(InputGradientExplainer):
