@@ -10,10 +10,16 @@ random weights (timing needs no training); the probe, methods and metrics are th
 images and the default methods/metrics below. Printed: per-version latency (median) of each
 configuration, versions per minute, and the ratios 2 actors / 1 actor and Ray / local.
 
+Every configuration's stages fork from one warm stage server, as ``xai worker`` runs them
+(pipelines/stage_server.py; ``--cold-stages``: a fresh interpreter per stage, as before it). Last,
+the five stage functions of one version run again in this (warm) process, without DVC or any
+process start-up: that is the version's compute, and each configuration's median latency minus it
+is its overhead (DVC, stage start-up, Ray dispatch), printed beside it.
+
 What this measures and what it does not: the actors save each stage's model loading and plugin
-imports and spread a version's shards over CPUs or GPUs; the stage processes still start (torch's
-import) and DVC still hashes the outputs, so on a machine with as many free cores as actors the
-2-actor ratio approaches the share of the version's time spent in explain/evaluate compute.
+imports and spread a version's shards over CPUs or GPUs; DVC still starts each stage and hashes the
+outputs, so on a machine with as many free cores as actors the 2-actor ratio approaches the share
+of the version's time spent in explain/evaluate compute.
 """
 
 from __future__ import annotations
@@ -109,12 +115,31 @@ def run_config(
     }
 
 
+def compute_seconds(ws: Path, rounds: int = 2) -> float:
+    """The five stage functions of the workspace's first version in this process, the fastest of
+    ``rounds`` (the first pays this process's imports): the version's work without start-up."""
+    from pipelines.layout import STAGES
+    from pipelines.params import read_params
+    from pipelines.stages import main as stage_main
+
+    key = next(iter(read_params(ws)["versions"]))
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for stage in STAGES:
+            if stage_main([stage, "--key", key, "--workspace", str(ws)]) != 0:
+                raise SystemExit(f"stage {stage} failed in process")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ray_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--versions", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray cluster")
     parser.add_argument("--probe", type=int, default=32, help="probe images per version")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--cold-stages", action="store_true", help="no stage server: cold stage processes")
     args = parser.parse_args(argv)
     PARAMS["probe"]["n"] = args.probe
     os.environ.setdefault("XAI_NO_PROGRESS", "1")
@@ -122,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
+    from pipelines import stage_server
     from pipelines.ray_backend import start_pool, stop_pool
 
+    warm = {} if args.cold_stages else stage_server.start().env
     rows = []
     with tempfile.TemporaryDirectory(prefix="xai-bench-ray-") as tmp:
         base = Path(tmp)
@@ -133,19 +160,28 @@ def main(argv: list[str] | None = None) -> int:
             f"metrics {list(PARAMS['metrics'])}, Ray cluster of {args.cpus} CPUs",
             flush=True,
         )
-        rows.append(run_config("local", base, checkpoint, args.versions, {}))
+        rows.append(run_config("local", base, checkpoint, args.versions, warm))
         for actors in (1, 2):
             pool = start_pool(None, actors, 0, pool=f"bench-{actors}", num_cpus=args.cpus)
-            rows.append(run_config(f"ray-{actors}-actor", base, checkpoint, args.versions, pool.env))
+            rows.append(
+                run_config(f"ray-{actors}-actor", base, checkpoint, args.versions, {**pool.env, **warm})
+            )
             stop_pool(pool)
+        compute = compute_seconds(base / "local")
     by = {r["label"]: r for r in rows}
+    print(f"stages {'cold (no stage server)' if args.cold_stages else 'forked from a warm stage server'}")
+    print(f"compute of one version (its five stage functions in one warm process): {compute:.1f} s")
     for r in rows:
+        r["overhead_s"] = r["latency_median_s"] - compute
         print(
             f"{r['label']:>12}: {r['per_minute']:.2f} versions/min, median latency {r['latency_median_s']:.1f} s"
+            f" (compute + {r['overhead_s']:.1f} s)"
         )
     scaling = by["ray-2-actor"]["per_minute"] / by["ray-1-actor"]["per_minute"]
-    warm = by["ray-2-actor"]["latency_median_s"] / by["local"]["latency_median_s"]
-    print(f"throughput 2 actors / 1 actor: {scaling:.2f}x; latency Ray (2 warm actors) / local: {warm:.2f}x")
+    latency = by["ray-2-actor"]["latency_median_s"] / by["local"]["latency_median_s"]
+    print(
+        f"throughput 2 actors / 1 actor: {scaling:.2f}x; latency Ray (2 warm actors) / local: {latency:.2f}x"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -153,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "rows": rows,
                     "throughput_ratio_2_vs_1": scaling,
-                    "latency_ratio_ray_vs_local": warm,
+                    "latency_ratio_ray_vs_local": latency,
+                    "compute_s": compute,
+                    "stage_server": not args.cold_stages,
                     "cpus": args.cpus,
                     "params": PARAMS,
                 },

@@ -4,7 +4,10 @@ DeConvolve CNN, 8 `shapes` images of 32 px, saliency + grad_cam, the localizatio
 reporters), where the work is a few milliseconds and the rest is the process's start-up: the
 interpreter, its imports and the plugin host. ``--against REV`` runs the same stages with the
 sources of git revision REV too (``git archive`` into a temporary folder, first on PYTHONPATH), for
-a before/after table; each figure is the fastest of ``--repeat`` runs.
+a before/after table; ``--warm`` adds a column with every stage sent to a warm stage server
+(pipelines/stage_server.py, what ``xai worker`` starts: the imports are paid once per worker, not
+once per stage; the server's own start-up is printed apart). Each figure is the fastest of
+``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -65,9 +68,14 @@ def make_workspace(folder: Path) -> str:
     return KEY
 
 
-def run_stage(workspace: Path, stage: str, source: Path = ROOT, key: str = KEY) -> float:
-    """Seconds of ``python -m pipelines.stages STAGE`` with the sources in ``source``; fails loudly."""
+def run_stage(
+    workspace: Path, stage: str, source: Path = ROOT, key: str = KEY, server: dict[str, str] | None = None
+) -> float:
+    """Seconds of ``python -m pipelines.stages STAGE`` with the sources in ``source`` (sent to the
+    stage server whose environment is ``server``, if given); fails loudly."""
     env = {**os.environ, "PYTHONPATH": str(source), "XAI_NO_PROGRESS": "1", "XAI_DEVICE": "cpu"}
+    env.pop("XAI_STAGE_SERVER", None)
+    env.update(server or {})
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.stages", stage, "--key", key],
@@ -77,17 +85,19 @@ def run_stage(workspace: Path, stage: str, source: Path = ROOT, key: str = KEY) 
         text=True,
     )
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if proc.returncode != 0 or (server and "note: stage server" in proc.stderr):
         raise SystemExit(f"stage {stage} with {source} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return seconds
 
 
-def stage_seconds(workspace: Path, source: Path = ROOT, repeat: int = 1) -> dict[str, float]:
+def stage_seconds(
+    workspace: Path, source: Path = ROOT, repeat: int = 1, server: dict[str, str] | None = None
+) -> dict[str, float]:
     """The fastest of ``repeat`` runs of each stage, in pipeline order (each needs the one before)."""
     best = {stage: float("inf") for stage in STAGES}
     for _ in range(repeat):
         for stage in STAGES:
-            best[stage] = min(best[stage], run_stage(workspace, stage, source))
+            best[stage] = min(best[stage], run_stage(workspace, stage, source, server=server))
     return best
 
 
@@ -106,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per stage; the fastest counts (default 1)"
     )
+    parser.add_argument("--warm", action="store_true", help="also time the stages on a warm stage server")
     args = parser.parse_args(argv)
+    server_start = None
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Path(tmp) / "ws"
         make_workspace(workspace)
@@ -116,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 workspace, export_revision(args.against, Path(tmp)), args.repeat
             )
         columns["after" if args.against else "seconds"] = stage_seconds(workspace, ROOT, args.repeat)
+        if args.warm:
+            from pipelines import stage_server
+
+            start = time.perf_counter()
+            with stage_server.start() as server:
+                server_start = time.perf_counter() - start
+                columns["warm server"] = stage_seconds(workspace, ROOT, args.repeat, server.env)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch"], check=True)
     torch_floor = time.perf_counter() - start
@@ -125,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [sum(c.values()) if stage == "total" else c[stage] for c in columns.values()]
         print("  ".join([f"{stage:>18}", *(f"{v:18.2f}" for v in cells)]))
     print(f"(a bare `python -c 'import torch'` takes {torch_floor:.2f} s here)")
+    if server_start is not None:
+        print(f"(the stage server took {server_start:.2f} s to start, once per worker)")
     return 0
 
 

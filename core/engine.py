@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -133,6 +134,16 @@ def _meta_class_count(model: nn.Module, inputs: torch.Tensor) -> int | None:
     return None
 
 
+def _typed(exc: BaseException) -> str:
+    """``exc`` as ``Type: message``: what a failure says of an exception that is not an XAIError."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _message(exc: BaseException) -> str:
+    """A failure's message: an XAIError's own (written for the user), else ``_typed(exc)``."""
+    return str(exc) if isinstance(exc, XAIError) else _typed(exc)
+
+
 def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """Logits of ``inputs`` in batches, checking the model behaves like a classifier."""
     outs = []
@@ -141,7 +152,7 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int | Non
             try:
                 out = model(inputs[sl])
             except Exception as exc:
-                raise ModelError(f"the model failed on the inputs: {type(exc).__name__}: {exc}") from exc
+                raise ModelError(f"the model failed on the inputs: {_typed(exc)}") from exc
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != inputs[sl].shape[0]:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ModelError(f"the model's output has shape {shape}; expected batch x classes")
@@ -155,6 +166,15 @@ class EngineOutput:
     failures: list[Failure]
     targets: torch.Tensor
     logits: torch.Tensor | None  # None: not asked for (Engine.run(logits=False))
+
+
+class _BatchResults(NamedTuple):
+    """What ``Engine._run_batches`` produced: the explanations, the logits of a fused run (None
+    when no shared pass ran) and the targets actually explained, slice by slice."""
+
+    explanations: dict[str, Explanation]
+    logits: torch.Tensor | None
+    targets: torch.Tensor | None
 
 
 class Engine:
@@ -218,9 +238,7 @@ class Engine:
                 self._modes[req.label] = _isolation_mode(req, isolate)
                 explainers[req.label] = self.make_explainer(req)
             except XAIError as exc:
-                if not isolate:
-                    raise
-                failures.append(Failure(req.method, req.label, "config", str(exc)))
+                self._record_or_raise(failures, isolate, req, "config", exc, plugin=req.method)
         if isinstance(model, torch.jit.ScriptModule):
             self._refuse_python_methods(explainers, failures, isolate, requests)
         moved = device != original_device
@@ -236,34 +254,35 @@ class Engine:
                     # With shared-pass methods, their one forward/backward per batch also yields the
                     # logits and the predicted classes: no separate forward just for the logits.
                     fused = any(e.pass_request is not None for e in explainers.values())
-                    out_logits: torch.Tensor | None = None
-                    t: torch.Tensor | None
-                    if fused:
-                        t = None if targets is None else as_target_tensor(targets, x.shape[0])
-                    else:
-                        if want_logits:
-                            out_logits = forward_logits(model, x, self.batch_size)
-                            t = (
-                                out_logits.argmax(1).cpu()
-                                if targets is None
-                                else as_target_tensor(targets, x.shape[0], out_logits.shape[1])
-                            )
-                        else:
-                            t = as_target_tensor(targets, x.shape[0], class_count(model, x))
+                    t, out_logits = self._targets_and_logits(model, x, targets, fused, want_logits)
                     td = t.to(device) if t is not None else None
                     self._set_default_layers(model, x, explainers, failures, isolate, requests)
                     self._fit_trainable(model, x, explainers, failures, isolate, requests)
-                    record: dict[str, torch.Tensor] = {}
-                    explanations = self._run_batches(
-                        model, x, td, requests, explainers, failures, isolate, record
-                    )
+                    batches = self._run_batches(model, x, td, requests, explainers, failures, isolate, fused)
+                    explanations = batches.explanations
                     if fused:
-                        out_logits, t = record["logits"], record["targets"].cpu()
+                        out_logits = batches.logits
+                        t = None if batches.targets is None else batches.targets.cpu()
         finally:
             if moved:
                 model.to(original_device)
-        assert t is not None  # a fused pass records the targets it explained
+        assert t is not None  # a fused pass returns the targets it explained
         return EngineOutput(explanations, failures, t, None if out_logits is None else out_logits.cpu())
+
+    def _targets_and_logits(
+        self, model: nn.Module, x: torch.Tensor, targets: Any, fused: bool, want_logits: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The targets to explain and the logits, before any method runs. A fused run leaves both
+        to its shared passes (targets None: the predicted classes); otherwise one batched forward
+        gives the logits when they are wanted, else one row's forward checks the given targets."""
+        if fused:
+            return (None if targets is None else as_target_tensor(targets, x.shape[0])), None
+        if not want_logits:
+            return as_target_tensor(targets, x.shape[0], class_count(model, x)), None
+        logits = forward_logits(model, x, self.batch_size)
+        if targets is None:
+            return logits.argmax(1).cpu(), logits
+        return as_target_tensor(targets, x.shape[0], logits.shape[1]), logits
 
     # -- internals -------------------------------------------------------------------------------
     def _provider(self, req: MethodRequest) -> str:
@@ -271,6 +290,33 @@ class Engine:
             return self.host.provider("explainer", req.method)
         except KeyError:
             return req.method
+
+    def _record_or_raise(
+        self,
+        failures: list[Failure],
+        isolate: bool | str,
+        req: MethodRequest,
+        kind: str,
+        error: BaseException | str,
+        *,
+        plugin: str | None = None,
+        describe: Callable[[BaseException], str] = _message,
+        wrap: bool = False,
+    ) -> None:
+        """One method failed: with ``isolate`` record it in ``failures`` (as ``plugin``, by default
+        the method's provider, with the message ``describe`` gives, or ``error`` itself when it is
+        a message), else raise. Raised: an exception as it is, or with ``wrap`` a non-XAIError as
+        a PluginError of the method chained to it; a message as an XAIError. The caller drops the
+        method from the rest of the run."""
+        if not isolate:
+            if isinstance(error, str):
+                raise XAIError(error)
+            if wrap and not isinstance(error, XAIError):
+                raise PluginError(req.method, "exception", _typed(error)) from error
+            raise error
+        message = error if isinstance(error, str) else describe(error)
+        plugin = self._provider(req) if plugin is None else plugin
+        failures.append(Failure(plugin, req.label, kind, message))
 
     def _refuse_python_methods(self, explainers, failures, isolate, requests) -> None:
         """A TorchScript model: refuse the methods that hook its layers or change its backward."""
@@ -283,9 +329,7 @@ class Engine:
                 "backward pass), which a TorchScript model does not expose: explain the nn.Module "
                 "(an xai checkpoint) instead"
             )
-            if not isolate:
-                raise XAIError(message)
-            failures.append(Failure(self._provider(req), req.label, "config", message))
+            self._record_or_raise(failures, isolate, req, "config", message)
             explainers.pop(req.label)
 
     def _set_default_layers(self, model, x, explainers, failures, isolate, requests) -> None:
@@ -297,10 +341,7 @@ class Engine:
                 try:
                     e.config["layer"] = default_layer(model, x[:1])
                 except Exception as exc:  # noqa: BLE001 - one method's failure, not the run's
-                    if not isolate:
-                        raise
-                    message = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
-                    failures.append(Failure(self._provider(req), req.label, "config", message))
+                    self._record_or_raise(failures, isolate, req, "config", exc)
                     explainers.pop(req.label)
             elif isinstance(e.config["layer"], nn.Module):
                 from core.layers import resolve_layer
@@ -326,16 +367,16 @@ class Engine:
                         "thread",
                     )  # fitting keeps state in this process
             except Exception as exc:
-                if not isolate:
-                    raise
-                failures.append(
-                    Failure(self._provider(req), req.label, "fit", f"{type(exc).__name__}: {exc}")
-                )
+                # a fitting failure names the exception's type, an XAIError's too
+                self._record_or_raise(failures, isolate, req, "fit", exc, describe=_typed)
                 explainers.pop(req.label)
 
-    def _run_batches(self, model, x, targets, requests, explainers, failures, isolate, record=None):
-        """Run every method slice by slice. ``targets`` None: each slice's shared pass picks the
-        predicted classes; the logits and targets actually used are put in ``record``."""
+    def _run_batches(
+        self, model, x, targets, requests, explainers, failures, isolate, fused: bool
+    ) -> _BatchResults:
+        """Run every method slice by slice. ``fused``: the run left the logits to a shared pass per
+        slice (its logits alone once no shared method is left), and with ``targets`` None the
+        predicted classes too; the logits and targets actually used are returned."""
         parts: dict[str, list[Any]] = {r.label: [] for r in requests if r.label in explainers}
         seconds: dict[str, float] = dict.fromkeys(parts, 0.0)
         failed: set[str] = set()
@@ -351,20 +392,12 @@ class Engine:
         )
 
         def fail(label: str, exc: BaseException) -> None:
-            req = by_label[label]
-            plugin = self._provider(req)
-            if not isolate:
-                if isinstance(exc, XAIError):
-                    raise exc
-                raise PluginError(req.method, "exception", f"{type(exc).__name__}: {exc}") from exc
             kind = exc.kind if isinstance(exc, PluginError) else "exception"
-            msg = str(exc) if isinstance(exc, XAIError) else f"{type(exc).__name__}: {exc}"
-            failures.append(Failure(plugin, label, kind, msg))
+            self._record_or_raise(failures, isolate, by_label[label], kind, exc, wrap=True)
             failed.add(label)
 
-        fused = targets is None or any(e.pass_request is not None for e in explainers.values())
         slice_logits: list[torch.Tensor] = []
-        slice_targets: list[torch.Tensor] = []
+        slice_targets: list[Any] = []  # tensors: given (targets not None) or a shared pass's
         try:
             for sl in slices:
                 xb, tb = x[sl], (targets[sl] if targets is not None else None)
@@ -392,8 +425,7 @@ class Engine:
         finally:
             bar.close()
         targets = torch.cat(slice_targets) if slice_targets else targets
-        if record is not None and fused and slice_logits:
-            record["logits"], record["targets"] = torch.cat(slice_logits).cpu(), targets
+        logits = torch.cat(slice_logits).cpu() if fused and slice_logits else None
         result: dict[str, Explanation] = {}
         for lab, chunks in parts.items():
             if lab in failed or not chunks:
@@ -403,7 +435,7 @@ class Engine:
                 result[lab] = self._assemble(lab, e, chunks, x, targets, seconds[lab])
             except Exception as exc:
                 fail(lab, exc)
-        return result
+        return _BatchResults(result, logits, targets)
 
     def _run_shared(self, model, xb, tb, labels, explainers, parts, seconds, fail, bar):
         """One forward/backward for every shared method of the slice (one extra backward per ReLU

@@ -27,15 +27,17 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from core.errors import XAIError
 from core.redact import redact_text
-from core.types import RunResults
-from pipelines import layout, ray_backend, store
+from pipelines import layout, ray_backend, stage_server
 from pipelines.params import read_params, version_entry
+
+if TYPE_CHECKING:  # torch and the result types load in the stage functions: the stage server's
+    import torch  # client (``python -m pipelines.stages`` with XAI_STAGE_SERVER) imports neither
+
+    from core.types import RunResults
 
 HEADLINE_SKIP = ("random_pointing", "mask_fraction", "seconds", "reused_calls")  # baselines and timings
 NOT_CURVES = ("fractions", "layers")  # axes, not results
@@ -131,6 +133,7 @@ def resolve(ctx: StageContext) -> None:
 def explain(ctx: StageContext) -> None:
     from core.engine import parse_requests
     from core.workflow import nonfinite_outputs
+    from pipelines import store
     from pipelines.probe import load_fit_data
 
     loaded, _ = ctx.model()
@@ -162,7 +165,11 @@ def explain(ctx: StageContext) -> None:
 
 def base_results(ctx: StageContext, loaded, info: dict[str, Any]) -> tuple[RunResults, Any]:
     """RunResults rebuilt from the probe and explanations.pt (no metrics yet), and the preprocessing."""
+    import torch
+
     from core.engine import parse_requests
+    from core.types import RunResults
+    from pipelines import store
 
     probe, pre = ctx.probe(loaded)
     saved = store.load_explanations(ctx.out / layout.EXPLANATIONS)
@@ -204,6 +211,8 @@ def _metric_config(ctx: StageContext) -> dict[str, dict]:
 
 def headline(results: RunResults) -> dict[str, Any]:
     """metrics.json: finite scalars per method and for the model, the failure count, accuracy."""
+    from pipelines import store
+
     out: dict[str, Any] = {}
     for label, values in results.metrics.items():
         row = {k: store.scalar(v) for k, v in values.items() if not k.endswith(HEADLINE_SKIP)}
@@ -227,6 +236,8 @@ def path_segment(name: str) -> str:
 def write_plots(results: RunResults, folder: Path) -> list[Path]:
     """Every curve-valued metric as ``<metric>/<method>.csv`` (step, value); always confidence.csv.
     Names come from plugins, so each becomes a :func:`path_segment` inside ``folder``."""
+    from pipelines import store
+
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for label, values in [*results.metrics.items(), ("model", results.global_metrics)]:
@@ -252,9 +263,12 @@ def write_plots(results: RunResults, folder: Path) -> list[Path]:
 
 
 def evaluate(ctx: StageContext) -> None:
+    import torch
+
     from core.engine import parse_requests
     from core.plugins import get_host
     from core.workflow import compute_metrics, validate_names
+    from pipelines import store
     from pipelines.probe import load_fit_data
 
     loaded, info = ctx.model()
@@ -309,6 +323,7 @@ def evaluate(ctx: StageContext) -> None:
 def report(ctx: StageContext) -> None:
     from core.plugins import get_host
     from core.workflow import write_reports
+    from pipelines import store
 
     loaded, info = ctx.model()
     results, _ = base_results(ctx, loaded, info)
@@ -341,6 +356,8 @@ def report(ctx: StageContext) -> None:
 # -- gate ----------------------------------------------------------------------------------------
 def gate_summary(verdict: dict[str, Any]) -> dict[str, Any]:
     """gate.json: what ``dvc metrics show`` lists (lists of checks do not show there)."""
+    from pipelines import store
+
     checks = verdict.get("checks") or []
     summary: dict[str, Any] = {
         "passed": bool(verdict.get("passed")),
@@ -398,4 +415,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_server.forward(sys.argv[1:], main))

@@ -192,6 +192,12 @@ def listen(
 @click.option("--ray-address", help="Ray head node (HOST:PORT, or 'auto'); default: start a local Ray.")
 @click.option("--actors", default=2, show_default=True, help="Ray actors in the pool (one model each).")
 @click.option("--gpus-per-actor", default=0.0, show_default=True, help="GPUs each Ray actor holds.")
+@click.option(
+    "--cold-stages",
+    is_flag=True,
+    help="Start every stage in a fresh interpreter instead of forking it from a warm stage server "
+    "that has imported torch, the engine and the plugins once (pipelines/stage_server.py).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def worker(
     workspace,
@@ -206,6 +212,7 @@ def worker(
     ray_address,
     actors,
     gpus_per_actor,
+    cold_stages,
     verbose,
 ):
     """Run the pipeline for queued versions, log one MLflow run each, tag the versions."""
@@ -219,8 +226,13 @@ def worker(
 
         # an unreachable cluster or missing GPUs: XAIError, one line, exit 2 (core.cli.main)
         pool = start_pool(ray_address, actors, gpus_per_actor, pool=f"xai-worker-{os.getpid()}")
-        w.stage_env = pool.env  # `pool` holds the actors for as long as this worker runs
+        w.stage_env.update(pool.env)  # `pool` holds the actors for as long as this worker runs
         click.echo(f"worker: {actors} Ray actor(s) on {pool.env['XAI_RAY_ADDRESS']}", err=True)
+    if not cold_stages:
+        from pipelines import stage_server
+
+        # it imports ahead while the worker waits for jobs, and dies with this process
+        w.stage_server = stage_server.start(w.stage_env, wait=False)
     click.echo(f"worker {w.name} on {w.workspace}", err=True)
     try:
         n = w.run(once=once, max_jobs=max_jobs)

@@ -140,6 +140,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = Queue(self.state.queue_db)
         self.stage_env: dict[str, str] = {}  # added to the stages' environment (the Ray backend's pool)
+        self.stage_server: Any = None  # pipelines.stage_server.StageServer: the stages fork from it
         self._lock_fd: int | None = None
         for key, value in CLIENT_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -308,7 +309,12 @@ class Worker:
                     name,
                     version,
                     uri=f"models:/{name}/{version}",
-                    env={**self.stage_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id},
+                    env={
+                        **self.stage_env,
+                        **self._warm_stages(),
+                        "MLFLOW_TRACKING_URI": uri,
+                        "MLFLOW_RUN_ID": run_id,
+                    },
                     timeout=self.config.job_timeout,
                 )
                 verdict = runlog.log_outputs(client, run_id, result, self.workspace)
@@ -324,6 +330,16 @@ class Worker:
             client.set_model_version_tag(name, version, key, value)
         _clear_failure_tags(client, name, version)
         return run_id, verdict
+
+    def _warm_stages(self) -> dict[str, str]:
+        """The stage server's environment once it listens; {} (cold stages, said once) without."""
+        if self.stage_server is None:
+            return {}
+        env = self.stage_server.wait()
+        if not env and self.stage_server.error:
+            log.warning("no warm stage server (%s): each stage starts cold", self.stage_server.error)
+            self.stage_server.error = None
+        return env
 
 
 def _client(uri: str) -> Any:

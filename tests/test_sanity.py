@@ -209,6 +209,28 @@ def test_stacking_checks_the_explainer_instead_of_trusting_it(fn, residual_net, 
     assert expected in tried.stack_mismatch
 
 
+def batch_max_fn(model, x, t):
+    """Attribution magnitudes over the batch's largest: each row depends on the other rows."""
+    exp = saliency_fn(model, x, t)
+    raw = exp.attributions.abs().amax(1)
+    return Explanation("batch_max", exp.attributions, raw / raw.amax(), exp.targets, {}, {}, 0.0)
+
+
+def test_the_one_control_row_catches_a_batch_max_normalization(residual_net, images32):
+    """The control is one row, the first image: here that image holds the original batch's largest
+    attribution, so only the randomized rows change the stacked batch's largest (re-initialized
+    layers give larger gradients), and the control row's map shows it."""
+    x, t = images32[:2], torch.tensor([1, 0])
+    raw = saliency_fn(residual_net, x, t).attributions.abs().flatten(1).amax(1)
+    assert raw[0] == raw.max()  # the hard case for one row: it already holds the batch max
+    original = batch_max_fn(residual_net, x, t)
+    tried = parameter_randomization(batch_max_fn, residual_net, x, t, original, stack_rows=8)
+    plain = parameter_randomization(batch_max_fn, residual_net, x, t, original)
+    assert tried.stacked_steps == 0 and "did not give the original explanation" in tried.stack_mismatch
+    for a, b in zip(tried.maps, plain.maps):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_user_model_is_bit_identical_after_randomization_even_on_error(trained_cnn, shapes_probe):
     model = trained_cnn.model
     model.train()  # a model left in training mode by its user stays so

@@ -1,7 +1,8 @@
 """The model parameter randomization test (Adebayo et al. 2018, section 3.1): cascading or
 independent re-initialization, top down, one similarity curve per similarity. Steps run stacked
-(``stacking.StepBatch``, checked against a control block) or one at a time on a private copy whose
-unchanged leading layers are served from one recorded forward (``prefix_cache.PrefixCache``)."""
+(``stacking.StepBatch``, checked against a one-row control: the first image under the original
+model) or one at a time on a private copy whose unchanged leading layers are served from one
+recorded forward (``prefix_cache.PrefixCache``)."""
 
 from __future__ import annotations
 
@@ -177,57 +178,67 @@ def _stacked_steps(
     original: Explanation,
     curve: RandomizationCurve,
 ) -> Iterator[Explanation]:
-    """Each step's explanation, ``per_batch`` blocks of rows per explanation of a stacked batch;
-    stops early (the caller goes on one step at a time; ``curve.stack_mismatch`` says why) when the
-    explainer does not follow the stacked rows. The first batch starts with a control block, the
-    original model, that must give ``original`` back: a check of the explainer, not of its flag."""
+    """Each step's explanation, from stacked batches of at most ``per_batch`` (>= 2) blocks of
+    ``B`` rows; stops early (the caller goes on one step at a time; ``curve.stack_mismatch`` says
+    why) when the explainer does not follow the stacked rows. The first batch starts with a control
+    row, the first image under the original model, whose map must be ``original``'s first: a check
+    of the explainer, not of its flag, that costs one row rather than a block of ``B``."""
     if nested(modules):  # checked before drawing any re-initialized copy
         curve.stack_mismatch = "a randomized layer contains another one"
         return
     stack = StepBatch(net, {m: reinitialized_copy(m, seed) for m in modules}, inputs.shape[0])
-    b, done, control = inputs.shape[0], 0, True
+    b, done, lead = inputs.shape[0], 0, 1  # lead: rows before the step blocks (the control)
     try:
         while done < len(modules):
-            steps = list(range(done, min(len(modules), done + per_batch - int(control))))
-            blocks: list[int | None] = [None] * int(control) + steps  # None: the control block
-            # step s re-initializes modules[:s + 1] (cascading) or modules[s] alone (independent)
-            stack.plan(
-                {
-                    m: [s is not None and ((r <= s) if order == "cascading" else (r == s)) for s in blocks]
-                    for r, m in enumerate(modules)
-                }
-            )
-            xs = inputs.repeat(len(blocks), *([1] * (inputs.dim() - 1)))
-            ts = None if targets is None else targets.repeat(len(blocks))
+            fit = max(1, (per_batch * b - lead) // b)  # step blocks within the row budget
+            steps = list(range(done, min(len(modules), done + fit)))
+            stack.plan(_step_flags(modules, order, [None] * lead + steps), [1] * lead + [b] * len(steps))
+            xs = _stacked(inputs, lead, len(steps))
             try:
-                exp = explain(net, xs, ts)
+                exp = explain(net, xs, None if targets is None else _stacked(targets, lead, len(steps)))
             except Exception:
                 if stack.mismatch is None:
                     raise
                 curve.stack_mismatch = stack.mismatch
                 return
             curve.stack_mismatch = stack.unfollowed() or (
-                _mixes_rows(_rows_of(exp, 0, b), original) if control else None
+                _mixes_rows(_rows_of(exp, 0, lead), _rows_of(original, 0, lead)) if lead else None
             )
             if curve.stack_mismatch:
                 return
-            for k, step in enumerate(blocks):
-                if step is not None:
-                    yield _rows_of(exp, k * b, (k + 1) * b)
-            done, control = done + len(steps), False
+            for k in range(len(steps)):
+                yield _rows_of(exp, lead + k * b, lead + (k + 1) * b)
+            done, lead = done + len(steps), 0
     finally:
         stack.remove()
 
 
+def _step_flags(
+    modules: list[nn.Module], order: str, blocks: list[int | None]
+) -> dict[nn.Module, list[bool]]:
+    """Per module, per block: re-initialized? Step ``s`` re-initializes ``modules[:s + 1]``
+    (cascading) or ``modules[s]`` alone (independent); ``None``, the control, nothing."""
+    return {
+        m: [s is not None and ((r <= s) if order == "cascading" else (r == s)) for s in blocks]
+        for r, m in enumerate(modules)
+    }
+
+
+def _stacked(t: torch.Tensor, lead: int, blocks: int) -> torch.Tensor:
+    """``t``'s first ``lead`` rows (the control), then all of ``t`` once per step block."""
+    repeated = t.repeat(blocks, *([1] * (t.dim() - 1)))
+    return torch.cat([t[:lead], repeated]) if lead else repeated
+
+
 def _mixes_rows(control: Explanation, original: Explanation) -> str | None:
-    """Why the control block's maps are not the original explanation's (None: they are, up to float
-    rounding of kernels run on another number of rows)."""
+    """Why the control row's map is not the original explanation's first (both given as their
+    rows; None: it is, up to float rounding of kernels run on another number of rows)."""
     got, want = control.maps.float(), original.maps.float().to(control.maps.device)
     if got.shape != want.shape:
         return f"the stacked batch gave maps of shape {tuple(got.shape)}, not {tuple(want.shape)}"
     tolerance = 1e-3 * float(want.abs().amax()) + 1e-12
     if float((got - want).abs().amax()) > tolerance:
-        return "the original model's rows in the stacked batch did not give the original explanation"
+        return "the original model's row in the stacked batch did not give the original explanation"
     return None
 
 

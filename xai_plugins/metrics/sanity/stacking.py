@@ -1,15 +1,16 @@
 """Explain several randomized versions of one model in one batch (the parameter randomization test).
 
 Each step of the test is the model with some layers re-initialized. Instead of one explanation
-per step, the inputs are repeated once per step (rows ``k*B:(k+1)*B`` belong to step ``k``) and
-every layer that some step re-initializes runs its original parameters on the rows of the steps
-that keep them and a re-initialized copy on the rows of the steps that randomize it. One
-explanation of the stacked batch holds every step's explanation: the values one call per step
-gives (up to float rounding), computed by kernels that work on one large batch instead of many
-small ones (on two CPU cores a ResNet-18 input gradient costs about 1.5x less per image at 32 rows
-than at 2). Steps that have not yet randomized anything below a layer feed it identical rows: a
-convolution or dense layer then runs once on one block and is repeated (``_SharedLinear``), each
-row still getting its own input gradient.
+per step, the inputs are repeated once per step (a block of ``B`` rows per step, after the one-row
+control in the caller's first batch; ``plan`` takes each block's size) and every layer that some
+step re-initializes runs its original parameters on the rows of the steps that keep them and a
+re-initialized copy on the rows of the steps that randomize it. One explanation of the stacked
+batch holds every step's explanation: the values one call per step gives (up to float rounding),
+computed by kernels that work on one large batch instead of many small ones (on two CPU cores a
+ResNet-18 input gradient costs about 1.5x less per image at 32 rows than at 2). Steps that have
+not yet randomized anything below a layer feed it identical rows: a convolution or dense layer
+then runs once on one block and is repeated (``_SharedLinear``), each row still getting its own
+input gradient; the one-row control runs on its own beside them.
 
 It is tried for explainers that say they explain each row from calls of the model on exactly the
 rows given (``Explainer.rowwise``: gradient and Grad-CAM-family methods; not IG or Score-CAM, which
@@ -17,15 +18,18 @@ build batches of their own), and checked rather than trusted: a call of the mode
 of rows, or a randomized layer that receives something other than the stacked rows, raises
 ``StackMismatch``; an explanation during which the model was never called, or a re-initialized layer
 never ran (the explainer worked on a copy of its own), is reported by ``unfollowed()``; and the
-caller's first stacked batch holds a control block, the original model, whose rows must give the
-original explanation back (an explainer that mixes rows: batch-wide normalization, noise drawn per
-batch). On any of these the caller explains one step at a time instead. Nothing of the model
-changes: the re-initialized copies live beside it and ``remove()`` unwraps every patched
-``forward``.
+caller's first stacked batch starts with a control row, the first image under the original model,
+whose map must be the original explanation's first map (an explainer that mixes rows: batch-wide
+normalization, noise drawn per batch). One row rather than the whole batch of ``B``: a statistic
+over the batch reaches row 0 as it reaches every row, and the check costs one row of the stacked
+batch instead of ``B`` (VGG-11, 11 steps, ``B`` = 2: 23 rows instead of 24). On any of these the
+caller explains one step at a time instead. Nothing of the model changes: the re-initialized
+copies live beside it and ``remove()`` unwraps every patched ``forward``.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +45,9 @@ class StepBatch:
     """Wrap ``model`` (a private copy) so that one forward runs several randomization steps.
 
     ``randomized``: original module -> its re-initialized copy (no module of it may contain
-    another). ``rows``: the images per step. ``plan(steps)`` sets, per module, which of the next
-    explanation's steps use the copy.
+    another). ``rows``: the images per step (a block's size unless ``plan`` says otherwise).
+    ``plan(flags, sizes)`` sets, per module, which of the next explanation's blocks of rows use the
+    copy, and how many rows each block has.
     """
 
     def __init__(self, model: nn.Module, randomized: dict[nn.Module, nn.Module], rows: int):
@@ -50,7 +55,9 @@ class StepBatch:
             raise StackMismatch("a randomized layer contains another one")
         self.model, self.randomized, self.rows = model, randomized, rows
         self.flags: dict[nn.Module, list[bool]] = {}
-        self.steps = 0
+        self.steps = 0  # blocks of rows in the next explanation
+        self.sizes: list[int] = []  # rows per block
+        self.offsets: list[int] = [0]  # first row of each block, then the total
         self.mismatch: str | None = None
         self._calls = 0  # stacked forwards of the model during this plan
         self._ran: set[nn.Module] = set()  # randomized modules that ran on the stacked rows
@@ -62,13 +69,24 @@ class StepBatch:
                 module, lambda original, module=module, copy=copy: self._layer_forward(original, copy, module)
             )
 
-    def plan(self, flags: dict[nn.Module, list[bool]]) -> None:
-        """Per randomized module, per step of the next explanation: True = re-initialized."""
+    def plan(self, flags: dict[nn.Module, list[bool]], sizes: list[int] | None = None) -> None:
+        """Per randomized module, per block of rows of the next explanation: True = re-initialized.
+        ``sizes``: the rows of each block (default ``rows`` each)."""
         lengths = {len(f) for f in flags.values()}
         if len(lengths) != 1:
-            raise ValueError("every module needs one flag per step")
-        self.flags, self.steps, self.mismatch = flags, lengths.pop(), None
+            raise ValueError("every module needs one flag per block")
+        steps = lengths.pop()
+        sizes = [self.rows] * steps if sizes is None else list(sizes)
+        if len(sizes) != steps or min(sizes, default=1) < 1:
+            raise ValueError(f"need {steps} block sizes of at least one row, not {sizes}")
+        self.flags, self.steps, self.sizes, self.mismatch = flags, steps, sizes, None
+        self.offsets = [0, *itertools.accumulate(sizes)]
         self._calls, self._ran = 0, set()
+
+    @property
+    def total(self) -> int:
+        """Rows of the stacked batch: the sum of the block sizes."""
+        return self.offsets[-1]
 
     def unfollowed(self) -> str | None:
         """Why the explanation since ``plan`` cannot be the stacked steps' (None: it can): the
@@ -96,8 +114,8 @@ class StepBatch:
             if self._active:  # the model calling itself: rows are already assigned
                 return original(*args, **kwargs)
             n = _rows(args, kwargs)
-            if n != self.steps * self.rows:
-                self.mismatch = f"the model was called on {n} rows, not {self.steps} steps x {self.rows}"
+            if n != self.total:
+                self.mismatch = f"the model was called on {n} rows, not the {self.total} stacked ones"
                 raise StackMismatch(self.mismatch)
             self._active = True
             self._calls += 1
@@ -116,20 +134,21 @@ class StepBatch:
                 return original(*args, **kwargs)
             flags = self.flags[module]
             n = _rows(args, kwargs)
-            if n != self.steps * self.rows:
-                self.mismatch = f"layer received {n} rows, not {self.steps * self.rows}"
+            if n != self.total:
+                self.mismatch = f"layer received {n} rows, not {self.total}"
                 raise StackMismatch(self.mismatch)
             self._ran.add(module)
             outputs = []
             for start, stop, randomized in _runs(flags):
-                sl = slice(start * self.rows, stop * self.rows)
+                sl = slice(self.offsets[start], self.offsets[stop])
                 a, kw = _slice(args, sl, n), {k: _slice((v,), sl, n)[0] for k, v in kwargs.items()}
                 fn = copy if randomized else original
-                vjp = None if randomized or kw or len(a) != 1 else _input_vjp(module)
-                if vjp is not None and _identical_blocks(a[0], stop - start):
-                    outputs.append(_shared_linear(a[0], fn, vjp, stop - start))
-                else:
+                linear = not (randomized or kw or len(a) != 1 or not isinstance(a[0], torch.Tensor))
+                vjp = _input_vjp(module) if linear else None
+                if vjp is None:
                     outputs.append(fn(*a, **kw))
+                else:
+                    outputs.extend(_original_blocks(a[0], fn, vjp, self.sizes[start:stop]))
             return outputs[0] if len(outputs) == 1 else _concat(outputs)
 
         return forward
@@ -199,6 +218,21 @@ def _shared_linear(
     if torch.is_grad_enabled() and x.requires_grad:
         return _SharedLinear.apply(x, fn, vjp, m)
     return _first_block_repeated(fn, x, m)
+
+
+def _original_blocks(
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, sizes: list[int]
+) -> list[torch.Tensor]:
+    """A linear layer on a run of unrandomized blocks of ``sizes`` rows: each stretch of equal-size
+    blocks runs once where its blocks are identical (``_SharedLinear``), else as it is; a block of
+    another size (the one-row control before the step blocks) runs on its own."""
+    outputs, at = [], 0
+    for size, group in itertools.groupby(sizes):
+        m = len(list(group))
+        part = x[at : at + size * m]
+        outputs.append(_shared_linear(part, fn, vjp, m) if _identical_blocks(part, m) else fn(part))
+        at += size * m
+    return outputs
 
 
 def _identical_blocks(x: Any, m: int) -> bool:
