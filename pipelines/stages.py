@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch and the result types load in the stage functions: the
 
     from core.types import RunResults
 
-HEADLINE_SKIP = ("random_pointing", "mask_fraction", "seconds", "reused_calls")  # baselines and timings
+HEADLINE_SKIP = ("random_pointing", "mask_fraction", "seconds")  # baselines and timings
 NOT_CURVES = ("fractions", "layers")  # axes, not results
 
 

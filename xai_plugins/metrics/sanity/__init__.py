@@ -17,12 +17,12 @@ absolute value"), ``ssim``, ``pearson``, ``hog`` (Pearson correlation of HOG fea
 Definitional notes versus Quantus ``MPRT``: same layer list and order, same re-initialization
 (each layer's ``reset_parameters()`` right after ``torch.manual_seed(seed + 1)``), so the same
 randomized models; the original explanation is the one already computed (Quantus explains the
-batch twice more). The user's model is never touched: randomization happens on a private copy,
-whose unchanged leading layers are served from one recorded forward (``PrefixCache``).
+batch twice more). The user's model is never touched: randomization happens on copies (stacked steps:
+re-initialized copies of the layers beside a structural copy; one step at a time: a private copy).
 
 Modules: ``randomize`` (re-initializing layers, the copies), ``model_randomization`` (the cascading
-and independent curves), ``stacking`` (several steps in one batch), ``prefix_cache`` (unchanged
-leading layers served from one forward), ``label_randomization``, ``metric`` (the ``sanity`` metric).
+and independent curves), ``stacking`` (several steps in one batch: the one speed-up),
+``label_randomization``, ``metric`` (the ``sanity`` metric).
 """
 
 from __future__ import annotations

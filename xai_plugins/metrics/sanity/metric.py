@@ -36,7 +36,6 @@ class Sanity(Metric):
         "seed": 42,
         "similarities": ["spearman", "spearman_signed", "ssim", "hog"],
         "max_images": 32,
-        "cache": True,
         "figures": True,
         "grid_images": 3,
         "label_randomization": True,
@@ -70,7 +69,6 @@ class Sanity(Metric):
                 cfg["layers"],
                 int(cfg["seed"]),
                 sims,
-                bool(cfg["cache"]),
                 int(cfg["grid_images"]),
                 stack_rows,
             )
@@ -129,7 +127,6 @@ def _curve_values(curve: RandomizationCurve) -> dict[str, Any]:
     out: dict[str, Any] = {
         f"{o}.layers": list(curve.layers),
         f"{o}.seconds": curve.seconds,
-        f"{o}.reused_calls": curve.reused_calls,
         f"{o}.stacked_steps": curve.stacked_steps,
     }
     if curve.stack_mismatch:

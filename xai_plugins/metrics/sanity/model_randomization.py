@@ -1,8 +1,8 @@
 """The model parameter randomization test (Adebayo et al. 2018, section 3.1): cascading or
 independent re-initialization, top down, one similarity curve per similarity. Steps run stacked
-(``stacking.StepBatch``, checked against a one-row control: the first image under the original
-model) or one at a time on a private copy whose unchanged leading layers are served from one
-recorded forward (``prefix_cache.PrefixCache``)."""
+(``stacking.StepBatch``, the one speed-up, checked against a one-row control: the first image under
+the original model) or, for an explainer that does not follow the stacked rows, one at a time on a
+private copy."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from xai_plugins import Explanation
-from xai_plugins.metrics.sanity.prefix_cache import PrefixCache
 from xai_plugins.metrics.sanity.randomize import (
     private_copy,
     randomizable_layers,
@@ -41,7 +40,6 @@ class RandomizationCurve:
     scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per layer: B values
     maps: list[torch.Tensor] = field(default_factory=list)  # per layer: the first maps (for the grid)
     seconds: float = 0.0
-    reused_calls: int = 0  # module calls served by the prefix cache
     stacked_steps: int = 0  # steps explained in stacked batches
     stack_mismatch: str | None = None  # why stacking stopped early (None: it did not, or was not tried)
 
@@ -83,7 +81,6 @@ def parameter_randomization(
     layers: list[str] | None = None,
     seed: int = 42,
     similarities: tuple[str, ...] | list[str] = ("spearman",),
-    cache: bool = True,
     keep_maps: int = 3,
     stack_rows: int = 0,
 ) -> RandomizationCurve:
@@ -96,8 +93,7 @@ def parameter_randomization(
     layers, one-by-one steps on a ``private_copy``. ``stack_rows`` > 0: explain several steps in one batch of at most
     that many rows (``StepBatch``; the metric asks for it for ``Explainer.rowwise`` methods); the
     explainer is checked to follow the stacked rows (``_stacked_steps``), and where it does not, or
-    with ``stack_rows`` 0, steps are explained one at a time, where ``cache`` serves
-    the unchanged leading layers from a recorded forward (``PrefixCache``).
+    with ``stack_rows`` 0, steps are explained one at a time.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
@@ -156,10 +152,8 @@ def parameter_randomization(
                 inputs,
                 targets,
                 seed,
-                cache,
                 done,
                 record,
-                curve,
                 net_session.weights_changed,
             )
     curve.seconds = time.perf_counter() - start
@@ -250,34 +244,22 @@ def _steps_one_by_one(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     seed: int,
-    cache: bool,
     first: int,
     record: Callable[[Explanation], None],
-    curve: RandomizationCurve,
     weights_changed: Callable[[], None],
 ) -> None:
     """Steps ``first`` onwards, each randomizing ``net`` in place (restored for ``independent``);
     ``weights_changed`` tells ``net``'s session after each change (``core.session``)."""
-    prefix = PrefixCache(net, inputs) if cache else None
-    changed: list[nn.Module] = []
-    try:
-        for step, module in enumerate(modules):
-            with restored([module]) if order == "independent" else contextlib.nullcontext():
-                if order == "cascading" or step >= first:
-                    reinitialize(module, seed)
-                    weights_changed()
-                changed = changed + [module] if order == "cascading" else [module]
-                if step < first:
-                    continue
-                if prefix is not None:
-                    prefix.set_changed(changed)
-                record(explain(net, inputs, targets))
-            if order == "independent":
-                weights_changed()  # restored
-    finally:
-        if prefix is not None:
-            curve.reused_calls = prefix.stats["served"]
-            prefix.remove()
+    for step, module in enumerate(modules):
+        with restored([module]) if order == "independent" else contextlib.nullcontext():
+            if order == "cascading" or step >= first:
+                reinitialize(module, seed)
+                weights_changed()
+            if step < first:
+                continue
+            record(explain(net, inputs, targets))
+        if order == "independent":
+            weights_changed()  # restored
 
 
 def _rows_of(exp: Explanation, start: int, stop: int) -> Explanation:
