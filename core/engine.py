@@ -468,10 +468,11 @@ class Engine:
             bar.update(1)
         return gp.logits, gp.targets
 
-    @staticmethod
-    def _plain_logits(model, xb, tb) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plain_logits(self, model, xb, tb) -> tuple[torch.Tensor, torch.Tensor]:
         """The slice's logits and targets from one forward (``tb`` None: the predicted classes;
         targets that do not fit the logits raise, as without shared methods)."""
+        if self._state is not None:
+            self._state.checked = False  # a forward outside a plugin call: checked at the end
         logits = forward_logits(model, xb, None)
         if tb is None:
             return logits, logits.argmax(1)
@@ -482,12 +483,14 @@ class Engine:
         """One plugin call: isolated (thread or process, under the time limit), then the model
         checked by content and restored; a call that changed it fails (kind "model")."""
         assert self._state is not None, "plugin calls happen inside Engine.run"
+        self._state.checked = False
         try:
             out = call_isolated(fn, self.timeout, label, mode or self._modes.get(label, "thread"))
         except BaseException:
             self._state.restore()
             raise
         restore_or_fail(self._state, label)
+        self._state.checked = True  # found unchanged; the next thing that runs on the model clears it
         return out
 
     @staticmethod

@@ -86,6 +86,10 @@ class ModelState:
         self.tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         s = current_session(model)
         self.values = {name: _snapshot(t, s) for name, t in self.tensors.items()}
+        # True: the model was found unchanged after the last thing that ran on it (the engine sets
+        # it after a clean plugin call and clears it before anything else runs on the model), so
+        # ``preserved_model`` need not read every weight once more at its end
+        self.checked = False
 
     def changed(self) -> list[str]:
         """Names of the parameters and buffers whose tensor or values differ from the snapshot."""
@@ -154,7 +158,7 @@ def preserved_model(
             current.update(content)
         for (_, p), flag in zip(params, requires):
             p.requires_grad_(flag)
-        if restore_values and state is not None:
+        if restore_values and state is not None and not state.checked:
             state.restore()
 
 

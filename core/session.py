@@ -18,9 +18,10 @@ check re-initializing layers step by step) says so with :meth:`Session.weights_c
 
 Two tiers: ``structural`` objects depend on the modules and input shapes only (the default layer,
 a retrained copy), ``derived`` ones on the weights too (folded copies, prepared rules); a session of
-a structural copy (``session(copy, like=model)``) starts with its model's structural objects.
-The snapshots ``ModelState`` restores from are compared by content before reuse, so they stay
-right even when the promise is broken.
+a structural copy (``session(copy, like=model)``) starts with its model's structural objects, and
+one over the very same tensors (``same_tensors``) shares its snapshots too. The snapshots
+``ModelState`` restores from are compared by content before reuse, so they stay right even when
+the promise is broken.
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def current_session(model: nn.Module) -> Session | None:
 
 
 @contextlib.contextmanager
-def session(model: nn.Module, like: nn.Module | None = None) -> Iterator[Session]:
+def session(model: nn.Module, like: nn.Module | None = None, same_tensors: bool = False) -> Iterator[Session]:
     """Keep what runs derive from ``model`` until the block ends (one is already open for
     ``model``: that one). ``like``: ``model`` is a structural copy of ``like`` (same modules, other
-    weights): the new session starts with the structural objects of ``like``'s open session."""
+    weights): the new session starts with the structural objects of ``like``'s open session;
+    ``same_tensors``: the copy holds ``like``'s very parameter and buffer tensors, so it shares
+    that session's snapshots (each is checked by content before reuse: no copy of the weights is
+    taken twice)."""
     open_one = current_session(model)
     if open_one is not None:
         yield open_one
@@ -89,6 +93,8 @@ def session(model: nn.Module, like: nn.Module | None = None) -> Iterator[Session
     parent = current_session(like) if like is not None else None
     if parent is not None:
         s._structural.update(parent._structural)
+        if same_tensors:
+            s.snapshots = parent.snapshots
     token = _OPEN.set((*_OPEN.get(), s))
     try:
         yield s

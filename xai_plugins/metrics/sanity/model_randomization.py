@@ -120,7 +120,9 @@ def parameter_randomization(
     if stack_rows // inputs.shape[0] >= 2 and len(names) >= 2:
         shell = structural_copy(model)
         shell_modules = dict(shell.named_modules())
-        with session(shell, like=model):  # the shell's weights never change: one session
+        # the shell's weights (the model's own tensors) never change: one session, whose
+        # snapshots of them are the model's session's
+        with session(shell, like=model, same_tensors=True):
             # found now: once wrapped, the shell cannot run the one-row forward that finds it (a
             # model without one: the explainer that needs it reports that itself)
             with contextlib.suppress(Exception):

@@ -9,8 +9,8 @@ batch holds every step's explanation: the values one call per step gives (up to 
 computed by kernels that work on one large batch instead of many small ones (on two CPU cores a
 ResNet-18 input gradient costs about 1.5x less per image at 32 rows than at 2). Steps that have
 not yet randomized anything below a layer feed it identical rows: a convolution or dense layer
-then runs once on one block and is repeated (``_SharedLinear``), each row still getting its own
-input gradient; the one-row control runs on its own beside them.
+then runs once on one block and is gathered into every step's rows and the control row
+(``_SharedLinear``), each row still getting its own input gradient.
 
 It is tried for explainers that say they explain each row from calls of the model on exactly the
 rows given (``Explainer.rowwise``: gradient and Grad-CAM-family methods; not IG or Score-CAM, which
@@ -148,7 +148,7 @@ class StepBatch:
                 if vjp is None:
                     outputs.append(fn(*a, **kw))
                 else:
-                    outputs.extend(_original_blocks(a[0], fn, vjp, self.sizes[start:stop]))
+                    outputs.append(_shared_linear(a[0], fn, vjp, self.sizes[start:stop]))
             return outputs[0] if len(outputs) == 1 else _concat(outputs)
 
         return forward
@@ -183,18 +183,12 @@ def _input_vjp(module: nn.Module) -> InputVJP | None:
     )
 
 
-def _first_block_repeated(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: int
-) -> torch.Tensor:
-    y = fn(x[: x.shape[0] // m])
-    return y.repeat(m, *([1] * (y.dim() - 1)))
-
-
 class _SharedLinear(torch.autograd.Function):
-    """A linear layer applied to ``m`` identical row blocks: run on one block, repeated. Steps whose
-    layers so far are all original feed a layer the same rows, so its forward runs once. The
-    backward gives each row its own input gradient (the layer's transposed map applied to every
-    row's output gradient; nothing is summed across steps, as a broadcast would)."""
+    """A linear layer on rows that all copy rows of one source block: run on the source block once
+    and gathered (``index``: the source row of every row). Steps whose layers so far are all
+    original, and the control row (the first image), feed a layer such rows, so its forward runs
+    once. The backward gives each row its own input gradient (the layer's transposed map applied to
+    every row's output gradient; nothing is summed across steps, as a broadcast would)."""
 
     @staticmethod
     def forward(
@@ -202,46 +196,50 @@ class _SharedLinear(torch.autograd.Function):
         x: torch.Tensor,
         fn: Callable[[torch.Tensor], torch.Tensor],
         vjp: InputVJP,  # type: ignore[override]
-        m: int,
+        source: slice,
+        index: torch.Tensor,
     ) -> torch.Tensor:
         ctx.vjp, ctx.shape = vjp, x.shape
-        return _first_block_repeated(fn, x, m)
+        return fn(x[source]).index_select(0, index)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return ctx.vjp(g.contiguous(), ctx.shape), None, None, None
+        return ctx.vjp(g.contiguous(), ctx.shape), None, None, None, None
 
 
 def _shared_linear(
-    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, m: int
-) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _SharedLinear.apply(x, fn, vjp, m)
-    return _first_block_repeated(fn, x, m)
-
-
-def _original_blocks(
     x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], vjp: InputVJP, sizes: list[int]
-) -> list[torch.Tensor]:
-    """A linear layer on a run of unrandomized blocks of ``sizes`` rows: each stretch of equal-size
-    blocks runs once where its blocks are identical (``_SharedLinear``), else as it is; a block of
-    another size (the one-row control before the step blocks) runs on its own."""
-    outputs, at = [], 0
-    for size, group in itertools.groupby(sizes):
-        m = len(list(group))
-        part = x[at : at + size * m]
-        outputs.append(_shared_linear(part, fn, vjp, m) if _identical_blocks(part, m) else fn(part))
-        at += size * m
-    return outputs
+) -> torch.Tensor:
+    """A linear layer on a run of unrandomized blocks of ``sizes`` rows: once on the source block
+    and gathered where every block copies it (``_copied_rows``), else on every row."""
+    found = _copied_rows(x, sizes)
+    if found is None:
+        return fn(x)
+    source, index = found
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SharedLinear.apply(x, fn, vjp, source, index)
+    return fn(x[source]).index_select(0, index)
 
 
-def _identical_blocks(x: Any, m: int) -> bool:
-    """Whether ``x`` is ``m`` equal blocks of rows (the same input for ``m`` steps): one comparison,
-    one sync, no temporary."""
-    if m < 2 or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % m:
-        return False
-    blocks = x.reshape(m, x.shape[0] // m, *x.shape[1:])
-    return torch.equal(blocks[1:], blocks[:1].expand_as(blocks[1:]))
+def _copied_rows(x: Any, sizes: list[int]) -> tuple[slice, torch.Tensor] | None:
+    """Where each block of ``sizes`` rows of ``x`` equals the first rows of one source block (the
+    first of the largest size): that block's rows and the source row of every row of ``x``. One
+    comparison per stretch of equal-size blocks (two at most: the control row, the steps), no
+    temporary. None for fewer than two blocks, or a block that differs."""
+    if len(sizes) < 2 or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != sum(sizes):
+        return None
+    size = max(sizes)
+    start = sum(sizes[: sizes.index(size)])
+    source = x[start : start + size]
+    at = 0
+    for s, group in itertools.groupby(sizes):
+        k = len(list(group))
+        blocks = x[at : at + s * k].reshape(k, s, *x.shape[1:])
+        if not torch.equal(blocks, source[:s].unsqueeze(0).expand_as(blocks)):
+            return None
+        at += s * k
+    index = torch.cat([torch.arange(s) for s in sizes]).to(x.device)
+    return slice(start, start + size), index
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
