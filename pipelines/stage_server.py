@@ -79,7 +79,8 @@ PRELOAD = (
     "pipelines.plugin",
     "registry.plugin",
     "mlflow",
-    "ray",  # imported, not initialized: a Ray-backend stage joins the cluster in its runner
+    # not ray: its C++ side caches the cluster's authentication token once loaded, so a runner
+    # forked from a server that imported ray before the cluster started could not join it
 )
 
 
