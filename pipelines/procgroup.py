@@ -25,14 +25,15 @@ _live: set[int] = set()  # process groups started by this process and not yet fi
 _live_guard = threading.Lock()
 
 
-def die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGTERM when this process (``parent``) dies (Linux only).
-    ``prctl`` is looked up here, before the fork: the child only calls it (no dlopen after fork)."""
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` (or a function a forked child calls first): the child gets ``sig`` when
+    this process (``parent``) dies (Linux only). ``prctl`` is looked up here, before the fork: the
+    child only calls it (no dlopen after fork)."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def preexec() -> None:
         if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 

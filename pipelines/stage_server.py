@@ -76,8 +76,7 @@ PRELOAD = (
     "pipelines.probe",
     "pipelines.resolved",
     "pipelines.device",
-    "pipelines.plugin",
-    "registry.plugin",
+    "pipelines.plugin",  # (not registry.plugin: pipelines imports nothing of registry)
     "mlflow",
     # not ray: its C++ side caches the cluster's authentication token once loaded, so a runner
     # forked from a server that imported ray before the cluster started could not join it
@@ -165,7 +164,10 @@ def serve(path: str, ready: Callable[[], None] = lambda: None) -> None:
             __import__(name)
         except ImportError:  # an optional library (mlflow in a slim install): imported per stage
             pass
-    for name in _builtin_plugins():
+    from core.plugins import BUILTIN_PLUGINS
+    from pipelines.procgroup import die_with_parent
+
+    for name in BUILTIN_PLUGINS:
         __import__(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -173,6 +175,7 @@ def serve(path: str, ready: Callable[[], None] = lambda: None) -> None:
     listener.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     ready()
+    with_server = die_with_parent(os.getpid(), signal.SIGKILL)  # each supervisor's first call
     while True:
         try:
             conn, _ = listener.accept()
@@ -182,6 +185,7 @@ def serve(path: str, ready: Callable[[], None] = lambda: None) -> None:
             listener.close()
             code = 1
             try:
+                with_server()
                 code = _supervise(conn)
             except BaseException:  # noqa: BLE001 - reported on the server's stderr (the worker's)
                 traceback.print_exc()
@@ -190,16 +194,11 @@ def serve(path: str, ready: Callable[[], None] = lambda: None) -> None:
         conn.close()
 
 
-def _builtin_plugins() -> tuple[str, ...]:
-    from core.plugins import BUILTIN_PLUGINS
-
-    return BUILTIN_PLUGINS
-
-
 def _supervise(conn: socket.socket) -> int:
     """One stage: check and read the request, fork the runner, wait for it or for the client."""
+    from pipelines.procgroup import die_with_parent
+
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
     pid_uid_gid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     if struct.unpack("3i", pid_uid_gid)[1] != os.getuid():
         return 1  # another user's process: no answer at all
@@ -214,10 +213,11 @@ def _supervise(conn: socket.socket) -> int:
         _reply(conn, f"refused {reason}")
         return 0
     conn.settimeout(None)
+    with_supervisor = die_with_parent(os.getpid(), signal.SIGKILL)
     runner = os.fork()
     if runner == 0:
         conn.close()
-        _run_stage(request, fds)
+        _run_stage(request, fds, with_supervisor)
     for fd in fds:
         os.close(fd)
     status = _wait(runner, conn)
@@ -305,10 +305,10 @@ def _reply(conn: socket.socket, line: str) -> None:
         pass
 
 
-def _run_stage(request: dict, fds: list[int]) -> None:
+def _run_stage(request: dict, fds: list[int], die_with_supervisor: Callable[[], None]) -> None:
     """The runner: become the client's process, run the stage, exit with its status."""
     os.setsid()
-    _die_with_parent()
+    die_with_supervisor()
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     for fd in fds:
@@ -349,14 +349,6 @@ def _reopen_standard_streams() -> None:
     sys.stderr = io.TextIOWrapper(
         open(2, "wb", closefd=False), line_buffering=True, errors="backslashreplace"
     )
-
-
-def _die_with_parent() -> None:
-    """SIGKILL when the parent dies (Linux: ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
 
 
 # -- starting one ------------------------------------------------------------------------------

@@ -221,9 +221,8 @@ def _step_flags(
 
 
 def _stacked(t: torch.Tensor, lead: int, blocks: int) -> torch.Tensor:
-    """``t``'s first ``lead`` rows (the control), then all of ``t`` once per step block."""
-    repeated = t.repeat(blocks, *([1] * (t.dim() - 1)))
-    return torch.cat([t[:lead], repeated]) if lead else repeated
+    """``t``'s first ``lead`` rows (the control), then all of ``t`` once per step block (one copy)."""
+    return torch.cat([t[:lead], *([t] * blocks)])
 
 
 def _mixes_rows(control: Explanation, original: Explanation) -> str | None:

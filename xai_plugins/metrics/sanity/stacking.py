@@ -223,23 +223,26 @@ def _shared_linear(
 
 def _copied_rows(x: Any, sizes: list[int]) -> tuple[slice, torch.Tensor] | None:
     """Where each block of ``sizes`` rows of ``x`` equals the first rows of one source block (the
-    first of the largest size): that block's rows and the source row of every row of ``x``. One
-    comparison per stretch of equal-size blocks (two at most: the control row, the steps), no
-    temporary. None for fewer than two blocks, or a block that differs."""
+    first of the largest size): that block's rows and the source row of every row of ``x``, built
+    on ``x``'s device. One comparison per stretch of equal-size blocks (two at most: the control
+    row, the steps), the source block not compared with itself, no temporary. None for fewer than
+    two blocks, or a block that differs."""
     if len(sizes) < 2 or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != sum(sizes):
         return None
     size = max(sizes)
     start = sum(sizes[: sizes.index(size)])
     source = x[start : start + size]
-    at = 0
+    at, index = 0, []
     for s, group in itertools.groupby(sizes):
         k = len(list(group))
         blocks = x[at : at + s * k].reshape(k, s, *x.shape[1:])
-        if not torch.equal(blocks, source[:s].unsqueeze(0).expand_as(blocks)):
+        if at == start:  # the source block leads its stretch: the others are compared with it
+            blocks = blocks[1:]
+        if len(blocks) and not torch.equal(blocks, source[:s].unsqueeze(0).expand_as(blocks)):
             return None
+        index.append(torch.arange(s, device=x.device).repeat(k))
         at += s * k
-    index = torch.cat([torch.arange(s) for s in sizes]).to(x.device)
-    return slice(start, start + size), index
+    return slice(start, start + size), torch.cat(index)
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
